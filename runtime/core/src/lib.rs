@@ -1,0 +1,43 @@
+//! edgevlm runtime: load quantized ONNX models through tract, turn camera frames into tensors,
+//! run them and return results with per-stage traces.
+//!
+//! ```no_run
+//! use edgevlm_runtime::{Classifier, LoadOptions};
+//! let mut c = Classifier::load("models/demo".as_ref(), &LoadOptions::default())?;
+//! let r = c.inspect_file("models/demo/samples/ok_01.png".as_ref())?;
+//! println!("{} {:?} infer {} us", r.verdict, r.classes[0], r.trace.stage_us(edgevlm_runtime::Stage::Infer));
+//! # Ok::<(), edgevlm_runtime::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod classify;
+pub mod error;
+pub mod manifest;
+pub mod npy;
+pub mod onnx;
+pub mod package;
+pub mod pipeline;
+pub mod preprocess;
+pub mod synth;
+pub mod trace;
+
+pub use classify::{ClassScore, Verdict};
+pub use error::{Error, Result};
+pub use manifest::Manifest;
+pub use onnx::{Dim, LoadOptions, OnnxModel, TensorSpec, TRACT_VERSION};
+pub use package::ModelPackage;
+pub use pipeline::{Classifier, Inspection};
+pub use preprocess::{Frame, FrameFormat, RgbImage};
+pub use trace::{Memory, Stage, Trace};
+
+/// A tensor's elements as `T`, cast if needed (e.g. f16 outputs read as f32).
+pub fn values<T: tract_onnx::prelude::Datum + Copy>(t: &Tensor) -> Result<Vec<T>> {
+    let cast = t.cast_to::<T>().map_err(|e| Error::Inference(e.into()))?;
+    let view = cast
+        .to_plain_array_view::<T>()
+        .map_err(|e| Error::Inference(e.into()))?;
+    Ok(view.iter().copied().collect())
+}
+
+/// Re-exported so users can build input tensors without naming tract themselves.
+pub use tract_onnx::prelude::{DatumType, Tensor};

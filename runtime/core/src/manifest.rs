@@ -1,0 +1,533 @@
+//! `model.toml`: the manifest of a model package.
+//!
+//! ```toml
+//! [model]
+//! name = "demo-parts"
+//! version = "1.0.0"
+//! task = "classification"          # classification | raw
+//!
+//! [[graph]]
+//! role = "main"
+//! file = "model.onnx"
+//! sha256 = "<64 hex digits>"
+//!
+//! [input]                           # how a camera image becomes the input tensor
+//! tensor = "image"
+//! width = 64
+//! height = 64
+//! layout = "NCHW"                   # NCHW | NHWC
+//! channels = "RGB"                  # RGB | BGR | GRAY
+//! resize = "stretch"                # stretch | letterbox | center-crop
+//! filter = "bilinear"               # nearest | bilinear | bicubic | lanczos3
+//! scale = 0.00392156862745098       # u8 pixels are multiplied by this, then (x - mean) / std
+//! mean = [0.5, 0.5, 0.5]
+//! std = [0.25, 0.25, 0.25]
+//!
+//! [output]
+//! tensor = "probs"
+//! decode = "probabilities"          # probabilities | logits (softmax applied) | sigmoid
+//! labels = ["ok", "scratch", "missing_hole"]
+//!
+//! [verdict]                         # NG when any listed label reaches its probability, else OK
+//! ng = { scratch = 0.5, missing_hole = 0.5 }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A parsed and validated `model.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Identity and task.
+    pub model: ModelInfo,
+    /// Graph files with their hashes.
+    pub graph: Vec<GraphFile>,
+    /// Image-to-tensor preprocessing (required for `classification`).
+    pub input: Option<InputSpec>,
+    /// Output decoding (required for `classification`).
+    pub output: Option<OutputSpec>,
+    /// Output-to-verdict rule (required for `classification`).
+    pub verdict: Option<VerdictRule>,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInfo {
+    /// Package name: letters, digits, `.`, `_`, `-`.
+    pub name: String,
+    /// Package version.
+    pub version: String,
+    /// What the model does.
+    pub task: Task,
+    /// Free text.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// What the package's outputs mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// One image in, class scores out, a verdict from the scores.
+    Classification,
+    /// Outputs are reported as they are.
+    Raw,
+}
+
+/// `[[graph]]`: one ONNX file of the package.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFile {
+    /// What the graph is for (`main`; VLMs add `vision_encoder`, `embed_tokens`, `decoder`).
+    pub role: String,
+    /// Path relative to the package directory.
+    pub file: String,
+    /// Lowercase hex sha256 of the file.
+    pub sha256: String,
+}
+
+/// Tensor memory layout of an image input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Layout {
+    /// Batch, channel, height, width.
+    NCHW,
+    /// Batch, height, width, channel.
+    NHWC,
+}
+
+/// Channel order of an image input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Channels {
+    /// Red, green, blue.
+    RGB,
+    /// Blue, green, red (OpenCV-trained models).
+    BGR,
+    /// One luma channel.
+    GRAY,
+}
+
+impl Channels {
+    /// Number of channels.
+    pub fn count(self) -> usize {
+        if self == Channels::GRAY {
+            1
+        } else {
+            3
+        }
+    }
+}
+
+/// How the camera image is fitted to the model's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizeMode {
+    /// Scale each axis independently.
+    Stretch,
+    /// Keep the aspect ratio, pad the rest with `pad`.
+    Letterbox,
+    /// Keep the aspect ratio, crop the centre.
+    CenterCrop,
+}
+
+/// Resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Filter {
+    /// Nearest neighbour.
+    Nearest,
+    /// Triangle filter (PIL `BILINEAR`).
+    Bilinear,
+    /// Catmull-Rom (PIL `BICUBIC`).
+    Bicubic,
+    /// Lanczos3 (PIL `LANCZOS`).
+    Lanczos3,
+}
+
+/// Element type of an image input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InputDtype {
+    /// Normalized floats.
+    #[default]
+    F32,
+    /// Raw pixels; `scale`, `mean` and `std` must be left at their defaults.
+    U8,
+}
+
+/// `[input]`: how an image becomes the input tensor.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Input tensor name in the graph.
+    pub tensor: String,
+    /// Model input width in pixels.
+    pub width: u32,
+    /// Model input height in pixels.
+    pub height: u32,
+    /// Tensor layout.
+    pub layout: Layout,
+    /// Channel order.
+    pub channels: Channels,
+    /// How the image is fitted.
+    pub resize: ResizeMode,
+    /// Resampling filter.
+    #[serde(default = "default_filter")]
+    pub filter: Filter,
+    /// Element type.
+    #[serde(default)]
+    pub dtype: InputDtype,
+    /// Multiplier applied to u8 pixels before mean/std.
+    #[serde(default = "one")]
+    pub scale: f32,
+    /// Per-channel mean (after `scale`).
+    pub mean: Option<Vec<f32>>,
+    /// Per-channel standard deviation (after `scale`).
+    pub std: Option<Vec<f32>>,
+    /// Letterbox padding pixel value (0-255).
+    #[serde(default)]
+    pub pad: u8,
+}
+
+fn default_filter() -> Filter {
+    Filter::Bilinear
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// How raw outputs become class probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decode {
+    /// The graph already outputs probabilities.
+    Probabilities,
+    /// Softmax is applied to the output.
+    Logits,
+    /// Independent per-class sigmoid (multi-label).
+    Sigmoid,
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Output tensor name in the graph.
+    pub tensor: String,
+    /// How to turn it into probabilities.
+    pub decode: Decode,
+    /// One label per class, in output order.
+    pub labels: Vec<String>,
+}
+
+/// `[verdict]`: NG when any listed label's probability reaches its threshold.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerdictRule {
+    /// Label -> minimum probability for NG.
+    pub ng: BTreeMap<String, f32>,
+}
+
+impl Manifest {
+    /// Reads and validates `model.toml` at `path`.
+    pub fn load(path: &Path) -> Result<Manifest> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+        Manifest::parse(&text, path)
+    }
+
+    /// Parses and validates manifest text; `path` is used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest> {
+        let de = toml::Deserializer::new(text);
+        let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
+            let parent = e.path().to_string();
+            let inner = e.inner();
+            let message = inner.message().to_string();
+            let line = inner
+                .span()
+                .map(|s| 1 + text[..s.start.min(text.len())].matches('\n').count());
+            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+            // serde reports a missing field at its parent table: name the field itself.
+            let field_of = |msg: &str| msg.split('`').nth(1).map(str::to_string);
+            if let Some(missing) = message.strip_prefix("missing field ").and_then(field_of) {
+                let field = if parent == "." {
+                    missing
+                } else {
+                    format!("{parent}.{missing}")
+                };
+                return Error::manifest(path, field, format!("required field is missing{at}"));
+            }
+            if let Some(unknown) = message.strip_prefix("unknown field ").and_then(field_of) {
+                // serde_path_to_error's path already ends at the unknown key.
+                let field = if parent == "." { unknown } else { parent };
+                let expected = message
+                    .split_once(", expected ")
+                    .map(|(_, x)| x)
+                    .unwrap_or("");
+                return Error::manifest(
+                    path,
+                    field,
+                    format!("unknown field{at}; expected {expected}"),
+                );
+            }
+            Error::manifest(path, parent, format!("{message}{at}"))
+        })?;
+        manifest.validate(path)?;
+        Ok(manifest)
+    }
+
+    /// The graph with role `role`.
+    pub fn graph(&self, role: &str) -> Option<&GraphFile> {
+        self.graph.iter().find(|g| g.role == role)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, message: String| Err(Error::manifest(path, field, message));
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                && !s.starts_with('.')
+        };
+        if !name_ok(&self.model.name) {
+            return bad(
+                "model.name",
+                format!(
+                    "{:?}: expected letters, digits, '.', '_' or '-'",
+                    self.model.name
+                ),
+            );
+        }
+        if !name_ok(&self.model.version) {
+            return bad(
+                "model.version",
+                format!("{:?}: expected e.g. \"1.0.0\"", self.model.version),
+            );
+        }
+        if self.graph.is_empty() {
+            return bad("graph", "at least one [[graph]] entry is required".into());
+        }
+        for (i, g) in self.graph.iter().enumerate() {
+            let p = Path::new(&g.file);
+            if g.file.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+                return bad(
+                    &format!("graph[{i}].file"),
+                    format!(
+                        "{:?}: expected a path inside the package (no '..', not absolute)",
+                        g.file
+                    ),
+                );
+            }
+            if g.sha256.len() != 64
+                || !g
+                    .sha256
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            {
+                return bad(
+                    &format!("graph[{i}].sha256"),
+                    format!("{:?}: expected 64 lowercase hex digits", g.sha256),
+                );
+            }
+            if self.graph.iter().filter(|o| o.role == g.role).count() > 1 {
+                return bad(
+                    &format!("graph[{i}].role"),
+                    format!("role {:?} appears more than once", g.role),
+                );
+            }
+        }
+        if self.model.task != Task::Classification {
+            return Ok(());
+        }
+        if self.graph("main").is_none() {
+            return bad(
+                "graph",
+                "a classification package needs a graph with role = \"main\"".into(),
+            );
+        }
+        let Some(input) = &self.input else {
+            return bad("input", "required for task = \"classification\"".into());
+        };
+        let Some(output) = &self.output else {
+            return bad("output", "required for task = \"classification\"".into());
+        };
+        let Some(verdict) = &self.verdict else {
+            return bad("verdict", "required for task = \"classification\"".into());
+        };
+        if input.width == 0 || input.height == 0 || input.width > 8192 || input.height > 8192 {
+            return bad(
+                "input.width",
+                format!("{}x{}: expected 1..=8192 each", input.width, input.height),
+            );
+        }
+        let channels = input.channels.count();
+        for (field, values) in [("input.mean", &input.mean), ("input.std", &input.std)] {
+            if let Some(v) = values {
+                if v.len() != channels {
+                    return bad(
+                        field,
+                        format!(
+                            "{} values for {:?}: expected {channels}",
+                            v.len(),
+                            input.channels
+                        ),
+                    );
+                }
+            }
+        }
+        if input
+            .std
+            .iter()
+            .flatten()
+            .any(|s| *s == 0.0 || !s.is_finite())
+        {
+            return bad("input.std", "values must be finite and non-zero".into());
+        }
+        if input.dtype == InputDtype::U8
+            && (input.scale != 1.0 || input.mean.is_some() || input.std.is_some())
+        {
+            return bad(
+                "input.dtype",
+                "\"u8\" inputs take raw pixels: remove scale, mean and std".into(),
+            );
+        }
+        if output.labels.is_empty() {
+            return bad("output.labels", "expected at least one label".into());
+        }
+        for (i, l) in output.labels.iter().enumerate() {
+            if output.labels[..i].contains(l) {
+                return bad("output.labels", format!("label {l:?} appears twice"));
+            }
+        }
+        if verdict.ng.is_empty() {
+            return bad(
+                "verdict.ng",
+                "expected at least one label = minimum probability".into(),
+            );
+        }
+        for (label, p) in &verdict.ng {
+            if !output.labels.contains(label) {
+                return bad(
+                    &format!("verdict.ng.{label}"),
+                    format!("not one of output.labels {:?}", output.labels),
+                );
+            }
+            if !(0.0..=1.0).contains(p) {
+                return bad(
+                    &format!("verdict.ng.{label}"),
+                    format!("{p}: expected a probability in 0..=1"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+name = "demo-parts"
+version = "1.0.0"
+task = "classification"
+
+[[graph]]
+role = "main"
+file = "model.onnx"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+
+[input]
+tensor = "image"
+width = 64
+height = 64
+layout = "NCHW"
+channels = "RGB"
+resize = "stretch"
+scale = 0.00392156862745098
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+
+[output]
+tensor = "probs"
+decode = "probabilities"
+labels = ["ok", "scratch", "missing_hole"]
+
+[verdict]
+ng = { scratch = 0.5, missing_hole = 0.6 }
+"#;
+
+    fn err(text: &str) -> String {
+        Manifest::parse(text, Path::new("pkg/model.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn parses_a_complete_manifest() {
+        let m = Manifest::parse(GOOD, Path::new("model.toml")).unwrap();
+        assert_eq!(m.model.task, Task::Classification);
+        assert_eq!(m.input.as_ref().unwrap().filter, Filter::Bilinear);
+        assert_eq!(m.verdict.unwrap().ng["missing_hole"], 0.6);
+    }
+
+    #[test]
+    fn names_file_and_field_of_every_error() {
+        let cases = [
+            (
+                GOOD.replace("version = \"1.0.0\"\n", ""),
+                "pkg/model.toml: field `model.version`: required field is missing",
+            ),
+            (
+                GOOD.replace("task = ", "colour = \"red\"\ntask = "),
+                "field `model.colour`: unknown field",
+            ),
+            (
+                GOOD.replace("width = 64", "width = \"64\""),
+                "field `input.width`: invalid type: string \"64\", expected u32",
+            ),
+            (
+                GOOD.replace("layout = \"NCHW\"", "layout = \"CHW\""),
+                "field `input.layout`: unknown variant `CHW`, expected `NCHW` or `NHWC`",
+            ),
+            (
+                GOOD.replace("[0.5, 0.5, 0.5]", "[0.5, 0.5]"),
+                "field `input.mean`: 2 values for RGB: expected 3",
+            ),
+            (
+                GOOD.replace("missing_hole = 0.6", "dent = 0.6"),
+                "field `verdict.ng.dent`: not one of output.labels",
+            ),
+            (
+                GOOD.replace("scratch = 0.5", "scratch = 1.5"),
+                "field `verdict.ng.scratch`: 1.5: expected a probability",
+            ),
+            (
+                GOOD.replace("file = \"model.onnx\"", "file = \"../x.onnx\""),
+                "field `graph[0].file`",
+            ),
+            (
+                GOOD.replace("sha256 = \"0000", "sha256 = \"zz00"),
+                "field `graph[0].sha256`: ",
+            ),
+            (
+                GOOD.replace(
+                    "[verdict]\nng = { scratch = 0.5, missing_hole = 0.6 }\n",
+                    "",
+                ),
+                "field `verdict`: required",
+            ),
+            ("[model\nname=".to_string(), "pkg/model.toml: field `.`"),
+        ];
+        for (text, expected) in cases {
+            let e = err(&text);
+            assert!(e.contains(expected), "expected {expected:?} in {e:?}");
+        }
+    }
+}

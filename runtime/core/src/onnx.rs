@@ -1,0 +1,511 @@
+//! Loading ONNX graphs through tract: operator check, load-time rewrites, optimized plans, runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
+
+use crate::error::{Error, Result};
+
+/// The tract version this runtime is built against (one pin for the workspace).
+pub const TRACT_VERSION: &str = "0.23.9";
+
+/// How to load a graph.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Threads for matrix products (tract-linalg's executor); 1 runs everything on the caller's thread.
+    pub threads: usize,
+    /// Apply the QDQ Softmax rewrite (see [`rewrite_qdq_softmax`]). Only tests turn this off,
+    /// to show the tract bug it works around is still there.
+    pub fix_qdq_softmax: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: 1,
+            fix_qdq_softmax: true,
+        }
+    }
+}
+
+/// One dimension of a model input or output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(usize),
+    /// A symbol (ONNX `dim_param`) or an expression of symbols, e.g. `batch`.
+    Symbol(String),
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbol(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Name, element type and shape of a model input or output.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorSpec {
+    /// Tensor name in the graph.
+    pub name: String,
+    /// Element type, as tract names it (`F32`, `I64`, ...).
+    #[serde(serialize_with = "serialize_dt")]
+    pub datum_type: DatumType,
+    /// Shape; symbolic dims accept any size.
+    pub shape: Vec<Dim>,
+}
+
+fn serialize_dt<S: serde::Serializer>(
+    dt: &DatumType,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&dtype_name(*dt))
+}
+
+/// A short lowercase dtype name (`f32`, `i64`, `u8`, `bool`).
+pub fn dtype_name(dt: DatumType) -> String {
+    format!("{dt:?}").to_lowercase()
+}
+
+impl TensorSpec {
+    fn from_fact(name: String, fact: &TypedFact) -> TensorSpec {
+        let shape = fact
+            .shape
+            .iter()
+            .map(|d| match d.to_i64() {
+                Ok(n) => Dim::Fixed(n as usize),
+                Err(_) => Dim::Symbol(d.to_string()),
+            })
+            .collect();
+        TensorSpec {
+            name,
+            datum_type: fact.datum_type,
+            shape,
+        }
+    }
+
+    /// Shape as text, e.g. `[batch,3,32,32]`.
+    pub fn shape_string(&self) -> String {
+        format!(
+            "[{}]",
+            self.shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+
+    /// Checks a tensor against this spec: same dtype, rank and fixed dims.
+    pub fn check(&self, t: &Tensor) -> Result<()> {
+        let fits = t.datum_type() == self.datum_type
+            && t.rank() == self.shape.len()
+            && self.shape.iter().zip(t.shape()).all(|(d, n)| match d {
+                Dim::Fixed(f) => f == n,
+                Dim::Symbol(_) => true,
+            });
+        if fits {
+            return Ok(());
+        }
+        Err(Error::Input {
+            name: self.name.clone(),
+            message: format!(
+                "expected {} {}, got {} {:?}",
+                dtype_name(self.datum_type),
+                self.shape_string(),
+                dtype_name(t.datum_type()),
+                t.shape()
+            ),
+        })
+    }
+
+    /// A concrete shape for synthetic inputs: symbolic dims become 1.
+    pub fn concrete_shape(&self) -> Vec<usize> {
+        self.shape
+            .iter()
+            .map(|d| if let Dim::Fixed(n) = d { *n } else { 1 })
+            .collect()
+    }
+}
+
+/// A graph loaded into an optimized tract plan.
+pub struct OnnxModel {
+    path: PathBuf,
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<TensorSpec>,
+    outputs: Vec<TensorSpec>,
+    notes: Vec<String>,
+    load_ms: f64,
+}
+
+impl std::fmt::Debug for OnnxModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxModel")
+            .field("path", &self.path)
+            .field("inputs", &self.inputs)
+            .finish()
+    }
+}
+
+impl OnnxModel {
+    /// Loads, checks, rewrites and optimizes an ONNX file.
+    pub fn load(path: &Path, options: &LoadOptions) -> Result<OnnxModel> {
+        let start = Instant::now();
+        std::fs::metadata(path).map_err(|e| Error::io("opening", path, e))?;
+        let onnx = tract_onnx::onnx();
+        let mut proto = onnx.proto_model_for_path(path).map_err(|e| {
+            Error::model(
+                path,
+                "not a valid ONNX protobuf (truncated file, or not an ONNX model?)",
+                e,
+            )
+        })?;
+        if proto.graph.as_ref().is_none_or(|g| g.node.is_empty()) {
+            return Err(Error::Unsupported {
+                path: path.to_owned(),
+                message: "not an ONNX model: the file decodes but holds no graph nodes".into(),
+            });
+        }
+        check_operators(path, &onnx, &proto)?;
+        let mut notes = vec![];
+        if options.fix_qdq_softmax {
+            let rewritten =
+                rewrite_qdq_softmax(&mut proto).map_err(|message| Error::Unsupported {
+                    path: path.to_owned(),
+                    message,
+                })?;
+            if !rewritten.is_empty() {
+                notes.push(format!(
+                    "qdq-softmax: DequantizeLinear before {} rewritten to float arithmetic \
+                     (tract {TRACT_VERSION} folds DQ->Softmax->Q into a wrong lookup table)",
+                    rewritten.join(", ")
+                ));
+            }
+        }
+        let dir = path.parent().and_then(|p| p.to_str());
+        let typed = match build_typed(&onnx, &proto, dir) {
+            Ok(m) => m,
+            Err(first) => {
+                // Exporters often declare output shapes / value_info that contradict the graph
+                // ("Impossible to unify Sym(batch) with Val(1)"): the graph itself is the truth.
+                let lenient = onnx
+                    .clone()
+                    .with_ignore_output_shapes(true)
+                    .with_ignore_value_info(true);
+                match build_typed(&lenient, &proto, dir) {
+                    Ok(m) => {
+                        notes.push(format!(
+                            "declared output shapes / value_info contradict the graph and were ignored ({})",
+                            first.1.root_cause()
+                        ));
+                        m
+                    }
+                    Err((stage, e)) => {
+                        return Err(Error::model(
+                            path,
+                            format!("{stage} (also tried with declared output shapes and value_info ignored)"),
+                            e,
+                        ))
+                    }
+                }
+            }
+        };
+        let inputs = facts(
+            &typed,
+            typed
+                .input_outlets()
+                .map_err(|e| Error::model(path, "reading inputs", e))?,
+        )?;
+        let outputs = facts(
+            &typed,
+            typed
+                .output_outlets()
+                .map_err(|e| Error::model(path, "reading outputs", e))?,
+        )?;
+        let run_options = RunOptions {
+            executor: (options.threads > 1)
+                .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
+            ..Default::default()
+        };
+        let plan = typed
+            .into_runnable_with_options(&run_options)
+            .map_err(|e| Error::model(path, "building the execution plan", e))?;
+        Ok(OnnxModel {
+            path: path.to_owned(),
+            plan,
+            inputs,
+            outputs,
+            notes,
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The graph file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Model inputs in graph order.
+    pub fn inputs(&self) -> &[TensorSpec] {
+        &self.inputs
+    }
+
+    /// Model outputs in graph order.
+    pub fn outputs(&self) -> &[TensorSpec] {
+        &self.outputs
+    }
+
+    /// What the loader changed or ignored to load this graph.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Milliseconds from file to runnable plan.
+    pub fn load_ms(&self) -> f64 {
+        self.load_ms
+    }
+
+    /// Index of the input or output called `name`.
+    pub fn input_index(&self, name: &str) -> Option<usize> {
+        self.inputs.iter().position(|s| s.name == name)
+    }
+
+    /// Index of the output called `name`.
+    pub fn output_index(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().position(|s| s.name == name)
+    }
+
+    /// Runs the plan on inputs given in graph order, after checking them against the specs.
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.inputs.len() {
+            return Err(Error::Input {
+                name: "*".into(),
+                message: format!(
+                    "model takes {} inputs ({}), got {}",
+                    self.inputs.len(),
+                    self.inputs
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    inputs.len()
+                ),
+            });
+        }
+        for (spec, t) in self.inputs.iter().zip(&inputs) {
+            spec.check(t)?;
+        }
+        let outputs = self
+            .plan
+            .run(inputs.into_iter().map(|t| t.into_tvalue()).collect())
+            .map_err(|e| Error::Inference(e.into()))?;
+        Ok(outputs.into_iter().map(|v| v.into_tensor()).collect())
+    }
+}
+
+type StageError = (&'static str, TractError);
+
+fn build_typed(
+    onnx: &tract_onnx::Onnx,
+    proto: &pb::ModelProto,
+    dir: Option<&str>,
+) -> Result<TypedModel, StageError> {
+    let parsed = onnx
+        .parse(proto, dir)
+        .map_err(|e| ("parsing the graph", e))?;
+    if !parsed.unresolved_inputs.is_empty() {
+        return Err((
+            "parsing the graph",
+            TractError::msg(format!("unresolved inputs {:?}", parsed.unresolved_inputs)),
+        ));
+    }
+    let typed = parsed
+        .model
+        .into_typed()
+        .map_err(|e| ("inferring types and shapes", e))?;
+    let typed = typed.into_decluttered().map_err(|e| ("decluttering", e))?;
+    typed.into_optimized().map_err(|e| ("optimizing", e))
+}
+
+fn facts(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {
+    outlets
+        .iter()
+        .map(|o| {
+            let node = model.node(o.node);
+            let name = model.outlet_label(*o).unwrap_or(&node.name).to_string();
+            let fact = model
+                .outlet_fact(*o)
+                .map_err(|e| Error::Inference(e.into()))?;
+            Ok(TensorSpec::from_fact(name, fact))
+        })
+        .collect()
+}
+
+fn each_node<'a>(graph: &'a pb::GraphProto, f: &mut impl FnMut(&'a pb::NodeProto)) {
+    for node in &graph.node {
+        f(node);
+        for attr in &node.attribute {
+            if let Some(g) = &attr.g {
+                each_node(g, f);
+            }
+            for g in &attr.graphs {
+                each_node(g, f);
+            }
+        }
+    }
+}
+
+/// Refuses graphs with operators tract does not implement, naming them, instead of failing later.
+fn check_operators(path: &Path, onnx: &tract_onnx::Onnx, proto: &pb::ModelProto) -> Result<()> {
+    let mut missing: Vec<String> = vec![];
+    if let Some(graph) = &proto.graph {
+        each_node(graph, &mut |node| {
+            if !onnx.op_register.0.contains_key(&node.op_type) {
+                let domain = if node.domain.is_empty() {
+                    "ai.onnx"
+                } else {
+                    &node.domain
+                };
+                let entry = format!("{domain}.{} (node '{}')", node.op_type, node.name);
+                if !missing
+                    .iter()
+                    .any(|m| m.starts_with(&format!("{domain}.{} ", node.op_type)))
+                {
+                    missing.push(entry);
+                }
+            }
+        });
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Unsupported {
+        path: path.to_owned(),
+        message: format!(
+            "operators tract {TRACT_VERSION} does not implement: {}",
+            missing.join(", ")
+        ),
+    })
+}
+
+/// Operators that keep their input's shape but mix values along an axis. tract 0.23.9 treats
+/// them as element-wise when it folds `DequantizeLinear -> op -> QuantizeLinear` into a
+/// 256-entry lookup table, which is wrong for them.
+const AXIS_MIXING_OPS: &[&str] = &[
+    "Softmax",
+    "LogSoftmax",
+    "Hardmax",
+    "LpNormalization",
+    "MeanVarianceNormalization",
+    "LRN",
+];
+
+/// Rewrites every per-tensor `DequantizeLinear` that feeds an axis-mixing op (Softmax, ...) into
+/// `Mul(Sub(Cast(x), Cast(zero_point)), scale)`: the same arithmetic ONNX Runtime does, but not a
+/// DequantizeLinear, so tract has nothing to fold and Softmax runs in float. Returns the names
+/// of the ops whose input was rewritten; refuses per-axis dequantization there (not seen in
+/// practice), since the plain broadcast would be wrong.
+pub fn rewrite_qdq_softmax(proto: &mut pb::ModelProto) -> std::result::Result<Vec<String>, String> {
+    let Some(graph) = proto.graph.as_mut() else {
+        return Ok(vec![]);
+    };
+    let mixing_inputs: Vec<(String, String)> = graph
+        .node
+        .iter()
+        .filter(|n| n.domain.is_empty() && AXIS_MIXING_OPS.contains(&n.op_type.as_str()))
+        .filter_map(|n| {
+            n.input
+                .first()
+                .map(|i| (i.clone(), format!("{} '{}'", n.op_type, n.name)))
+        })
+        .collect();
+    let mut rewritten = vec![];
+    let mut new_nodes = Vec::with_capacity(graph.node.len());
+    for node in std::mem::take(&mut graph.node) {
+        let feeds = (node.op_type == "DequantizeLinear" && node.domain.is_empty())
+            .then(|| {
+                mixing_inputs
+                    .iter()
+                    .find(|(i, _)| node.output.first() == Some(i))
+            })
+            .flatten();
+        let Some((_, consumer)) = feeds else {
+            new_nodes.push(node);
+            continue;
+        };
+        let per_tensor = |name: &str| {
+            graph
+                .initializer
+                .iter()
+                .find(|t| t.name == name)
+                .map(|t| t.dims.iter().product::<i64>() == 1)
+        };
+        match per_tensor(&node.input[1]) {
+            Some(true) => {}
+            Some(false) => {
+                return Err(format!(
+                    "per-axis DequantizeLinear '{}' feeds {consumer}: tract {TRACT_VERSION} would fold it \
+                     into a wrong lookup table and the runtime cannot rewrite it; quantize that op per-tensor \
+                     or leave it in float",
+                    node.name
+                ))
+            }
+            // Scale computed at run time: tract only folds constant-scale DequantizeLinear.
+            None => {
+                new_nodes.push(node);
+                continue;
+            }
+        }
+        let base = if node.name.is_empty() {
+            node.output[0].clone()
+        } else {
+            node.name.clone()
+        };
+        let tmp = |suffix: &str| format!("{base}/edgevlm_float_dq/{suffix}");
+        let cast = |input: &str, output: String| pb::NodeProto {
+            input: vec![input.to_string()],
+            output: vec![output.clone()],
+            name: output,
+            op_type: "Cast".into(),
+            attribute: vec![pb::AttributeProto {
+                name: "to".into(),
+                r#type: pb::attribute_proto::AttributeType::Int as i32,
+                i: 1, // TensorProto.FLOAT
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        new_nodes.push(cast(&node.input[0], tmp("x")));
+        let mut centered = tmp("x");
+        if let Some(zp) = node.input.get(2).filter(|z| !z.is_empty()) {
+            new_nodes.push(cast(zp, tmp("zero_point")));
+            new_nodes.push(pb::NodeProto {
+                input: vec![tmp("x"), tmp("zero_point")],
+                output: vec![tmp("centered")],
+                name: tmp("centered"),
+                op_type: "Sub".into(),
+                ..Default::default()
+            });
+            centered = tmp("centered");
+        }
+        new_nodes.push(pb::NodeProto {
+            input: vec![centered, node.input[1].clone()],
+            output: vec![node.output[0].clone()],
+            name: tmp("scaled"),
+            op_type: "Mul".into(),
+            ..Default::default()
+        });
+        rewritten.push(consumer.clone());
+    }
+    graph.node = new_nodes;
+    Ok(rewritten)
+}

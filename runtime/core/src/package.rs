@@ -1,0 +1,104 @@
+//! Model packages: a directory with `model.toml` and the graph files it lists, hash-checked.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::manifest::{GraphFile, Manifest};
+
+/// The manifest file name inside a package.
+pub const MANIFEST: &str = "model.toml";
+
+/// An opened, validated and checksum-verified model package.
+#[derive(Debug, Clone)]
+pub struct ModelPackage {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl ModelPackage {
+    /// Opens the package in `dir`: parses `model.toml` and verifies every graph file's sha256.
+    pub fn open(dir: &Path) -> Result<ModelPackage> {
+        let manifest_path = dir.join(MANIFEST);
+        if !dir.is_dir() {
+            return Err(Error::io(
+                "opening package directory",
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not a directory (a package is a folder with model.toml)",
+                ),
+            ));
+        }
+        let manifest = Manifest::load(&manifest_path)?;
+        let package = ModelPackage {
+            dir: dir.to_owned(),
+            manifest,
+        };
+        for g in &package.manifest.graph {
+            package.verify(g)?;
+        }
+        Ok(package)
+    }
+
+    /// The package directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Path of the graph with role `role`.
+    pub fn graph_path(&self, role: &str) -> Option<PathBuf> {
+        self.manifest.graph(role).map(|g| self.dir.join(&g.file))
+    }
+
+    fn verify(&self, g: &GraphFile) -> Result<()> {
+        let path = self.dir.join(&g.file);
+        // Never follow a symlink out of the package: what was hashed must be what is loaded.
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| Error::io("opening graph file", &path, e))?;
+        if !meta.is_file() {
+            return Err(Error::manifest(
+                self.dir.join(MANIFEST),
+                "graph.file",
+                format!("{}: not a regular file", g.file),
+            ));
+        }
+        let actual = sha256_file(&path)?;
+        if actual != g.sha256 {
+            return Err(Error::Checksum {
+                path,
+                expected: g.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Lowercase hex sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::io("reading", path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}

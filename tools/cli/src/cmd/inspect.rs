@@ -1,0 +1,192 @@
+//! `edgevlm inspect`: images or folders through a classification package, one verdict per image.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use edgevlm_runtime::{Classifier, Inspection, LoadOptions, Memory, Stage, Verdict};
+use serde_json::json;
+
+use super::{EXIT_CHECK_FAILED, EXIT_ERROR};
+
+/// Inspect images with a model package: one line per image (verdict, top class, timings), then a
+/// summary. Folders are read one level deep (*.jpg, *.jpeg, *.png, sorted by name). An image
+/// that cannot be read is reported on its own line and the rest still run (exit code 2 at the end).
+#[derive(Debug, clap::Args)]
+pub struct Cmd {
+    /// The model package directory (holding model.toml).
+    #[arg(long, value_name = "PKG")]
+    model: PathBuf,
+    /// Image files or folders.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// One JSON object per line (per image, then {"summary": ...}) instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Threads for matrix products.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Exit with code 1 when any part is NG.
+    #[arg(long)]
+    fail_on_ng: bool,
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
+
+fn collect_images(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut images = vec![];
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading folder {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                            IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
+                        })
+                })
+                .collect();
+            if found.is_empty() {
+                anyhow::bail!(
+                    "{}: folder holds no .jpg, .jpeg or .png files",
+                    path.display()
+                );
+            }
+            found.sort();
+            images.extend(found);
+        } else {
+            images.push(path.clone());
+        }
+    }
+    Ok(images)
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    ms(sorted[rank])
+}
+
+impl Cmd {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let images = collect_images(&self.paths)?;
+        let options = LoadOptions {
+            threads: self.threads as usize,
+            ..Default::default()
+        };
+        let mut classifier = Classifier::load(&self.model, &options)
+            .with_context(|| format!("loading model package {}", self.model.display()))?;
+        let mut out = std::io::stdout().lock();
+        if !self.json {
+            let m = &classifier.package().manifest().model;
+            writeln!(
+                out,
+                "model {} {} (load {:.1} ms, tract {})",
+                m.name,
+                m.version,
+                classifier.model().load_ms(),
+                edgevlm_runtime::TRACT_VERSION
+            )?;
+            for note in classifier.model().notes() {
+                writeln!(out, "note: {note}")?;
+            }
+        }
+        let (mut ok, mut ng, mut errors) = (0usize, 0usize, 0usize);
+        let (mut infer, mut total) = (vec![], vec![]);
+        for image in &images {
+            match classifier.inspect_file(image) {
+                Ok(r) => {
+                    match r.verdict {
+                        Verdict::Ok => ok += 1,
+                        Verdict::Ng => ng += 1,
+                    }
+                    infer.push(r.trace.stage_us(Stage::Infer));
+                    total.push(r.trace.total_us());
+                    self.print_result(&mut out, image, &r)?;
+                }
+                Err(e) => {
+                    errors += 1;
+                    let cause = format!("{:#}", anyhow::Error::from(e));
+                    if self.json {
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({ "file": image, "verdict": "ERROR", "error": cause })
+                        )?;
+                    } else {
+                        writeln!(out, "ERROR {}  {cause}", image.display())?;
+                    }
+                }
+            }
+        }
+        infer.sort_unstable();
+        total.sort_unstable();
+        let memory = Memory::sample();
+        if self.json {
+            let summary = json!({ "summary": {
+                "model": classifier.package().manifest().model.name,
+                "images": images.len(), "ok": ok, "ng": ng, "errors": errors,
+                "load_ms": classifier.model().load_ms(),
+                "infer_ms": { "p50": percentile(&infer, 50.0), "p99": percentile(&infer, 99.0), "max": percentile(&infer, 100.0) },
+                "total_ms": { "p50": percentile(&total, 50.0), "p99": percentile(&total, 99.0), "max": percentile(&total, 100.0) },
+                "rss_kb": memory.rss_kb, "peak_rss_kb": memory.peak_rss_kb,
+            }});
+            writeln!(out, "{summary}")?;
+        } else {
+            writeln!(
+                out,
+                "{} images: {ok} OK, {ng} NG, {errors} errors | infer p50 {:.2} ms max {:.2} ms | per image p50 {:.2} ms | peak RSS {:.1} MiB",
+                images.len(),
+                percentile(&infer, 50.0),
+                percentile(&infer, 100.0),
+                percentile(&total, 50.0),
+                memory.peak_rss_kb as f64 / 1024.0
+            )?;
+        }
+        out.flush()?;
+        Ok(if errors > 0 {
+            ExitCode::from(EXIT_ERROR)
+        } else if self.fail_on_ng && ng > 0 {
+            ExitCode::from(EXIT_CHECK_FAILED)
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
+    fn print_result(
+        &self,
+        out: &mut impl Write,
+        image: &Path,
+        r: &Inspection,
+    ) -> std::io::Result<()> {
+        if self.json {
+            return writeln!(
+                out,
+                "{}",
+                json!({ "file": image, "verdict": r.verdict, "reason": r.reason, "top": r.classes[0], "classes": r.classes, "trace": r.trace })
+            );
+        }
+        let t = &r.trace;
+        writeln!(
+            out,
+            "{:<3} {:<28} {:<14} {:.3}  decode {:.2} ms  pre {:.2} ms  infer {:.2} ms  post {:.2} ms{}",
+            r.verdict.to_string(),
+            image.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+            r.classes[0].label,
+            r.classes[0].probability,
+            ms(t.stage_us(Stage::Decode)),
+            ms(t.stage_us(Stage::Preprocess)),
+            ms(t.stage_us(Stage::Infer)),
+            ms(t.stage_us(Stage::Postprocess)),
+            r.reason.as_ref().map(|w| format!("  ({w})")).unwrap_or_default()
+        )
+    }
+}

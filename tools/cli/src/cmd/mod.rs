@@ -1,0 +1,51 @@
+//! Subcommands, one file each.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod inspect;
+mod run;
+
+/// Exit code: something failed (bad input, unreadable model, I/O).
+pub const EXIT_ERROR: u8 = 2;
+/// Exit code: the command worked but a check failed (`inspect --fail-on-ng` saw an NG part).
+pub const EXIT_CHECK_FAILED: u8 = 1;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  a check failed (inspect --fail-on-ng saw an NG part)
+  2  error: bad arguments, unreadable or invalid model, image or input (the message names it)
+
+Errors are printed once on stderr as `edgevlm: <cause chain>`; results go to stdout.";
+
+/// Offline runtime for quantized vision(-language) models on ARM boards.
+#[derive(Debug, Parser)]
+#[command(name = "edgevlm", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Run(run::Cmd),
+    Inspect(inspect::Cmd),
+}
+
+/// Runs the chosen subcommand.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(cmd) => cmd.run(),
+        Command::Inspect(cmd) => cmd.run(),
+    }
+}
+
+/// True when the error is a closed stdout (`edgevlm ... | head`), which is not a failure.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

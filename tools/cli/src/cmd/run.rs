@@ -1,0 +1,202 @@
+//! `edgevlm run`: run any ONNX graph on given or seeded inputs, write outputs as .npy.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use edgevlm_runtime::onnx::dtype_name;
+use edgevlm_runtime::synth::{random_input, SplitMix64};
+use edgevlm_runtime::{npy, LoadOptions, Memory, OnnxModel, Tensor};
+use serde_json::json;
+
+/// Run an ONNX graph and print a JSON summary (shapes, dtypes, load and run times) on stdout.
+///
+/// Inputs not given with --input are filled deterministically from --seed (symbolic dims = 1).
+#[derive(Debug, clap::Args)]
+pub struct Cmd {
+    /// The ONNX file.
+    #[arg(long, value_name = "FILE")]
+    onnx: PathBuf,
+    /// An input tensor from a .npy file; repeat for several inputs.
+    #[arg(long = "input", value_name = "NAME=FILE.npy")]
+    inputs: Vec<String>,
+    /// Write every output to DIR/<output name>.npy (names sanitised to [A-Za-z0-9._-]).
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Threads for matrix products.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Seed for synthesized inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// After the first run, time N more runs and report min / median / max.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    repeat: usize,
+    /// Keep QDQ Softmax as tract 0.23.9 folds it (wrong results; for reproducing the tract bug).
+    #[arg(long)]
+    keep_qdq_softmax: bool,
+}
+
+impl Cmd {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let options = LoadOptions {
+            threads: self.threads as usize,
+            fix_qdq_softmax: !self.keep_qdq_softmax,
+        };
+        let model = OnnxModel::load(&self.onnx, &options)
+            .with_context(|| format!("loading {}", self.onnx.display()))?;
+        let mut given: Vec<Option<Tensor>> = vec![None; model.inputs().len()];
+        let mut sources = vec!["seed".to_string(); model.inputs().len()];
+        for arg in &self.inputs {
+            let (name, file) = arg
+                .split_once('=')
+                .with_context(|| format!("--input {arg:?}: expected NAME=FILE.npy"))?;
+            let Some(i) = model.input_index(name) else {
+                let names: Vec<_> = model.inputs().iter().map(|s| s.name.as_str()).collect();
+                bail!(
+                    "--input {name}: the model has no input {name:?} (inputs: {})",
+                    names.join(", ")
+                );
+            };
+            let tensor = npy::read(Path::new(file))?;
+            model.inputs()[i].check(&tensor)?;
+            given[i] = Some(tensor);
+            sources[i] = file.to_string();
+        }
+        let mut rng = SplitMix64::new(self.seed);
+        let inputs = model
+            .inputs()
+            .iter()
+            .zip(given)
+            .map(|(spec, t)| t.map(Ok).unwrap_or_else(|| random_input(spec, &mut rng)))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let start = Instant::now();
+        let outputs = model.run(inputs.clone())?;
+        let first_ms = ms(start);
+        let mut times = Vec::with_capacity(self.repeat);
+        for _ in 0..self.repeat {
+            let start = Instant::now();
+            model.run(inputs.clone())?;
+            times.push(ms(start));
+        }
+        let memory = Memory::sample();
+
+        let files = match &self.output_dir {
+            Some(dir) => write_outputs(dir, &model, &outputs)?,
+            None => vec![None; outputs.len()],
+        };
+        let summary = json!({
+            "model": self.onnx,
+            "tract": edgevlm_runtime::TRACT_VERSION,
+            "threads": self.threads,
+            "load_ms": round(model.load_ms()),
+            "notes": model.notes(),
+            "inputs": model.inputs().iter().zip(&inputs).zip(&sources).map(|((spec, t), src)| json!({
+                "name": spec.name, "dtype": dtype_name(t.datum_type()), "shape": t.shape(),
+                "declared": spec.shape_string(), "source": src,
+            })).collect::<Vec<_>>(),
+            "outputs": model.outputs().iter().zip(&outputs).zip(&files).map(|((spec, t), file)| json!({
+                "name": spec.name, "dtype": dtype_name(t.datum_type()), "shape": t.shape(), "file": file,
+            })).collect::<Vec<_>>(),
+            "first_run_ms": round(first_ms),
+            "repeat": stats(&times),
+            "rss_kb": memory.rss_kb,
+            "peak_rss_kb": memory.peak_rss_kb,
+        });
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{summary}")?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn ms(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn stats(times: &[f64]) -> serde_json::Value {
+    if times.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let mut sorted = times.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median = if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+    };
+    json!({ "runs": sorted.len(), "min_ms": round(sorted[0]), "median_ms": round(median), "max_ms": round(sorted[sorted.len() - 1]) })
+}
+
+/// A file name for an output: `[A-Za-z0-9._-]` kept, anything else `_`, no leading dot,
+/// made unique with a numeric suffix.
+fn sanitize(name: &str, taken: &mut HashSet<String>) -> String {
+    let mut base: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if base.is_empty() || base.starts_with('.') {
+        base.insert(0, '_');
+    }
+    let mut candidate = base.clone();
+    let mut n = 1;
+    while !taken.insert(candidate.clone()) {
+        candidate = format!("{base}_{n}");
+        n += 1;
+    }
+    candidate
+}
+
+fn write_outputs(
+    dir: &Path,
+    model: &OnnxModel,
+    outputs: &[Tensor],
+) -> anyhow::Result<Vec<Option<String>>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut taken = HashSet::new();
+    model
+        .outputs()
+        .iter()
+        .zip(outputs)
+        .map(|(spec, t)| {
+            let path = dir.join(format!("{}.npy", sanitize(&spec.name, &mut taken)));
+            npy::write(&path, t)?;
+            Ok(Some(path.display().to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitizes_output_names() {
+        let mut taken = HashSet::new();
+        assert_eq!(sanitize("present.0.key", &mut taken), "present.0.key");
+        assert_eq!(sanitize("a/b:0", &mut taken), "a_b_0");
+        assert_eq!(sanitize("a?b:0", &mut taken), "a_b_0_1");
+        assert_eq!(sanitize("../etc", &mut taken), "_.._etc");
+        assert_eq!(sanitize("", &mut taken), "_");
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(stats(&[3.0, 1.0, 2.0])["median_ms"], 2.0);
+        assert_eq!(stats(&[4.0, 1.0, 2.0, 3.0])["median_ms"], 2.5);
+        assert!(stats(&[]).is_null());
+    }
+}

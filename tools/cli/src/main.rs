@@ -1,0 +1,17 @@
+//! `edgevlm`: run ONNX graphs and inspect parts on the command line. See `edgevlm --help`.
+
+use std::process::ExitCode;
+
+mod cmd;
+
+fn main() -> ExitCode {
+    let cli = <cmd::Cli as clap::Parser>::parse();
+    match cmd::run(cli) {
+        Ok(code) => code,
+        Err(err) if cmd::is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("edgevlm: {err:#}");
+            ExitCode::from(cmd::EXIT_ERROR)
+        }
+    }
+}
