@@ -35,7 +35,7 @@ pub enum FrameFormat {
     Yuyv,
     /// Y plane then interleaved U V plane at half resolution (V4L2 `NV12`), BT.601 limited range.
     Nv12,
-    /// A JPEG per frame (V4L2 `MJPG`).
+    /// A JPEG per frame (V4L2 `MJPG`); PNG data is accepted too (image-folder cameras).
     Mjpeg,
 }
 
@@ -72,6 +72,17 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
             format!("unsupported image format {format:?}: expected JPEG or PNG"),
         ));
     }
+    if format == image::ImageFormat::Jpeg {
+        // Decoders fill a cut-off JPEG with grey and report success; a part judged on half a
+        // picture is worse than an error. Cameras may pad MJPEG buffers with zeros after EOI.
+        let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        if !bytes[..end].ends_with(&[0xFF, 0xD9]) {
+            return Err(image_err(
+                name,
+                "cannot decode Jpeg: truncated (no end-of-image marker)",
+            ));
+        }
+    }
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -94,6 +105,10 @@ pub fn decode_image(bytes: &[u8], name: &str) -> Result<RgbImage> {
 
 /// Converts a raw camera frame to RGB; `name` is used in errors.
 pub fn frame_to_rgb(frame: &Frame, name: &str) -> Result<RgbImage> {
+    if frame.format == FrameFormat::Mjpeg {
+        // Encoded frames carry their own size; the header fields may be 0.
+        return decode_image(frame.data, name);
+    }
     let (w, h) = (frame.width as usize, frame.height as usize);
     if w == 0 || h == 0 || frame.width > MAX_SIDE || frame.height > MAX_SIDE {
         return Err(image_err(
@@ -116,7 +131,7 @@ pub fn frame_to_rgb(frame: &Frame, name: &str) -> Result<RgbImage> {
         }
     };
     let data = match frame.format {
-        FrameFormat::Mjpeg => return decode_image(frame.data, name),
+        FrameFormat::Mjpeg => unreachable!("handled above"),
         FrameFormat::Rgb8 => {
             need(w * h * 3)?;
             frame.data[..w * h * 3].to_vec()

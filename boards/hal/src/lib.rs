@@ -1,0 +1,183 @@
+//! edgevlm board layer: what an inspection station is made of, as traits.
+//!
+//! A [`Camera`] delivers frames taken after a trigger, a [`Trigger`] reports part-present
+//! edges, and [`VerdictOutputs`] drives OK / NG / ERROR pins through any embedded-hal 1.0
+//! [`OutputPin`]. Implementations live in other crates: `edgevlm-board-sim` (image folders,
+//! scripted triggers, recorded pins) and, later, the Linux GPIO character device and V4L2.
+#![warn(missing_docs)]
+
+use std::time::Duration;
+
+pub use embedded_hal::delay::DelayNs;
+pub use embedded_hal::digital::OutputPin;
+
+/// Pixel format of a captured frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelFormat {
+    /// Packed 8-bit R G B.
+    Rgb8,
+    /// 8-bit luma.
+    Gray8,
+    /// Packed 4:2:2 Y U Y V.
+    Yuyv,
+    /// Planar Y + interleaved UV at half resolution.
+    Nv12,
+    /// One JPEG per frame.
+    Mjpeg,
+    /// One PNG per frame (image-folder cameras).
+    Png,
+}
+
+/// One captured frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Pixel format of `data`.
+    pub format: PixelFormat,
+    /// Width in pixels (0 when only the encoded stream knows it).
+    pub width: u32,
+    /// Height in pixels (0 when only the encoded stream knows it).
+    pub height: u32,
+    /// Frame bytes.
+    pub data: Vec<u8>,
+    /// Frame counter of the camera, starting at 0.
+    pub sequence: u64,
+    /// Capture time on the monotonic clock since the camera was opened.
+    pub timestamp: Duration,
+    /// Where the frame came from (device path, file name), for logs and NG image names.
+    pub source: String,
+}
+
+/// Why a camera operation failed, so callers can decide to retry or give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CameraErrorKind {
+    /// The device is gone (unplugged, folder removed); retry later.
+    Disconnected,
+    /// No frame arrived in time.
+    Timeout,
+    /// A frame arrived but is unusable.
+    BadFrame,
+    /// Anything else.
+    Other,
+}
+
+/// Errors of a [`Camera`].
+pub trait CameraError: std::error::Error + Send + Sync + 'static {
+    /// The kind of failure.
+    fn kind(&self) -> CameraErrorKind;
+}
+
+/// A source of frames.
+pub trait Camera {
+    /// The camera's error type.
+    type Error: CameraError;
+    /// Captures a frame taken after this call started (stale buffered frames are dropped).
+    fn capture(&mut self) -> Result<Frame, Self::Error>;
+}
+
+/// A part-present event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TriggerEvent {
+    /// Event counter, starting at 0.
+    pub sequence: u64,
+    /// Edge time on the monotonic clock since the trigger was opened.
+    pub timestamp: Duration,
+}
+
+/// A source of trigger events (a GPIO edge, a schedule, stdin).
+pub trait Trigger {
+    /// The trigger's error type.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Waits up to `timeout` for the next event; `Ok(None)` on timeout, and at the end of a
+    /// finite script.
+    fn wait(&mut self, timeout: Duration) -> Result<Option<TriggerEvent>, Self::Error>;
+}
+
+/// What the outputs should signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Part is good.
+    Ok,
+    /// Part is rejected.
+    Ng,
+    /// The station could not judge the part (camera or model failure).
+    Error,
+}
+
+/// How result pins are driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinMode {
+    /// The signalled pin stays high until the next result; the others go low.
+    Level,
+    /// The signalled pin goes high for this long, then low (PLC input pulse).
+    Pulse(Duration),
+}
+
+/// OK / NG / ERROR result pins, generic over embedded-hal output pins and delay.
+#[derive(Debug)]
+pub struct VerdictOutputs<P: OutputPin, D: DelayNs> {
+    ok: P,
+    ng: P,
+    error: Option<P>,
+    mode: PinMode,
+    delay: D,
+}
+
+impl<P: OutputPin, D: DelayNs> VerdictOutputs<P, D> {
+    /// Result pins; all are driven low first.
+    pub fn new(
+        mut ok: P,
+        mut ng: P,
+        mut error: Option<P>,
+        mode: PinMode,
+        delay: D,
+    ) -> Result<Self, P::Error> {
+        ok.set_low()?;
+        ng.set_low()?;
+        if let Some(e) = error.as_mut() {
+            e.set_low()?;
+        }
+        Ok(VerdictOutputs {
+            ok,
+            ng,
+            error,
+            mode,
+            delay,
+        })
+    }
+
+    /// Drives the pins for one result. Without an ERROR pin, errors are signalled on NG, so a
+    /// part the station could not judge is never passed as good.
+    pub fn signal(&mut self, signal: Signal) -> Result<(), P::Error> {
+        let has_error_pin = self.error.is_some();
+        let target = match (signal, has_error_pin) {
+            (Signal::Ok, _) => Signal::Ok,
+            (Signal::Ng, _) | (Signal::Error, false) => Signal::Ng,
+            (Signal::Error, true) => Signal::Error,
+        };
+        if self.mode == PinMode::Level {
+            for s in [Signal::Ok, Signal::Ng, Signal::Error] {
+                if s != target {
+                    if let Some(pin) = self.pin(s) {
+                        pin.set_low()?;
+                    }
+                }
+            }
+        }
+        let pin = self.pin(target).expect("target pin exists");
+        pin.set_high()?;
+        if let PinMode::Pulse(width) = self.mode {
+            self.delay
+                .delay_us(width.as_micros().min(u32::MAX as u128) as u32);
+            self.pin(target).expect("target pin exists").set_low()?;
+        }
+        Ok(())
+    }
+
+    fn pin(&mut self, s: Signal) -> Option<&mut P> {
+        match s {
+            Signal::Ok => Some(&mut self.ok),
+            Signal::Ng => Some(&mut self.ng),
+            Signal::Error => self.error.as_mut(),
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The simulated board: an image-folder camera, scripted triggers and output pins that record
+//! every level change with a timestamp. It drives the embedded default and the tests.
+#![warn(missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edgevlm_board::{
+    Camera, CameraError, CameraErrorKind, DelayNs, Frame, PixelFormat, Trigger, TriggerEvent,
+};
+use embedded_hal::digital::{ErrorType, OutputPin};
+
+/// Errors of the simulated devices.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The image folder is missing or empty.
+    #[error("camera folder {path}: {message}")]
+    Disconnected {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// An image file could not be read.
+    #[error("camera image {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CameraError for SimError {
+    fn kind(&self) -> CameraErrorKind {
+        match self {
+            SimError::Disconnected { .. } => CameraErrorKind::Disconnected,
+            SimError::Read { .. } => CameraErrorKind::BadFrame,
+        }
+    }
+}
+
+/// A camera that returns the JPEG / PNG files of a folder in name order, round and round.
+/// The folder is re-listed on every capture, so removing it simulates an unplugged camera and
+/// restoring it a camera that comes back.
+#[derive(Debug)]
+pub struct FolderCamera {
+    dir: PathBuf,
+    next: usize,
+    sequence: u64,
+    opened: Instant,
+}
+
+impl FolderCamera {
+    /// A camera over `dir`; fails when it holds no images.
+    pub fn open(dir: &Path) -> Result<FolderCamera, SimError> {
+        let camera = FolderCamera {
+            dir: dir.to_owned(),
+            next: 0,
+            sequence: 0,
+            opened: Instant::now(),
+        };
+        camera.list()?;
+        Ok(camera)
+    }
+
+    fn list(&self) -> Result<Vec<(PathBuf, PixelFormat)>, SimError> {
+        let gone = |message: String| SimError::Disconnected {
+            path: self.dir.clone(),
+            message,
+        };
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| gone(e.to_string()))?;
+        let mut images: Vec<(PathBuf, PixelFormat)> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| {
+                let ext = p.extension()?.to_str()?.to_ascii_lowercase();
+                let format = match ext.as_str() {
+                    "jpg" | "jpeg" => PixelFormat::Mjpeg,
+                    "png" => PixelFormat::Png,
+                    _ => return None,
+                };
+                Some((p, format))
+            })
+            .collect();
+        if images.is_empty() {
+            return Err(gone("holds no .jpg, .jpeg or .png files".into()));
+        }
+        images.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(images)
+    }
+}
+
+impl Camera for FolderCamera {
+    type Error = SimError;
+
+    fn capture(&mut self) -> Result<Frame, SimError> {
+        let images = self.list()?;
+        let (path, format) = images[self.next % images.len()].clone();
+        self.next = (self.next + 1) % images.len();
+        let data = std::fs::read(&path).map_err(|source| SimError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let frame = Frame {
+            format,
+            width: 0,
+            height: 0,
+            data,
+            sequence: self.sequence,
+            timestamp: self.opened.elapsed(),
+            source: path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        self.sequence += 1;
+        Ok(frame)
+    }
+}
+
+/// Triggers at fixed offsets from when the schedule starts; ends after the last one.
+#[derive(Debug)]
+pub struct ScheduleTrigger {
+    at: Vec<Duration>,
+    next: usize,
+    start: Option<Instant>,
+}
+
+impl ScheduleTrigger {
+    /// Events at the given offsets (sorted on creation).
+    pub fn new(mut at: Vec<Duration>) -> Self {
+        at.sort();
+        ScheduleTrigger {
+            at,
+            next: 0,
+            start: None,
+        }
+    }
+
+    /// `count` events, one every `period`, the first at `period`.
+    pub fn periodic(count: usize, period: Duration) -> Self {
+        ScheduleTrigger::new((1..=count as u32).map(|i| period * i).collect())
+    }
+}
+
+impl Trigger for ScheduleTrigger {
+    type Error = std::convert::Infallible;
+
+    fn wait(&mut self, timeout: Duration) -> Result<Option<TriggerEvent>, Self::Error> {
+        let start = *self.start.get_or_insert_with(Instant::now);
+        let Some(&due) = self.at.get(self.next) else {
+            return Ok(None);
+        };
+        let now = start.elapsed();
+        if due > now + timeout {
+            std::thread::sleep(timeout);
+            return Ok(None);
+        }
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let event = TriggerEvent {
+            sequence: self.next as u64,
+            timestamp: start.elapsed(),
+        };
+        self.next += 1;
+        Ok(Some(event))
+    }
+}
+
+/// One recorded level change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinChange {
+    /// Pin name.
+    pub pin: String,
+    /// New level.
+    pub high: bool,
+    /// Time since the recorder was created.
+    pub at: Duration,
+}
+
+/// A shared log of pin changes, in order, across all pins made from it.
+#[derive(Debug, Clone)]
+pub struct PinRecorder {
+    log: Arc<Mutex<Vec<PinChange>>>,
+    start: Instant,
+}
+
+impl Default for PinRecorder {
+    fn default() -> Self {
+        PinRecorder {
+            log: Default::default(),
+            start: Instant::now(),
+        }
+    }
+}
+
+impl PinRecorder {
+    /// An output pin called `name` that records into this log.
+    pub fn pin(&self, name: &str) -> RecordedPin {
+        RecordedPin {
+            name: name.into(),
+            high: None,
+            recorder: self.clone(),
+        }
+    }
+
+    /// Every change so far.
+    pub fn changes(&self) -> Vec<PinChange> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Completed high pulses of `pin` as (rise time, width).
+    pub fn pulses(&self, pin: &str) -> Vec<(Duration, Duration)> {
+        let mut rise = None;
+        let mut out = vec![];
+        for c in self.changes().into_iter().filter(|c| c.pin == pin) {
+            match (c.high, rise) {
+                (true, None) => rise = Some(c.at),
+                (false, Some(r)) => {
+                    out.push((r, c.at - r));
+                    rise = None;
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// An embedded-hal output pin whose level changes go to a [`PinRecorder`].
+#[derive(Debug)]
+pub struct RecordedPin {
+    name: String,
+    high: Option<bool>,
+    recorder: PinRecorder,
+}
+
+impl RecordedPin {
+    fn set(&mut self, high: bool) {
+        if self.high != Some(high) {
+            self.high = Some(high);
+            let at = self.recorder.start.elapsed();
+            self.recorder.log.lock().unwrap().push(PinChange {
+                pin: self.name.clone(),
+                high,
+                at,
+            });
+        }
+    }
+}
+
+impl ErrorType for RecordedPin {
+    type Error = std::convert::Infallible;
+}
+
+impl OutputPin for RecordedPin {
+    fn set_low(&mut self) -> Result<(), Self::Error> {
+        self.set(false);
+        Ok(())
+    }
+
+    fn set_high(&mut self) -> Result<(), Self::Error> {
+        self.set(true);
+        Ok(())
+    }
+}
+
+/// A delay that sleeps the thread (pulse widths on the simulator are real time).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ThreadDelay;
+
+impl DelayNs for ThreadDelay {
+    fn delay_ns(&mut self, ns: u32) {
+        std::thread::sleep(Duration::from_nanos(ns as u64));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgevlm_board::{PinMode, Signal, VerdictOutputs};
+
+    #[test]
+    fn folder_camera_cycles_and_reports_a_vanished_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cam");
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(
+            FolderCamera::open(&dir).unwrap_err().kind(),
+            CameraErrorKind::Disconnected
+        );
+        std::fs::write(dir.join("b.png"), b"png").unwrap();
+        std::fs::write(dir.join("a.jpg"), b"jpg").unwrap();
+        std::fs::write(dir.join("notes.txt"), b"x").unwrap();
+        let mut cam = FolderCamera::open(&dir).unwrap();
+        let frames: Vec<Frame> = (0..3).map(|_| cam.capture().unwrap()).collect();
+        assert_eq!(
+            frames.iter().map(|f| f.source.as_str()).collect::<Vec<_>>(),
+            ["a.jpg", "b.png", "a.jpg"]
+        );
+        assert_eq!(
+            (frames[0].format, frames[1].format),
+            (PixelFormat::Mjpeg, PixelFormat::Png)
+        );
+        assert_eq!(frames[2].sequence, 2);
+        std::fs::rename(&dir, tmp.path().join("away")).unwrap();
+        let e = cam.capture().unwrap_err();
+        assert_eq!(e.kind(), CameraErrorKind::Disconnected);
+        assert!(e.to_string().starts_with("camera folder "), "{e}");
+        std::fs::rename(tmp.path().join("away"), &dir).unwrap();
+        assert_eq!(cam.capture().unwrap().data, b"png");
+    }
+
+    #[test]
+    fn schedule_ends_after_last_event() {
+        let mut t = ScheduleTrigger::periodic(2, Duration::from_millis(2));
+        let a = t.wait(Duration::from_secs(1)).unwrap().unwrap();
+        let b = t.wait(Duration::from_secs(1)).unwrap().unwrap();
+        assert_eq!((a.sequence, b.sequence), (0, 1));
+        assert!(b.timestamp >= Duration::from_millis(4));
+        assert_eq!(t.wait(Duration::from_millis(1)).unwrap(), None);
+    }
+
+    #[test]
+    fn pulses_and_levels_on_recorded_pins() {
+        let rec = PinRecorder::default();
+        let mut out = VerdictOutputs::new(
+            rec.pin("ok"),
+            rec.pin("ng"),
+            None,
+            PinMode::Pulse(Duration::from_millis(3)),
+            ThreadDelay,
+        )
+        .unwrap();
+        out.signal(Signal::Ok).unwrap();
+        out.signal(Signal::Ng).unwrap();
+        out.signal(Signal::Error).unwrap(); // no ERROR pin: reported on NG, never as OK
+        assert_eq!(rec.pulses("ok").len(), 1);
+        let ng = rec.pulses("ng");
+        assert_eq!(ng.len(), 2);
+        assert!(
+            ng.iter().all(|(_, w)| *w >= Duration::from_millis(3)),
+            "{ng:?}"
+        );
+
+        let rec = PinRecorder::default();
+        let mut out = VerdictOutputs::new(
+            rec.pin("ok"),
+            rec.pin("ng"),
+            Some(rec.pin("err")),
+            PinMode::Level,
+            ThreadDelay,
+        )
+        .unwrap();
+        out.signal(Signal::Ng).unwrap();
+        out.signal(Signal::Ok).unwrap();
+        out.signal(Signal::Error).unwrap();
+        let last: Vec<(String, bool)> = rec
+            .changes()
+            .into_iter()
+            .skip(3)
+            .map(|c| (c.pin, c.high))
+            .collect();
+        let expected = [
+            ("ng", true),
+            ("ng", false),
+            ("ok", true),
+            ("ok", false),
+            ("err", true),
+        ];
+        assert_eq!(last, expected.map(|(p, h)| (p.to_string(), h)));
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace. Installs what it needs first (ci/setup.sh).
+# Model tests run in release: tract is unusably slow unoptimized, and CI builds tract once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/setup.sh
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+export CARGO_TERM_COLOR=never
+jobs=${EDGEVLM_JOBS:-2}
+
+step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+
+step "rustfmt"
+cargo fmt --all -- --check
+step "build (release)"
+cargo build --release --workspace --all-targets -j"$jobs"
+step "clippy"
+cargo clippy --release --workspace --all-targets -j"$jobs" -- -D warnings
+step "tests"
+cargo test --release --workspace -j"$jobs" 2>&1 | tee target/test-output.txt
+step "doc tests and docs"
+RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps -j"$jobs" -q
+step "done"
