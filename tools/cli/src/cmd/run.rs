@@ -47,7 +47,7 @@ impl Cmd {
             fix_qdq_softmax: !self.keep_qdq_softmax,
         };
         let model = OnnxModel::load(&self.onnx, &options)
-            .with_context(|| format!("loading {}", self.onnx.display()))?;
+            .context("loading the model")?;
         let mut given: Vec<Option<Tensor>> = vec![None; model.inputs().len()];
         let mut sources = vec!["seed".to_string(); model.inputs().len()];
         for arg in &self.inputs {

@@ -1,0 +1,255 @@
+//! The `edgevlm` binary end to end: outputs, JSON, exit codes and error messages.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn models() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
+}
+
+fn edgevlm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgevlm"))
+        .args(args)
+        .output()
+        .expect("edgevlm runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn inspect_demo_samples_prints_a_line_per_image_and_a_summary() {
+    let demo = models().join("demo");
+    let out = edgevlm(&[
+        "inspect",
+        "--model",
+        demo.to_str().unwrap(),
+        demo.join("samples").to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("OK ") || l.starts_with("NG "))
+        .collect();
+    assert_eq!(lines.len(), 12, "{stdout}");
+    for l in &lines {
+        let file = l.split_whitespace().nth(1).unwrap();
+        let want = if file.starts_with("ok_") {
+            "OK "
+        } else {
+            "NG "
+        };
+        assert!(l.starts_with(want), "{l}");
+        assert!(l.contains("infer ") && l.contains(" ms"), "{l}");
+    }
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("12 images: 4 OK, 8 NG, 0 errors"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn inspect_json_and_fail_on_ng() {
+    let demo = models().join("demo");
+    let ok = demo.join("samples/ok_01.png");
+    let ng = demo.join("samples/scratch_01.png");
+    let out = edgevlm(&[
+        "inspect",
+        "--json",
+        "--fail-on-ng",
+        "--model",
+        demo.to_str().unwrap(),
+        ok.to_str().unwrap(),
+        ng.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["verdict"], "OK");
+    assert_eq!(rows[1]["verdict"], "NG");
+    assert_eq!(rows[1]["top"]["label"], "scratch");
+    assert!(rows[1]["reason"].as_str().unwrap().starts_with("scratch "));
+    assert!(rows[0]["trace"]["spans"].as_array().unwrap().len() == 4);
+    assert_eq!(rows[2]["summary"]["ng"], 1);
+    let out = edgevlm(&[
+        "inspect",
+        "--fail-on-ng",
+        "--model",
+        demo.to_str().unwrap(),
+        ok.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn a_bad_image_is_reported_and_the_rest_still_run() {
+    let demo = models().join("demo");
+    let bad = models().join("fixtures/bad/not_an_image.png");
+    let ok = demo.join("samples/ok_01.png");
+    let out = edgevlm(&[
+        "inspect",
+        "--model",
+        demo.to_str().unwrap(),
+        bad.to_str().unwrap(),
+        ok.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("ERROR ") && stdout.contains("not_an_image.png: not an image"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2 images: 1 OK, 0 NG, 1 errors"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn errors_are_printed_once_with_the_cause_chain_and_exit_2() {
+    let bad = models().join("fixtures/bad/truncated.onnx");
+    let out = edgevlm(&["run", "--onnx", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("edgevlm: loading ")
+            && stderr.contains("truncated.onnx: not a valid ONNX protobuf"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("pkg");
+    std::fs::create_dir(&pkg).unwrap();
+    std::fs::write(pkg.join("model.toml"), "[model]\nname = \"x\"\n").unwrap();
+    let out = edgevlm(&[
+        "inspect",
+        "--model",
+        pkg.to_str().unwrap(),
+        models().join("demo/samples").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("model.toml: field `model.version`: required field is missing"),
+        "{stderr}"
+    );
+
+    let out = edgevlm(&["run", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2 too");
+}
+
+#[test]
+fn run_writes_outputs_that_match_onnxruntime() {
+    let fx = models().join("fixtures/fp32");
+    let tmp = tempfile::tempdir().unwrap();
+    let input = format!("input={}", fx.join("input.npy").display());
+    let out = edgevlm(&[
+        "run",
+        "--onnx",
+        fx.join("model.onnx").to_str().unwrap(),
+        "--input",
+        &input,
+        "--output-dir",
+        tmp.path().to_str().unwrap(),
+        "--repeat",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["outputs"][0]["name"], "logits");
+    assert_eq!(summary["outputs"][0]["shape"], serde_json::json!([2, 4]));
+    assert_eq!(summary["inputs"][0]["declared"], "[batch,3,32,32]");
+    assert_eq!(summary["repeat"]["runs"], 3);
+    assert!(
+        summary["repeat"]["min_ms"].as_f64().unwrap()
+            <= summary["repeat"]["median_ms"].as_f64().unwrap()
+    );
+    for name in ["logits", "probs"] {
+        let got = edgevlm_runtime::npy::read(&tmp.path().join(format!("{name}.npy"))).unwrap();
+        let want = edgevlm_runtime::npy::read(&fx.join(format!("expected_{name}.npy"))).unwrap();
+        let (g, w) = (
+            edgevlm_runtime::values::<f32>(&got).unwrap(),
+            edgevlm_runtime::values::<f32>(&want).unwrap(),
+        );
+        assert!(
+            g.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-4),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn run_synthesizes_missing_inputs_from_the_seed_and_checks_given_ones() {
+    let model = models().join("fixtures/fp32/model.onnx");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |seed: &str, dir: &str| {
+        let d = tmp.path().join(dir);
+        let out = edgevlm(&[
+            "run",
+            "--onnx",
+            model.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--output-dir",
+            d.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        std::fs::read(d.join("logits.npy")).unwrap()
+    };
+    assert_eq!(run("7", "a"), run("7", "b"));
+    assert_ne!(run("7", "a"), run("8", "c"));
+
+    let wrong = tmp.path().join("wrong.npy");
+    edgevlm_runtime::npy::write(
+        &wrong,
+        &edgevlm_runtime::Tensor::zero::<f32>(&[1, 3, 8, 8]).unwrap(),
+    )
+    .unwrap();
+    let out = edgevlm(&[
+        "run",
+        "--onnx",
+        model.to_str().unwrap(),
+        "--input",
+        &format!("input={}", wrong.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr)
+            .contains("input `input`: expected f32 [batch,3,32,32], got f32 [1, 3, 8, 8]"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = edgevlm(&[
+        "run",
+        "--onnx",
+        model.to_str().unwrap(),
+        "--input",
+        "pixels=x.npy",
+    ]);
+    assert!(
+        text(&out.stderr).contains("the model has no input \"pixels\" (inputs: input)"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn help_documents_exit_codes() {
+    let out = edgevlm(&["--help"]);
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("Exit codes:") && help.contains("2  error"),
+        "{help}"
+    );
+}
