@@ -46,8 +46,7 @@ impl Cmd {
             threads: self.threads as usize,
             fix_qdq_softmax: !self.keep_qdq_softmax,
         };
-        let model = OnnxModel::load(&self.onnx, &options)
-            .context("loading the model")?;
+        let model = OnnxModel::load(&self.onnx, &options).context("loading the model")?;
         let mut given: Vec<Option<Tensor>> = vec![None; model.inputs().len()];
         let mut sources = vec!["seed".to_string(); model.inputs().len()];
         for arg in &self.inputs {
