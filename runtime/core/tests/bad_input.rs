@@ -74,6 +74,16 @@ fn sha256_mismatch_names_both_hashes() {
 }
 
 #[test]
+fn symlinked_graph_is_refused() {
+    let (tmp, pkg) = demo_copy();
+    let elsewhere = tmp.path().join("elsewhere.onnx");
+    std::fs::rename(pkg.join("model.onnx"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, pkg.join("model.onnx")).unwrap();
+    let e = classifier_err(&pkg);
+    assert!(e.contains("model.toml: field `graph.file`: model.onnx: not a regular file"), "{e}");
+}
+
+#[test]
 fn missing_graph_file() {
     let (_tmp, pkg) = demo_copy();
     std::fs::remove_file(pkg.join("model.onnx")).unwrap();

@@ -23,7 +23,7 @@ pub struct Cmd {
     /// An input tensor from a .npy file; repeat for several inputs.
     #[arg(long = "input", value_name = "NAME=FILE.npy")]
     inputs: Vec<String>,
-    /// Write every output to DIR/<output name>.npy (names sanitised to [A-Za-z0-9._-]).
+    /// Write every output to `DIR/<output name>.npy` (names sanitised to `[A-Za-z0-9._-]`).
     #[arg(long, value_name = "DIR")]
     output_dir: Option<PathBuf>,
     /// Threads for matrix products.
