@@ -25,11 +25,8 @@ if ! "$python" -c 'import onnxruntime, numpy' >/dev/null 2>&1; then
   "$python" -m pip install -q -r models/gen/requirements.txt
 fi
 
-# Reuse an existing binary rather than rebuilding: benchmarking whatever is
-# built keeps this script usable while someone else holds the cargo lock.
-if [ ! -x target/release/edgevlm ]; then
-  command -v cargo >/dev/null 2>&1 || { [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"; }
-  cargo build --release -j2 -p edgevlm
-fi
+# Always build: a no-op build takes a second, and a stale binary would measure old code.
+command -v cargo >/dev/null 2>&1 || { [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"; }
+cargo build --release -j2 -q -p edgevlm
 
 exec "$python" ci/bench_report.py --repeat "$repeat" --threads "$threads"

@@ -106,7 +106,7 @@ def bench_edgevlm(g: dict, repeat: int, threads: int) -> "tuple[dict | None, dic
         rep = raw["repeat"]
         if rep["runs"] != repeat:
             return raw, None, f"timed {rep['runs']} runs, asked for {repeat}"
-        return raw, {"median_ms": rep["median_ms"], "peak_rss_kb": raw["peak_rss_kb"], "load_ms": raw["load_ms"]}, None
+        return raw, {k: raw[k] for k in ("peak_rss_kb", "base_rss_kb", "load_ms")} | {"median_ms": rep["median_ms"]}, None
     except (KeyError, TypeError) as e:
         return raw, None, f"missing field {e} in output"
 
@@ -120,7 +120,7 @@ def bench_ort(g: dict, repeat: int, threads: int) -> "tuple[dict | None, dict | 
     if raw is None:
         return None, None, err
     try:
-        return raw, {k: raw[k] for k in ("median_ms", "peak_rss_kb", "load_ms")}, None
+        return raw, {k: raw[k] for k in ("median_ms", "peak_rss_kb", "base_rss_kb", "load_ms")}, None
     except KeyError as e:
         return raw, None, f"missing field {e} in output"
 
@@ -134,11 +134,18 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:160]
 
 
-def side_cells(m: "dict | None", err: "str | None") -> "tuple[str, str, str]":
-    """One runtime's median, peak RSS and load cells; a failure fills the first."""
+def model_kb(m: dict) -> int:
+    """Peak RSS growth from before the model was loaded: what the model and its runs cost,
+    without the Python interpreter that only the ORT side carries."""
+    return max(m["peak_rss_kb"] - m["base_rss_kb"], 1)
+
+
+def side_cells(m: "dict | None", err: "str | None") -> "tuple[str, str, str, str]":
+    """One runtime's median, peak RSS, model RSS and load cells; a failure fills the first."""
     if err is not None:
-        return f"ERROR: {cell(err)}", "", ""
-    return f"{m['median_ms']:.3f}", f"{m['peak_rss_kb'] / 1024:.1f}", f"{m['load_ms']:.1f}"
+        return f"ERROR: {cell(err)}", "", "", ""
+    return (f"{m['median_ms']:.3f}", f"{m['peak_rss_kb'] / 1024:.1f}", f"{model_kb(m) / 1024:.1f}",
+            f"{m['load_ms']:.1f}")
 
 
 def main() -> int:
@@ -175,27 +182,29 @@ def main() -> int:
             rows.append((g["name"], res["edgevlm"], res["onnxruntime"]))
 
     print("| graph | edgevlm median ms | ORT median ms | latency ratio | edgevlm peak RSS MiB "
-          "| ORT peak RSS MiB | RSS ratio | edgevlm load ms | ORT load ms |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+          "| ORT peak RSS MiB | edgevlm model RSS MiB | ORT model RSS MiB | model-RSS ratio "
+          "| edgevlm load ms | ORT load ms |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     lat, rss = [], []  # (ratio, graph) for graphs both runtimes completed
     for name, (e, e_err), (o, o_err) in rows:
         if e_err or o_err:
             ratios = ("-", "-")
         else:
             lr = e["median_ms"] / o["median_ms"]
-            rr = e["peak_rss_kb"] / o["peak_rss_kb"]
+            rr = model_kb(e) / model_kb(o)
             lat.append((lr, name))
             rss.append((rr, name))
             ratios = (f"{lr:.2f}", f"{rr:.2f}")
-        (e_med, e_rss, e_load), (o_med, o_rss, o_load) = side_cells(e, e_err), side_cells(o, o_err)
-        print(f"| {cell(name)} | {e_med} | {o_med} | {ratios[0]} | {e_rss} | {o_rss} | {ratios[1]} | {e_load} | {o_load} |")
+        (e_med, e_rss, e_model, e_load), (o_med, o_rss, o_model, o_load) = side_cells(e, e_err), side_cells(o, o_err)
+        print(f"| {cell(name)} | {e_med} | {o_med} | {ratios[0]} | {e_rss} | {o_rss} | {e_model} | {o_model} "
+              f"| {ratios[1]} | {e_load} | {o_load} |")
 
     print()
     if lat:
         # "Worst" is from edgevlm's point of view: the highest ratio.
         wl, ws = max(lat), max(rss)
         print(f"summary: {len(lat)} graphs, latency ratio geomean {geomean([r for r, _ in lat]):.2f} "
-              f"(worst {wl[0]:.2f} on {wl[1]}), peak-RSS ratio geomean {geomean([r for r, _ in rss]):.2f} "
+              f"(worst {wl[0]:.2f} on {wl[1]}), model-RSS ratio geomean {geomean([r for r, _ in rss]):.2f} "
               f"(worst {ws[0]:.2f} on {ws[1]}), threads {args.threads}")
     else:
         print(f"summary: 0 graphs, no graph completed in both runtimes, threads {args.threads}")

@@ -80,7 +80,10 @@ fn symlinked_graph_is_refused() {
     std::fs::rename(pkg.join("model.onnx"), &elsewhere).unwrap();
     std::os::unix::fs::symlink(&elsewhere, pkg.join("model.onnx")).unwrap();
     let e = classifier_err(&pkg);
-    assert!(e.contains("model.toml: field `graph.file`: model.onnx: not a regular file"), "{e}");
+    assert!(
+        e.contains("model.toml: field `graph.file`: model.onnx: not a regular file"),
+        "{e}"
+    );
 }
 
 #[test]

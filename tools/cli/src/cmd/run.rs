@@ -42,6 +42,8 @@ pub struct Cmd {
 
 impl Cmd {
     pub fn run(self) -> anyhow::Result<ExitCode> {
+        // Memory before the model exists, so benchmarks can report what the model costs.
+        let base = Memory::sample();
         let options = LoadOptions {
             threads: self.threads as usize,
             fix_qdq_softmax: !self.keep_qdq_softmax,
@@ -103,6 +105,7 @@ impl Cmd {
             })).collect::<Vec<_>>(),
             "first_run_ms": round(first_ms),
             "repeat": stats(&times),
+            "base_rss_kb": base.rss_kb,
             "rss_kb": memory.rss_kb,
             "peak_rss_kb": memory.peak_rss_kb,
         });
