@@ -9,7 +9,18 @@
 use std::time::Duration;
 
 pub use embedded_hal::delay::DelayNs;
-pub use embedded_hal::digital::OutputPin;
+pub use embedded_hal::digital::{InputPin, OutputPin};
+
+mod polled;
+pub use polled::{PinReadError, PolledTrigger};
+
+/// Now on `CLOCK_MONOTONIC`, the clock of every timestamp in this crate: GPIO edge events
+/// (kernel timestamps), V4L2 buffers and the simulator all use it, so "was this frame taken
+/// after the trigger?" is a plain comparison.
+pub fn monotonic_now() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
 
 /// Pixel format of a captured frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +52,7 @@ pub struct Frame {
     pub data: Vec<u8>,
     /// Frame counter of the camera, starting at 0.
     pub sequence: u64,
-    /// Capture time on the monotonic clock since the camera was opened.
+    /// Capture time on `CLOCK_MONOTONIC` (see [`monotonic_now`]).
     pub timestamp: Duration,
     /// Where the frame came from (device path, file name), for logs and NG image names.
     pub source: String,
@@ -79,8 +90,28 @@ pub trait Camera {
 pub struct TriggerEvent {
     /// Event counter, starting at 0.
     pub sequence: u64,
-    /// Edge time on the monotonic clock since the trigger was opened.
+    /// Edge time on `CLOCK_MONOTONIC` (see [`monotonic_now`]).
     pub timestamp: Duration,
+}
+
+/// Which input edge means "part present".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edge {
+    /// Low to high.
+    Rising,
+    /// High to low.
+    Falling,
+    /// Either.
+    Both,
+}
+
+/// Trigger input settings shared by every trigger implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TriggerConfig {
+    /// The edge that fires.
+    pub edge: Edge,
+    /// The new level must hold this long to count (contact bounce of switches and relays).
+    pub debounce: Duration,
 }
 
 /// A source of trigger events (a GPIO edge, a schedule, stdin).
@@ -112,12 +143,14 @@ pub enum PinMode {
     Pulse(Duration),
 }
 
-/// OK / NG / ERROR result pins, generic over embedded-hal output pins and delay.
+/// OK / NG / ERROR result pins and an optional BUSY pin, generic over embedded-hal output
+/// pins and delay.
 #[derive(Debug)]
 pub struct VerdictOutputs<P: OutputPin, D: DelayNs> {
     ok: P,
     ng: P,
     error: Option<P>,
+    busy: Option<P>,
     mode: PinMode,
     delay: D,
 }
@@ -140,9 +173,26 @@ impl<P: OutputPin, D: DelayNs> VerdictOutputs<P, D> {
             ok,
             ng,
             error,
+            busy: None,
             mode,
             delay,
         })
+    }
+
+    /// Adds a BUSY pin (high while a part is being judged; READY is its inverse in the PLC).
+    pub fn with_busy(mut self, mut busy: P) -> Result<Self, P::Error> {
+        busy.set_low()?;
+        self.busy = Some(busy);
+        Ok(self)
+    }
+
+    /// Drives the BUSY pin, if there is one.
+    pub fn set_busy(&mut self, busy: bool) -> Result<(), P::Error> {
+        match self.busy.as_mut() {
+            Some(pin) if busy => pin.set_high(),
+            Some(pin) => pin.set_low(),
+            None => Ok(()),
+        }
     }
 
     /// Drives the pins for one result. Without an ERROR pin, errors are signalled on NG, so a

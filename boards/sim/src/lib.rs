@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgevlm_board::{
-    Camera, CameraError, CameraErrorKind, DelayNs, Frame, PixelFormat, Trigger, TriggerEvent,
+    monotonic_now, Camera, CameraError, CameraErrorKind, DelayNs, Frame, PixelFormat, Trigger,
+    TriggerEvent,
 };
 use embedded_hal::digital::{ErrorType, OutputPin};
 
@@ -50,7 +51,6 @@ pub struct FolderCamera {
     dir: PathBuf,
     next: usize,
     sequence: u64,
-    opened: Instant,
 }
 
 impl FolderCamera {
@@ -60,7 +60,6 @@ impl FolderCamera {
             dir: dir.to_owned(),
             next: 0,
             sequence: 0,
-            opened: Instant::now(),
         };
         camera.list()?;
         Ok(camera)
@@ -109,7 +108,7 @@ impl Camera for FolderCamera {
             height: 0,
             data,
             sequence: self.sequence,
-            timestamp: self.opened.elapsed(),
+            timestamp: monotonic_now(),
             source: path
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
@@ -163,7 +162,7 @@ impl Trigger for ScheduleTrigger {
         }
         let event = TriggerEvent {
             sequence: self.next as u64,
-            timestamp: start.elapsed(),
+            timestamp: monotonic_now(),
         };
         self.next += 1;
         Ok(Some(event))
@@ -320,7 +319,7 @@ mod tests {
         let a = t.wait(Duration::from_secs(1)).unwrap().unwrap();
         let b = t.wait(Duration::from_secs(1)).unwrap().unwrap();
         assert_eq!((a.sequence, b.sequence), (0, 1));
-        assert!(b.timestamp >= Duration::from_millis(4));
+        assert!(b.timestamp >= a.timestamp + Duration::from_millis(2));
         assert_eq!(t.wait(Duration::from_millis(1)).unwrap(), None);
     }
 

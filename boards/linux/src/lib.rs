@@ -1,0 +1,1 @@
+//! edgevlm Linux board layer (work in progress).

@@ -1,0 +1,1 @@
+//! edgevlm board agent (work in progress).

@@ -1,0 +1,2 @@
+//! edgevlm wire protocol (work in progress).
+#![no_std]
