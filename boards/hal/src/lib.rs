@@ -121,6 +121,11 @@ pub trait Trigger {
     /// Waits up to `timeout` for the next event; `Ok(None)` on timeout, and at the end of a
     /// finite script.
     fn wait(&mut self, timeout: Duration) -> Result<Option<TriggerEvent>, Self::Error>;
+
+    /// True when no event will ever come again (the end of a script); hardware never ends.
+    fn is_exhausted(&self) -> bool {
+        false
+    }
 }
 
 /// What the outputs should signal.
@@ -152,6 +157,8 @@ pub struct VerdictOutputs<P: OutputPin, D: DelayNs> {
     error: Option<P>,
     busy: Option<P>,
     mode: PinMode,
+    /// The pin of a running pulse and when it ends.
+    pulse: Option<(Signal, Duration)>,
     delay: D,
 }
 
@@ -174,6 +181,7 @@ impl<P: OutputPin, D: DelayNs> VerdictOutputs<P, D> {
             ng,
             error,
             busy: None,
+            pulse: None,
             mode,
             delay,
         })
@@ -195,11 +203,26 @@ impl<P: OutputPin, D: DelayNs> VerdictOutputs<P, D> {
         }
     }
 
-    /// Drives the pins for one result. Without an ERROR pin, errors are signalled on NG, so a
-    /// part the station could not judge is never passed as good.
+    /// Drives the pins for one result and, in pulse mode, waits out the pulse (using the
+    /// delay). Without an ERROR pin, errors are signalled on NG, so a part the station could
+    /// not judge is never passed as good.
     pub fn signal(&mut self, signal: Signal) -> Result<(), P::Error> {
-        let has_error_pin = self.error.is_some();
-        let target = match (signal, has_error_pin) {
+        if let Some(width) = self.set(signal, monotonic_now())? {
+            self.delay
+                .delay_us(width.as_micros().min(u32::MAX as u128) as u32);
+            self.end_pulse()?;
+        }
+        Ok(())
+    }
+
+    /// Starts a result without blocking: in pulse mode the pin goes high and `poll` lowers it
+    /// once the width has passed; returns the pulse width. A pulse still running is finished
+    /// first (a PLC cannot tell two merged pulses apart), so call `poll` often enough.
+    pub fn set(&mut self, signal: Signal, now: Duration) -> Result<Option<Duration>, P::Error> {
+        if self.pulse.is_some() {
+            self.end_pulse()?;
+        }
+        let target = match (signal, self.error.is_some()) {
             (Signal::Ok, _) => Signal::Ok,
             (Signal::Ng, _) | (Signal::Error, false) => Signal::Ng,
             (Signal::Error, true) => Signal::Error,
@@ -213,11 +236,35 @@ impl<P: OutputPin, D: DelayNs> VerdictOutputs<P, D> {
                 }
             }
         }
-        let pin = self.pin(target).expect("target pin exists");
-        pin.set_high()?;
-        if let PinMode::Pulse(width) = self.mode {
-            self.delay
-                .delay_us(width.as_micros().min(u32::MAX as u128) as u32);
+        self.pin(target).expect("target pin exists").set_high()?;
+        match self.mode {
+            PinMode::Pulse(width) => {
+                self.pulse = Some((target, now + width));
+                Ok(Some(width))
+            }
+            PinMode::Level => Ok(None),
+        }
+    }
+
+    /// Ends a pulse whose width has passed at `now`; returns when the running pulse ends, if any.
+    pub fn poll(&mut self, now: Duration) -> Result<Option<Duration>, P::Error> {
+        match self.pulse {
+            Some((_, until)) if now >= until => {
+                self.end_pulse()?;
+                Ok(None)
+            }
+            Some((_, until)) => Ok(Some(until)),
+            None => Ok(None),
+        }
+    }
+
+    fn end_pulse(&mut self) -> Result<(), P::Error> {
+        if let Some((target, until)) = self.pulse.take() {
+            let now = monotonic_now();
+            if until > now {
+                self.delay
+                    .delay_us((until - now).as_micros().min(u32::MAX as u128) as u32);
+            }
             self.pin(target).expect("target pin exists").set_low()?;
         }
         Ok(())

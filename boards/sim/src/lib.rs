@@ -147,6 +147,10 @@ impl ScheduleTrigger {
 impl Trigger for ScheduleTrigger {
     type Error = std::convert::Infallible;
 
+    fn is_exhausted(&self) -> bool {
+        self.next >= self.at.len()
+    }
+
     fn wait(&mut self, timeout: Duration) -> Result<Option<TriggerEvent>, Self::Error> {
         let start = *self.start.get_or_insert_with(Instant::now);
         let Some(&due) = self.at.get(self.next) else {
@@ -315,12 +319,18 @@ mod tests {
 
     #[test]
     fn schedule_ends_after_last_event() {
+        let t0 = monotonic_now();
         let mut t = ScheduleTrigger::periodic(2, Duration::from_millis(2));
         let a = t.wait(Duration::from_secs(1)).unwrap().unwrap();
         let b = t.wait(Duration::from_secs(1)).unwrap().unwrap();
         assert_eq!((a.sequence, b.sequence), (0, 1));
-        assert!(b.timestamp >= a.timestamp + Duration::from_millis(2));
+        // Offsets count from the first wait, which starts after t0.
+        assert!(
+            a.timestamp >= t0 + Duration::from_millis(2)
+                && b.timestamp >= t0 + Duration::from_millis(4)
+        );
         assert_eq!(t.wait(Duration::from_millis(1)).unwrap(), None);
+        assert!(t.is_exhausted());
     }
 
     #[test]
