@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in build-essential pkg-config ca-certificates curl python3 python3-venv; do
+# libclang-dev: the v4l crate generates its V4L2 bindings with bindgen at build time.
+for pkg in build-essential pkg-config ca-certificates curl python3 python3-venv libclang-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -83,6 +83,12 @@ pub trait Camera {
     type Error: CameraError;
     /// Captures a frame taken after this call started (stale buffered frames are dropped).
     fn capture(&mut self) -> Result<Frame, Self::Error>;
+
+    /// Tries to bring a failed camera back (reopen the device). Called by the agent between
+    /// capture retries after a `Disconnected` error; the default does nothing.
+    fn recover(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// A part-present event.

@@ -38,7 +38,8 @@ pub enum Error {
         /// What is unsupported and what to do about it.
         message: String,
     },
-    /// A `model.toml` field is missing, unknown, mistyped or has an invalid value.
+    /// A field of a TOML file (`model.toml`, the agent config) is missing, unknown, mistyped or
+    /// has an invalid value.
     #[error("{path}: field `{field}`: {message}")]
     Manifest {
         /// The manifest file.
@@ -115,7 +116,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn manifest(
+    /// A [`Error::Manifest`] error for `field` of the TOML file at `path`.
+    pub fn manifest(
         path: impl Into<PathBuf>,
         field: impl Into<String>,
         message: impl Into<String>,

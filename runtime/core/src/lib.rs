@@ -23,7 +23,7 @@ pub mod trace;
 
 pub use classify::{ClassScore, Verdict};
 pub use error::{Error, Result};
-pub use manifest::Manifest;
+pub use manifest::{parse_toml, Manifest};
 pub use onnx::{Dim, LoadOptions, OnnxModel, TensorSpec, TRACT_VERSION};
 pub use package::ModelPackage;
 pub use pipeline::{Classifier, Inspection};

@@ -243,40 +243,7 @@ impl Manifest {
 
     /// Parses and validates manifest text; `path` is used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Manifest> {
-        let de = toml::Deserializer::new(text);
-        let manifest: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
-            let parent = e.path().to_string();
-            let inner = e.inner();
-            let message = inner.message().to_string();
-            let line = inner
-                .span()
-                .map(|s| 1 + text[..s.start.min(text.len())].matches('\n').count());
-            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
-            // serde reports a missing field at its parent table: name the field itself.
-            let field_of = |msg: &str| msg.split('`').nth(1).map(str::to_string);
-            if let Some(missing) = message.strip_prefix("missing field ").and_then(field_of) {
-                let field = if parent == "." {
-                    missing
-                } else {
-                    format!("{parent}.{missing}")
-                };
-                return Error::manifest(path, field, format!("required field is missing{at}"));
-            }
-            if let Some(unknown) = message.strip_prefix("unknown field ").and_then(field_of) {
-                // serde_path_to_error's path already ends at the unknown key.
-                let field = if parent == "." { unknown } else { parent };
-                let expected = message
-                    .split_once(", expected ")
-                    .map(|(_, x)| x)
-                    .unwrap_or("");
-                return Error::manifest(
-                    path,
-                    field,
-                    format!("unknown field{at}; expected {expected}"),
-                );
-            }
-            Error::manifest(path, parent, format!("{message}{at}"))
-        })?;
+        let manifest: Manifest = parse_toml(text, path)?;
         manifest.validate(path)?;
         Ok(manifest)
     }
@@ -426,6 +393,46 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Deserializes TOML text into `T`, turning serde's errors into [`Error::Manifest`] errors that
+/// name the file, the dotted field and the line: used for every TOML file edgevlm reads
+/// (package manifests, the agent config).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let parent = e.path().to_string();
+        let inner = e.inner();
+        let message = inner.message().to_string();
+        let line = inner
+            .span()
+            .map(|s| 1 + text[..s.start.min(text.len())].matches('\n').count());
+        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+        let field_of = |msg: &str| msg.split('`').nth(1).map(str::to_string);
+        if let Some(missing) = message.strip_prefix("missing field ").and_then(field_of) {
+            // serde reports a missing field at its parent table: name the field itself.
+            let field = if parent == "." {
+                missing
+            } else {
+                format!("{parent}.{missing}")
+            };
+            return Error::manifest(path, field, format!("required field is missing{at}"));
+        }
+        if let Some(unknown) = message.strip_prefix("unknown field ").and_then(field_of) {
+            // serde_path_to_error's path already ends at the unknown key.
+            let field = if parent == "." { unknown } else { parent };
+            let expected = message
+                .split_once(", expected ")
+                .map(|(_, x)| x)
+                .unwrap_or("");
+            return Error::manifest(
+                path,
+                field,
+                format!("unknown field{at}; expected {expected}"),
+            );
+        }
+        Error::manifest(path, parent, format!("{message}{at}"))
+    })
 }
 
 #[cfg(test)]

@@ -179,6 +179,16 @@ pub fn frame_to_rgb(frame: &Frame, name: &str) -> Result<RgbImage> {
     })
 }
 
+/// Encodes an image as PNG (NG images saved from raw camera frames).
+pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_raw(img.width, img.height, img.data.clone())
+        .ok_or_else(|| image_err("png", "buffer smaller than width x height x 3"))?
+        .write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| image_err("png", e.to_string()))?;
+    Ok(out.into_inner())
+}
+
 /// BT.601 limited-range YCbCr to RGB, the V4L2 default for YUYV / NV12 webcams.
 fn yuv_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
     let c = (y as i32 - 16).max(0) * 298;

@@ -1,0 +1,97 @@
+//! A station on the simulated board, built from an agent config: the embedded default.
+
+use std::time::Duration;
+
+use edgevlm_board::{PinMode, VerdictOutputs};
+use edgevlm_board_sim::{FolderCamera, PinRecorder, RecordedPin, ScheduleTrigger, ThreadDelay};
+use edgevlm_runtime::{Classifier, LoadOptions};
+
+use crate::config::{AgentConfig, BoardKind, OnError, OutputMode};
+use crate::ngstore::NgStore;
+use crate::station::{Station, StationSettings};
+
+/// Errors while setting up a station.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The model package could not be loaded.
+    #[error("loading model package {package}")]
+    Model {
+        /// The package directory.
+        package: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: edgevlm_runtime::Error,
+    },
+    /// A device could not be opened.
+    #[error("{0}")]
+    Device(String),
+}
+
+/// The simulated station, its scripted trigger and the recorder of its pins.
+pub type SimStation = (
+    Station<FolderCamera, RecordedPin, ThreadDelay>,
+    ScheduleTrigger,
+    PinRecorder,
+);
+
+/// Loop settings from a config.
+pub fn settings(config: &AgentConfig) -> StationSettings {
+    StationSettings {
+        queue_capacity: config.queue.capacity,
+        when_full: config.queue.when_full,
+        camera_retries: config.camera.retries,
+        backoff: Duration::from_millis(config.camera.backoff_ms),
+        ..StationSettings::default()
+    }
+}
+
+/// Pin mode from a config.
+pub fn pin_mode(config: &AgentConfig) -> PinMode {
+    match config.outputs.mode {
+        OutputMode::Pulse => PinMode::Pulse(Duration::from_millis(config.outputs.pulse_ms)),
+        OutputMode::Level => PinMode::Level,
+    }
+}
+
+/// Builds the simulated station a config describes (`board.kind = "sim"`). Pins are named
+/// `ok`, `ng`, `error` (with `on_error = "error-pin"`) and `busy`.
+pub fn build(config: &AgentConfig) -> Result<SimStation, SetupError> {
+    let sim = match (config.board.kind, &config.sim) {
+        (BoardKind::Sim, Some(sim)) => sim,
+        _ => {
+            return Err(SetupError::Device(
+                "the simulated board needs board.kind = \"sim\" and a [sim] section".into(),
+            ))
+        }
+    };
+    let options = LoadOptions {
+        threads: config.model.threads,
+        ..Default::default()
+    };
+    let classifier =
+        Classifier::load(&config.model.package, &options).map_err(|source| SetupError::Model {
+            package: config.model.package.clone(),
+            source,
+        })?;
+    let camera = FolderCamera::open(&sim.images).map_err(|e| SetupError::Device(e.to_string()))?;
+    let recorder = PinRecorder::default();
+    let error_pin = (config.outputs.on_error == OnError::ErrorPin).then(|| recorder.pin("error"));
+    let outputs = VerdictOutputs::new(
+        recorder.pin("ok"),
+        recorder.pin("ng"),
+        error_pin,
+        pin_mode(config),
+        ThreadDelay,
+    )
+    .and_then(|o| o.with_busy(recorder.pin("busy")))
+    .unwrap_or_else(|never| match never {});
+    let mut station = Station::new(camera, outputs, classifier, settings(config));
+    if let Some(ng) = &config.ng_images {
+        let store = NgStore::open(&ng.dir, ng.keep).map_err(|e| {
+            SetupError::Device(format!("NG image folder {}: {e}", ng.dir.display()))
+        })?;
+        station = station.with_ng_store(store);
+    }
+    let trigger = ScheduleTrigger::periodic(sim.triggers, Duration::from_millis(sim.period_ms));
+    Ok((station, trigger, recorder))
+}
