@@ -18,6 +18,10 @@ step "clippy"
 cargo clippy --release --workspace --all-targets -j"$jobs" -- -D warnings
 step "tests"
 cargo test --release --workspace -j"$jobs" 2>&1 | tee target/test-output.txt
+step "edgevlm-proto is no_std (thumbv7em-none-eabihf, with and without defmt)"
+rustup target list --installed | grep -qx thumbv7em-none-eabihf || rustup target add thumbv7em-none-eabihf
+cargo build --release -j"$jobs" -p edgevlm-proto --no-default-features --target thumbv7em-none-eabihf
+cargo build --release -j"$jobs" -p edgevlm-proto --no-default-features --features defmt --target thumbv7em-none-eabihf
 step "doc tests and docs"
 RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps -j"$jobs" -q
 step "done"
