@@ -100,6 +100,16 @@ pub struct TriggerEvent {
     pub timestamp: Duration,
 }
 
+/// A delay that sleeps the calling thread (boards with an OS).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ThreadDelay;
+
+impl DelayNs for ThreadDelay {
+    fn delay_ns(&mut self, ns: u32) {
+        std::thread::sleep(Duration::from_nanos(ns as u64));
+    }
+}
+
 /// Which input edge means "part present".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Edge {

@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edgevlm_board::{
-    monotonic_now, Camera, CameraError, CameraErrorKind, DelayNs, Frame, PixelFormat, Trigger,
-    TriggerEvent,
+    monotonic_now, Camera, CameraError, CameraErrorKind, Frame, PixelFormat, Trigger, TriggerEvent,
 };
 use embedded_hal::digital::{ErrorType, OutputPin};
 
@@ -271,15 +270,8 @@ impl OutputPin for RecordedPin {
     }
 }
 
-/// A delay that sleeps the thread (pulse widths on the simulator are real time).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ThreadDelay;
-
-impl DelayNs for ThreadDelay {
-    fn delay_ns(&mut self, ns: u32) {
-        std::thread::sleep(Duration::from_nanos(ns as u64));
-    }
-}
+/// Pulse widths on the simulator are real time.
+pub use edgevlm_board::ThreadDelay;
 
 #[cfg(test)]
 mod tests {

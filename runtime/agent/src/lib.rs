@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod linux;
 pub mod ngstore;
 pub mod notify;
 pub mod sim;

@@ -253,3 +253,129 @@ fn help_documents_exit_codes() {
         "{help}"
     );
 }
+
+#[test]
+fn inspect_on_the_simulated_board_reports_pins_and_latency() {
+    let demo = models().join("demo");
+    let out = edgevlm(&[
+        "inspect",
+        "--board",
+        "sim",
+        "--model",
+        demo.to_str().unwrap(),
+        demo.join("samples").to_str().unwrap(),
+        "--triggers",
+        "14",
+        "--period-ms",
+        "20",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let parts: Vec<&str> = stdout.lines().filter(|l| l.starts_with('#')).collect();
+    assert_eq!(parts.len(), 14, "{stdout}");
+    assert!(
+        parts[0].starts_with("#0000 NG  missing_hole_01.png") && parts[0].contains("trigger->pin "),
+        "{}",
+        parts[0]
+    );
+    // 14 triggers over 12 images: wraps to missing_hole_01 and _02 again.
+    let summary = stdout.lines().last().unwrap();
+    assert!(
+        summary.starts_with(
+            "14 triggers: 14 judged (4 OK, 10 NG, 0 ERROR), 0 dropped | trigger->pin p50 "
+        ),
+        "{summary}"
+    );
+    assert!(summary.ends_with("pulses ok 4 ng 10 error 0"), "{summary}");
+
+    let out = edgevlm(&[
+        "inspect",
+        "--board",
+        "sim",
+        "--json",
+        "--model",
+        demo.to_str().unwrap(),
+        demo.join("samples").to_str().unwrap(),
+    ]);
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = &rows.last().unwrap()["summary"];
+    assert_eq!(
+        (summary["processed"].as_u64(), summary["dropped"].as_u64()),
+        (Some(12), Some(0))
+    );
+    assert!(rows[0]["latency_us"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn agent_drains_on_sigterm_and_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("agent.toml");
+    let demo = models().join("demo");
+    std::fs::write(
+        &config,
+        format!(
+            "[board]\nkind = \"sim\"\n[model]\npackage = {:?}\n[sim]\nimages = {:?}\ntriggers = 100000\nperiod_ms = 5\n[outputs]\npulse_ms = 2\n[ng_images]\ndir = \"ng\"\nkeep = 5\n",
+            demo.display().to_string(),
+            demo.join("samples").display().to_string()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_edgevlm"))
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .next()
+            .unwrap()
+            .starts_with("event=start board=sim"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("event=part seq=0 verdict=NG"), "{stderr}");
+    let summary = stderr.lines().last().unwrap();
+    assert!(summary.starts_with("event=summary triggers="), "{summary}");
+    let field = |k: &str| {
+        summary
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(field("triggers") > 10, "{summary}");
+    assert_eq!(
+        field("judged") + field("dropped"),
+        field("triggers"),
+        "{summary}"
+    );
+    // NG frames were saved and rotated to the newest 5.
+    assert_eq!(std::fs::read_dir(tmp.path().join("ng")).unwrap().count(), 5);
+}
+
+#[test]
+fn agent_config_errors_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(&config, "[board]\nkind = \"sim\"\n[model]\npackage = \"x\"\n[sim]\nimages = \"y\"\ntriggers = 1\nperiod_ms = 0\n").unwrap();
+    let out = edgevlm(&["agent", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("agent.toml: field `sim.period_ms`: expected at least 1"),
+        "{}",
+        text(&out.stderr)
+    );
+}

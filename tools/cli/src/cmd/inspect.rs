@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use edgevlm_agent::config::{BoardKind, BoardSection, ModelSection, OutputsSection, SimSection};
+use edgevlm_agent::{sim, AgentConfig, Event, Report};
+use edgevlm_board::Signal;
 use edgevlm_runtime::{Classifier, Inspection, LoadOptions, Memory, Stage, Verdict};
 use serde_json::json;
 
@@ -30,6 +33,17 @@ pub struct Cmd {
     /// Exit with code 1 when any part is NG.
     #[arg(long)]
     fail_on_ng: bool,
+    /// Run the whole station loop on a simulated board instead: PATH is the camera's image
+    /// folder, scripted triggers fire every --period-ms, verdicts go to recorded pins, and
+    /// trigger-to-output latency is reported.
+    #[arg(long, value_name = "BOARD", value_parser = ["sim"])]
+    board: Option<String>,
+    /// With --board sim: number of triggers (default: one per image).
+    #[arg(long, value_name = "N", requires = "board")]
+    triggers: Option<usize>,
+    /// With --board sim: milliseconds between triggers.
+    #[arg(long, value_name = "MS", default_value_t = 50, requires = "board")]
+    period_ms: u64,
 }
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
@@ -77,6 +91,9 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 impl Cmd {
     pub fn run(self) -> anyhow::Result<ExitCode> {
+        if self.board.is_some() {
+            return self.run_station();
+        }
         let images = collect_images(&self.paths)?;
         let options = LoadOptions {
             threads: self.threads as usize,
@@ -161,6 +178,110 @@ impl Cmd {
         })
     }
 
+    fn run_station(&self) -> anyhow::Result<ExitCode> {
+        let [folder] = self.paths.as_slice() else {
+            anyhow::bail!(
+                "--board sim takes one image folder (the simulated camera), got {} paths",
+                self.paths.len()
+            );
+        };
+        let triggers = match self.triggers {
+            Some(n) => n,
+            None => collect_images(std::slice::from_ref(folder))?.len(),
+        };
+        let config = AgentConfig {
+            board: BoardSection {
+                kind: BoardKind::Sim,
+                profile: None,
+            },
+            model: ModelSection {
+                package: self.model.clone(),
+                threads: self.threads as usize,
+            },
+            sim: Some(SimSection {
+                images: folder.clone(),
+                triggers,
+                period_ms: self.period_ms.max(1),
+            }),
+            outputs: OutputsSection {
+                pulse_ms: 10,
+                ..Default::default()
+            },
+            queue: Default::default(),
+            camera: Default::default(),
+            ng_images: None,
+        };
+        let (station, trigger, pins) = sim::build(&config).with_context(|| {
+            format!(
+                "setting up the simulated board with {}",
+                self.model.display()
+            )
+        })?;
+        let mut out = std::io::stdout().lock();
+        let mut failed = Ok(());
+        let report = station.run(trigger, |e| {
+            let line = match e {
+                Event::Part(p) if self.json => serde_json::to_string(p).unwrap_or_default(),
+                Event::Part(p) => {
+                    let signal = match p.signal {
+                        Signal::Ok => "OK",
+                        Signal::Ng => "NG",
+                        Signal::Error => "ERR",
+                    };
+                    let top = match (&p.label, p.probability) {
+                        (Some(l), Some(prob)) => format!("{l} {prob:.3}"),
+                        _ => p.error.clone().unwrap_or_default(),
+                    };
+                    format!(
+                        "#{:04} {signal:<3} {:<24} {top:<22} trigger->pin {:.2} ms (queued {:.2} ms)",
+                        p.sequence,
+                        p.source,
+                        p.latency_us as f64 / 1000.0,
+                        p.queue_us as f64 / 1000.0
+                    )
+                }
+                Event::Dropped { new, total } => format!("dropped {new} triggers (queue full, {total} in all)"),
+                other => format!("{other:?}"),
+            };
+            if failed.is_ok() {
+                failed = writeln!(out, "{line}");
+            }
+        });
+        failed?;
+        let pulses = |pin: &str| pins.pulses(pin).len();
+        if self.json {
+            writeln!(
+                out,
+                "{}",
+                json!({ "summary": report_json(&report), "pulses": {
+                    "ok": pulses("ok"), "ng": pulses("ng"), "error": pulses("error") } })
+            )?;
+        } else {
+            writeln!(
+                out,
+                "{} triggers: {} judged ({} OK, {} NG, {} ERROR), {} dropped | trigger->pin p50 {:.2} ms p99 {:.2} ms | pulses ok {} ng {} error {}",
+                report.triggers,
+                report.processed,
+                report.ok,
+                report.ng,
+                report.errors,
+                report.dropped,
+                report.latency_ms(50.0),
+                report.latency_ms(99.0),
+                pulses("ok"),
+                pulses("ng"),
+                pulses("error")
+            )?;
+        }
+        Ok(if report.errors > 0 {
+            ExitCode::from(EXIT_ERROR)
+        } else if self.fail_on_ng && report.ng > 0 {
+            ExitCode::from(EXIT_CHECK_FAILED)
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
     fn print_result(
         &self,
         out: &mut impl Write,
@@ -189,4 +310,14 @@ impl Cmd {
             r.reason.as_ref().map(|w| format!("  ({w})")).unwrap_or_default()
         )
     }
+}
+
+fn report_json(r: &Report) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("latencies_us");
+        m.insert("latency_p50_ms".into(), r.latency_ms(50.0).into());
+        m.insert("latency_p99_ms".into(), r.latency_ms(99.0).into());
+    }
+    v
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod inspect;
 mod run;
 
@@ -32,6 +33,7 @@ pub struct Cli {
 enum Command {
     Run(run::Cmd),
     Inspect(inspect::Cmd),
+    Agent(agent::Cmd),
 }
 
 /// Runs the chosen subcommand.
@@ -39,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(cmd) => cmd.run(),
         Command::Inspect(cmd) => cmd.run(),
+        Command::Agent(cmd) => cmd.run(),
     }
 }
 

@@ -1,0 +1,160 @@
+//! `edgevlm agent`: the board daemon. Runs the inspection loop a config describes until
+//! SIGTERM / SIGINT, then finishes the queued parts and exits 0.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use edgevlm_agent::config::BoardKind;
+use edgevlm_agent::{linux, sim, AgentConfig, Event, Report};
+use edgevlm_board::Signal;
+
+/// Run the inspection agent: trigger -> fresh frame -> verdict -> output pins.
+///
+/// Logs one line per part and per incident on stderr (logfmt; journald priorities under
+/// systemd), and a summary at the end. See runtime/agent/dist/ for the systemd unit.
+#[derive(Debug, clap::Args)]
+pub struct Cmd {
+    /// The agent config.
+    #[arg(long, value_name = "FILE", default_value = "/etc/edgevlm/agent.toml")]
+    config: PathBuf,
+}
+
+impl Cmd {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let config = AgentConfig::load(&self.config)?;
+        let log = Logger::new();
+        let report = match config.board.kind {
+            BoardKind::Sim => {
+                let (station, trigger, _pins) =
+                    sim::build(&config).context("setting up the simulated board")?;
+                stop_on_signals(&station.handle())?;
+                log.info(&format!(
+                    "event=start board=sim model={}",
+                    config.model.package.display()
+                ));
+                station.run(trigger, |e| log.event(e))
+            }
+            BoardKind::Linux => {
+                let (station, trigger, profile) =
+                    linux::build(&config).context("setting up the board")?;
+                stop_on_signals(&station.handle())?;
+                log.info(&format!(
+                    "event=start board={} model={}",
+                    profile.name,
+                    config.model.package.display()
+                ));
+                station.run(trigger, |e| log.event(e))
+            }
+        };
+        log.info(&summary(&report));
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn stop_on_signals(handle: &edgevlm_agent::StationHandle) -> anyhow::Result<()> {
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, handle.stop_flag())
+            .context("installing signal handlers")?;
+    }
+    Ok(())
+}
+
+/// The end-of-run line shared with `inspect --board sim`.
+pub fn summary(r: &Report) -> String {
+    format!(
+        "event=summary triggers={} judged={} ok={} ng={} error={} dropped={} capture_retries={} model_switches={} latency_p50_ms={:.2} latency_p99_ms={:.2}",
+        r.triggers,
+        r.processed,
+        r.ok,
+        r.ng,
+        r.errors,
+        r.dropped,
+        r.capture_retries,
+        r.model_switches,
+        r.latency_ms(50.0),
+        r.latency_ms(99.0)
+    )
+}
+
+/// logfmt lines on stderr; under systemd (JOURNAL_STREAM set) each line starts with a
+/// `<N>` syslog priority, which journald turns into the entry's level.
+struct Logger {
+    journald: bool,
+}
+
+impl Logger {
+    fn new() -> Logger {
+        Logger {
+            journald: std::env::var_os("JOURNAL_STREAM").is_some(),
+        }
+    }
+
+    fn line(&self, priority: u8, text: &str) {
+        let prefix = if self.journald {
+            format!("<{priority}>")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(std::io::stderr().lock(), "{prefix}{text}");
+    }
+
+    fn info(&self, text: &str) {
+        self.line(6, text);
+    }
+
+    fn event(&self, e: &Event) {
+        match e {
+            Event::Part(p) => {
+                let signal = match p.signal {
+                    Signal::Ok => "OK",
+                    Signal::Ng => "NG",
+                    Signal::Error => "ERROR",
+                };
+                let mut text = format!(
+                    "event=part seq={} verdict={signal} latency_ms={:.2} queue_ms={:.2} attempts={} source={:?}",
+                    p.sequence,
+                    p.latency_us as f64 / 1000.0,
+                    p.queue_us as f64 / 1000.0,
+                    p.capture_attempts,
+                    p.source
+                );
+                if let (Some(label), Some(prob)) = (&p.label, p.probability) {
+                    text.push_str(&format!(" label={label} p={prob:.3}"));
+                }
+                if let Some(reason) = &p.reason {
+                    text.push_str(&format!(" reason={reason:?}"));
+                }
+                if let Some(error) = &p.error {
+                    text.push_str(&format!(" error={error:?}"));
+                }
+                if let Some(saved) = &p.saved {
+                    text.push_str(&format!(" saved={:?}", saved.display().to_string()));
+                }
+                if let Some(e) = &p.save_error {
+                    text.push_str(&format!(" save_error={e:?}"));
+                }
+                self.line(if p.signal == Signal::Error { 3 } else { 6 }, &text);
+            }
+            Event::Dropped { new, total } => self.line(
+                4,
+                &format!("event=dropped new={new} total={total} reason=\"queue full\""),
+            ),
+            Event::TriggerFailed(e) => self.line(3, &format!("event=trigger_failed error={e:?}")),
+            Event::ModelSwitched { name, version } => self.line(
+                5,
+                &format!("event=model_switched name={name} version={version}"),
+            ),
+            Event::ModelRejected { package, error } => self.line(
+                3,
+                &format!(
+                    "event=model_rejected package={:?} error={error:?}",
+                    package.display().to_string()
+                ),
+            ),
+            Event::Draining { queued } => self.line(5, &format!("event=draining queued={queued}")),
+            Event::OutputFailed(e) => self.line(3, &format!("event=output_failed error={e:?}")),
+        }
+    }
+}
