@@ -379,3 +379,78 @@ fn agent_config_errors_name_the_key() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn agent_switches_models_on_sighup_and_keeps_the_old_one_when_the_new_is_bad() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = models().join("demo");
+    let v2 = tmp.path().join("v2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::copy(demo.join("model.onnx"), v2.join("model.onnx")).unwrap();
+    let manifest = std::fs::read_to_string(demo.join("model.toml")).unwrap();
+    std::fs::write(
+        v2.join("model.toml"),
+        manifest.replacen("version = \"1.0.0\"", "version = \"2.0.0\"", 1),
+    )
+    .unwrap();
+    let config = tmp.path().join("agent.toml");
+    let write_config = |package: &std::path::Path| {
+        std::fs::write(
+            &config,
+            format!(
+                "[board]\nkind = \"sim\"\n[model]\npackage = {:?}\n[sim]\nimages = {:?}\ntriggers = 100000\nperiod_ms = 10\n[outputs]\npulse_ms = 2\n",
+                package.display().to_string(),
+                demo.join("samples").display().to_string()
+            ),
+        )
+        .unwrap()
+    };
+    write_config(&demo);
+    let child = Command::new(env!("CARGO_BIN_EXE_edgevlm"))
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let signal = |sig: &str| {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        assert!(Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    signal("-CONT"); // a pause: the agent reads the config at start-up
+    write_config(&tmp.path().join("missing-package"));
+    signal("-HUP");
+    signal("-CONT"); // just a pause: let the failed load be reported before rewriting the config
+    write_config(&v2);
+    signal("-HUP");
+    signal("-TERM");
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let rejected = stderr.find("event=model_rejected").expect(&stderr);
+    let switched = stderr
+        .find("event=model_switched name=demo-parts version=2.0.0")
+        .expect(&stderr);
+    assert!(rejected < switched);
+    assert!(
+        stderr[rejected..]
+            .lines()
+            .next()
+            .unwrap()
+            .contains("missing-package"),
+        "{stderr}"
+    );
+    // Parts kept flowing between and after the reloads; nothing was dropped.
+    assert!(
+        stderr[rejected..switched].contains("event=part"),
+        "{stderr}"
+    );
+    assert!(stderr[switched..].contains("event=part"), "{stderr}");
+    let summary = stderr.lines().last().unwrap();
+    assert!(
+        summary.contains(" dropped=0 ") && summary.contains(" model_switches=1 "),
+        "{summary}"
+    );
+}

@@ -29,7 +29,7 @@ impl Cmd {
             BoardKind::Sim => {
                 let (station, trigger, _pins) =
                     sim::build(&config).context("setting up the simulated board")?;
-                stop_on_signals(&station.handle())?;
+                handle_signals(&station.handle(), &self.config, &log)?;
                 log.info(&format!(
                     "event=start board=sim model={}",
                     config.model.package.display()
@@ -39,7 +39,7 @@ impl Cmd {
             BoardKind::Linux => {
                 let (station, trigger, profile) =
                     linux::build(&config).context("setting up the board")?;
-                stop_on_signals(&station.handle())?;
+                handle_signals(&station.handle(), &self.config, &log)?;
                 log.info(&format!(
                     "event=start board={} model={}",
                     profile.name,
@@ -53,11 +53,55 @@ impl Cmd {
     }
 }
 
-fn stop_on_signals(handle: &edgevlm_agent::StationHandle) -> anyhow::Result<()> {
+/// SIGTERM / SIGINT drain and stop; SIGHUP re-reads the config and loads the model package it
+/// names beside the running one (the swap happens between two parts; a package that fails to
+/// load is logged and the running model stays).
+fn handle_signals(
+    handle: &edgevlm_agent::StationHandle,
+    config: &std::path::Path,
+    log: &Logger,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, handle.stop_flag())
             .context("installing signal handlers")?;
     }
+    let hup = std::sync::Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .context("installing signal handlers")?;
+    let (handle, config, log) = (
+        handle.clone(),
+        config.to_owned(),
+        Logger {
+            journald: log.journald,
+        },
+    );
+    std::thread::spawn(move || {
+        let stop = handle.stop_flag();
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if !hup.swap(false, Ordering::SeqCst) {
+                continue;
+            }
+            match AgentConfig::load(&config) {
+                Ok(c) => {
+                    log.info(&format!(
+                        "event=reload model={:?}",
+                        c.model.package.display().to_string()
+                    ));
+                    let options = edgevlm_runtime::LoadOptions {
+                        threads: c.model.threads,
+                        ..Default::default()
+                    };
+                    handle.load_model(c.model.package, options);
+                }
+                Err(e) => {
+                    let error = format!("{:#}", anyhow::Error::from(e));
+                    log.line(3, &format!("event=reload_failed error={error:?}"));
+                }
+            }
+        }
+    });
     Ok(())
 }
 
