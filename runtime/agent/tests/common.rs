@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use edgevlm_agent::{AgentConfig, Event, PartRecord};
 
+/// The repository's `models/` folder.
 pub fn models() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models")
 }
