@@ -191,22 +191,25 @@ fn a_model_switch_loses_no_trigger_and_a_bad_package_keeps_the_old_model() {
     // A second package: the demo with another version; and a broken one (bad checksum).
     let v2 = tmp.path().join("v2");
     let broken = tmp.path().join("broken");
-    for (dir, edit) in [
-        (&v2, ("version = \"1.0.0\"", "version = \"2.0.0\"")),
-        (&broken, ("sha256 = \"", "sha256 = \"0")),
-    ] {
+    let manifest = std::fs::read_to_string(common::models().join("demo/model.toml")).unwrap();
+    let sha_line = manifest.lines().find(|l| l.starts_with("sha256")).unwrap();
+    let manifests = [
+        (
+            &v2,
+            manifest.replacen("version = \"1.0.0\"", "version = \"2.0.0\"", 1),
+        ),
+        (
+            &broken,
+            manifest.replacen(sha_line, &format!("sha256 = \"{}\"", "1".repeat(64)), 1),
+        ),
+    ];
+    for (dir, text) in manifests {
         std::fs::create_dir_all(dir).unwrap();
-        for f in ["model.onnx", "model.toml"] {
-            std::fs::copy(common::models().join("demo").join(f), dir.join(f)).unwrap();
-        }
-        let text = std::fs::read_to_string(dir.join("model.toml"))
-            .unwrap()
-            .replacen(edit.0, edit.1, 1);
-        let text = if dir == &broken {
-            text.replacen("sha256 = \"0", "sha256 = \"", 1).replace("\"\n\n[input]", "\"\n\n[input]").replacen("role = \"main\"\nfile = \"model.onnx\"\nsha256 = \"", "role = \"main\"\nfile = \"model.onnx\"\nsha256 = \"1111111111111111111111111111111111111111111111111111111111111111\"\n#", 1)
-        } else {
-            text
-        };
+        std::fs::copy(
+            common::models().join("demo/model.onnx"),
+            dir.join("model.onnx"),
+        )
+        .unwrap();
         std::fs::write(dir.join("model.toml"), text).unwrap();
     }
     let loader = std::thread::spawn(move || {
