@@ -75,13 +75,13 @@ fn trigger_storm_is_bounded_counted_and_flat_in_memory() {
     let storm = |name: &str| {
         let dir = tmp.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        // 1,000 triggers in one second, queue of 4.
+        // 1,000 triggers in one second, queue of 4; 5 ms pulses cap the worker at 200 parts/s.
         let cfg = common::config(
             &dir,
             &samples,
             1000,
             1,
-            "[outputs]\npulse_ms = 1\n\n[queue]\ncapacity = 4\n",
+            "[outputs]\npulse_ms = 5\n\n[queue]\ncapacity = 4\n",
         );
         let (station, trigger, pins) = sim::build(&cfg).unwrap();
         let mut drops_reported = 0;
@@ -271,7 +271,7 @@ fn stop_drains_the_queued_triggers() {
         &samples,
         200,
         2,
-        "[outputs]\npulse_ms = 20\n\n[queue]\ncapacity = 100\n",
+        "[outputs]\npulse_ms = 20\n\n[queue]\ncapacity = 1000\n",
     );
     let (station, trigger, _pins) = sim::build(&cfg).unwrap();
     let handle = station.handle();
