@@ -6,8 +6,7 @@ use edgevlm_board_linux::{BoardProfile, CdevOutput, CdevTrigger, OutputPins, V4l
 use edgevlm_runtime::{Classifier, LoadOptions};
 
 use crate::config::{AgentConfig, BoardKind, OnError};
-use crate::ngstore::NgStore;
-use crate::sim::{pin_mode, settings, SetupError};
+use crate::sim::{pin_mode, settings, with_ng_store, SetupError};
 use crate::station::Station;
 
 /// The Linux station, its GPIO trigger and the profile it was built from.
@@ -54,12 +53,9 @@ pub fn build(config: &AgentConfig) -> Result<LinuxStation, SetupError> {
     }
     let trigger = CdevTrigger::from_profile(&profile.gpio).map_err(|e| device(&e))?;
     let camera = V4l2Camera::from_profile(&profile.camera).map_err(|e| device(&e))?;
-    let mut station = Station::new(camera, outputs, classifier, settings(config));
-    if let Some(ng) = &config.ng_images {
-        let store = NgStore::open(&ng.dir, ng.keep).map_err(|e| {
-            SetupError::Device(format!("NG image folder {}: {e}", ng.dir.display()))
-        })?;
-        station = station.with_ng_store(store);
-    }
+    let station = with_ng_store(
+        Station::new(camera, outputs, classifier, settings(config)),
+        config,
+    )?;
     Ok((station, trigger, profile))
 }

@@ -53,6 +53,24 @@ pub fn pin_mode(config: &AgentConfig) -> PinMode {
     }
 }
 
+/// Adds the config's NG image folder, if any, to a station.
+pub fn with_ng_store<C, P, D>(
+    station: Station<C, P, D>,
+    config: &AgentConfig,
+) -> Result<Station<C, P, D>, SetupError>
+where
+    C: edgevlm_board::Camera,
+    P: edgevlm_board::OutputPin,
+    D: edgevlm_board::DelayNs,
+{
+    match &config.ng_images {
+        Some(ng) => NgStore::open(&ng.dir, ng.keep)
+            .map(|store| station.with_ng_store(store))
+            .map_err(|e| SetupError::Device(format!("NG image folder {}: {e}", ng.dir.display()))),
+        None => Ok(station),
+    }
+}
+
 /// Builds the simulated station a config describes (`board.kind = "sim"`). Pins are named
 /// `ok`, `ng`, `error` (with `on_error = "error-pin"`) and `busy`.
 pub fn build(config: &AgentConfig) -> Result<SimStation, SetupError> {
@@ -85,13 +103,10 @@ pub fn build(config: &AgentConfig) -> Result<SimStation, SetupError> {
     )
     .and_then(|o| o.with_busy(recorder.pin("busy")))
     .unwrap_or_else(|never| match never {});
-    let mut station = Station::new(camera, outputs, classifier, settings(config));
-    if let Some(ng) = &config.ng_images {
-        let store = NgStore::open(&ng.dir, ng.keep).map_err(|e| {
-            SetupError::Device(format!("NG image folder {}: {e}", ng.dir.display()))
-        })?;
-        station = station.with_ng_store(store);
-    }
+    let station = with_ng_store(
+        Station::new(camera, outputs, classifier, settings(config)),
+        config,
+    )?;
     let trigger = ScheduleTrigger::periodic(sim.triggers, Duration::from_millis(sim.period_ms));
     Ok((station, trigger, recorder))
 }
