@@ -118,6 +118,135 @@ impl Camera for FolderCamera {
     }
 }
 
+/// A camera that generates colour bars with a moving stripe (`Rgb8`), for running the whole
+/// loop without any image at hand.
+#[derive(Debug)]
+pub struct PatternCamera {
+    width: u32,
+    height: u32,
+    sequence: u64,
+}
+
+impl PatternCamera {
+    /// A `width` x `height` pattern.
+    pub fn new(width: u32, height: u32) -> Self {
+        PatternCamera {
+            width: width.max(8),
+            height: height.max(8),
+            sequence: 0,
+        }
+    }
+}
+
+impl Camera for PatternCamera {
+    type Error = SimError;
+
+    fn capture(&mut self) -> Result<Frame, SimError> {
+        const BARS: [[u8; 3]; 8] = [
+            [255, 255, 255],
+            [255, 255, 0],
+            [0, 255, 255],
+            [0, 255, 0],
+            [255, 0, 255],
+            [255, 0, 0],
+            [0, 0, 255],
+            [0, 0, 0],
+        ];
+        let (w, h) = (self.width as usize, self.height as usize);
+        let stripe = (self.sequence as usize * 4) % h;
+        let mut data = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            for x in 0..w {
+                let px = if y.abs_diff(stripe) < 2 {
+                    [128, 128, 128]
+                } else {
+                    BARS[x * 8 / w]
+                };
+                data.extend_from_slice(&px);
+            }
+        }
+        let frame = Frame {
+            format: PixelFormat::Rgb8,
+            width: self.width,
+            height: self.height,
+            data,
+            sequence: self.sequence,
+            timestamp: monotonic_now(),
+            source: format!("test-pattern-{}", self.sequence),
+        };
+        self.sequence += 1;
+        Ok(frame)
+    }
+}
+
+/// Parses a trigger script: one trigger per line at that many milliseconds after the start;
+/// blank lines and `#` comments are skipped. Errors name the line.
+pub fn parse_script(text: &str) -> Result<Vec<Duration>, String> {
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.split('#').next().unwrap_or("").trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(n, l)| {
+            l.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|_| format!("line {n}: {l:?} is not a millisecond offset"))
+        })
+        .collect()
+}
+
+/// One trigger per line read from `input` (e.g. stdin, a FIFO); ends at end of input.
+#[derive(Debug)]
+pub struct LineTrigger {
+    lines: std::sync::mpsc::Receiver<()>,
+    ended: bool,
+    sequence: u64,
+}
+
+impl LineTrigger {
+    /// Reads `input` on a background thread.
+    pub fn new(input: impl std::io::BufRead + Send + 'static) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in input.lines() {
+                if line.is_err() || tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        LineTrigger {
+            lines: rx,
+            ended: false,
+            sequence: 0,
+        }
+    }
+}
+
+impl Trigger for LineTrigger {
+    type Error = std::convert::Infallible;
+
+    fn is_exhausted(&self) -> bool {
+        self.ended
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Result<Option<TriggerEvent>, Self::Error> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(()) => {
+                let event = TriggerEvent {
+                    sequence: self.sequence,
+                    timestamp: monotonic_now(),
+                };
+                self.sequence += 1;
+                Ok(Some(event))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                self.ended = true;
+                Ok(None)
+            }
+        }
+    }
+}
+
 /// Triggers at fixed offsets from when the schedule starts; ends after the last one.
 #[derive(Debug)]
 pub struct ScheduleTrigger {
@@ -307,6 +436,30 @@ mod tests {
         assert!(e.to_string().starts_with("camera folder "), "{e}");
         std::fs::rename(tmp.path().join("away"), &dir).unwrap();
         assert_eq!(cam.capture().unwrap().data, b"png");
+    }
+
+    #[test]
+    fn pattern_camera_and_line_trigger() {
+        let mut cam = PatternCamera::new(16, 8);
+        let f = cam.capture().unwrap();
+        assert_eq!((f.format, f.data.len()), (PixelFormat::Rgb8, 16 * 8 * 3));
+        assert_eq!(&f.data[3 * 15..3 * 16], &[0, 0, 0], "last bar is black");
+        assert_ne!(cam.capture().unwrap().data, f.data, "the stripe moves");
+
+        let mut t = LineTrigger::new(std::io::Cursor::new("go\n\ngo\n"));
+        let mut events = 0;
+        while !t.is_exhausted() {
+            events += t.wait(Duration::from_secs(1)).unwrap().is_some() as usize;
+        }
+        assert_eq!(events, 3);
+        assert_eq!(
+            parse_script("0\n# pause\n150 # second\n\n300").unwrap(),
+            [0, 150, 300].map(Duration::from_millis)
+        );
+        assert_eq!(
+            parse_script("0\nsoon").unwrap_err(),
+            "line 2: \"soon\" is not a millisecond offset"
+        );
     }
 
     #[test]

@@ -29,6 +29,8 @@ fn config(triggers: usize, period_ms: u64) -> AgentConfig {
             images: models.join("demo/samples"),
             triggers,
             period_ms,
+            script: None,
+            stdin: false,
         }),
         outputs: OutputsSection {
             pulse_ms: 1,

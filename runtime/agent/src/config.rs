@@ -92,16 +92,34 @@ pub struct ModelSection {
     pub threads: usize,
 }
 
-/// `[sim]`.
+/// `[sim]`: the camera and where triggers come from (exactly one of `triggers` +
+/// `period_ms`, `script`, `stdin`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimSection {
-    /// Image folder the camera reads.
+    /// Image folder the camera reads, or `"test-pattern"` for generated colour bars.
     pub images: PathBuf,
-    /// Number of scripted triggers.
+    /// Number of scheduled triggers, one every `period_ms`.
+    #[serde(default)]
     pub triggers: usize,
-    /// Milliseconds between triggers.
+    /// Milliseconds between scheduled triggers.
+    #[serde(default)]
     pub period_ms: u64,
+    /// A file with one trigger per line, at that many milliseconds after start.
+    pub script: Option<PathBuf>,
+    /// One trigger per line read on standard input (ends at end of input).
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+impl SimSection {
+    /// The `images` value that selects the generated test pattern.
+    pub const TEST_PATTERN: &'static str = "test-pattern";
+
+    /// True when the camera is the generated test pattern.
+    pub fn is_test_pattern(&self) -> bool {
+        self.images.as_os_str() == Self::TEST_PATTERN
+    }
 }
 
 /// Pulse or level outputs.
@@ -252,7 +270,12 @@ impl AgentConfig {
         };
         resolve(&mut config.model.package);
         if let Some(sim) = config.sim.as_mut() {
-            resolve(&mut sim.images);
+            if !sim.is_test_pattern() {
+                resolve(&mut sim.images);
+            }
+            if let Some(script) = sim.script.as_mut() {
+                resolve(script);
+            }
         }
         if let Some(ng) = config.ng_images.as_mut() {
             resolve(&mut ng.dir);
@@ -291,7 +314,11 @@ impl AgentConfig {
             return bad("camera", "expected retries <= 100 and backoff_ms <= 10000");
         }
         if let Some(sim) = &self.sim {
-            if sim.period_ms == 0 {
+            let sources = (sim.triggers > 0) as u8 + sim.script.is_some() as u8 + sim.stdin as u8;
+            if sources != 1 {
+                return bad("sim", "expected exactly one trigger source: triggers + period_ms, script, or stdin = true");
+            }
+            if sim.triggers > 0 && sim.period_ms == 0 {
                 return bad("sim.period_ms", "expected at least 1");
             }
         }

@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
-use edgevlm_board::{PinMode, VerdictOutputs};
-use edgevlm_board_sim::{FolderCamera, PinRecorder, RecordedPin, ScheduleTrigger, ThreadDelay};
+use edgevlm_board::{Camera, Frame, PinMode, Trigger, TriggerEvent, VerdictOutputs};
+use edgevlm_board_sim::{
+    parse_script, FolderCamera, LineTrigger, PatternCamera, PinRecorder, RecordedPin,
+    ScheduleTrigger, SimError, ThreadDelay,
+};
 use edgevlm_runtime::{Classifier, LoadOptions};
 
 use crate::config::{AgentConfig, BoardKind, OnError, OutputMode};
@@ -27,12 +30,59 @@ pub enum SetupError {
     Device(String),
 }
 
-/// The simulated station, its scripted trigger and the recorder of its pins.
+/// The simulated station, its trigger and the recorder of its pins.
 pub type SimStation = (
-    Station<FolderCamera, RecordedPin, ThreadDelay>,
-    ScheduleTrigger,
+    Station<SimCamera, RecordedPin, ThreadDelay>,
+    SimTrigger,
     PinRecorder,
 );
+
+/// The simulator's cameras.
+#[derive(Debug)]
+pub enum SimCamera {
+    /// Images from a folder.
+    Folder(FolderCamera),
+    /// Generated colour bars.
+    Pattern(PatternCamera),
+}
+
+impl Camera for SimCamera {
+    type Error = SimError;
+
+    fn capture(&mut self) -> Result<Frame, SimError> {
+        match self {
+            SimCamera::Folder(c) => c.capture(),
+            SimCamera::Pattern(c) => c.capture(),
+        }
+    }
+}
+
+/// The simulator's trigger sources.
+#[derive(Debug)]
+pub enum SimTrigger {
+    /// A schedule or a script of offsets.
+    Schedule(ScheduleTrigger),
+    /// One trigger per input line.
+    Lines(LineTrigger),
+}
+
+impl Trigger for SimTrigger {
+    type Error = std::convert::Infallible;
+
+    fn wait(&mut self, timeout: Duration) -> Result<Option<TriggerEvent>, Self::Error> {
+        match self {
+            SimTrigger::Schedule(t) => t.wait(timeout),
+            SimTrigger::Lines(t) => t.wait(timeout),
+        }
+    }
+
+    fn is_exhausted(&self) -> bool {
+        match self {
+            SimTrigger::Schedule(t) => t.is_exhausted(),
+            SimTrigger::Lines(t) => t.is_exhausted(),
+        }
+    }
+}
 
 /// Loop settings from a config.
 pub fn settings(config: &AgentConfig) -> StationSettings {
@@ -91,7 +141,13 @@ pub fn build(config: &AgentConfig) -> Result<SimStation, SetupError> {
             package: config.model.package.clone(),
             source,
         })?;
-    let camera = FolderCamera::open(&sim.images).map_err(|e| SetupError::Device(e.to_string()))?;
+    let camera = if sim.is_test_pattern() {
+        SimCamera::Pattern(PatternCamera::new(640, 480))
+    } else {
+        SimCamera::Folder(
+            FolderCamera::open(&sim.images).map_err(|e| SetupError::Device(e.to_string()))?,
+        )
+    };
     let recorder = PinRecorder::default();
     let error_pin = (config.outputs.on_error == OnError::ErrorPin).then(|| recorder.pin("error"));
     let outputs = VerdictOutputs::new(
@@ -107,6 +163,19 @@ pub fn build(config: &AgentConfig) -> Result<SimStation, SetupError> {
         Station::new(camera, outputs, classifier, settings(config)),
         config,
     )?;
-    let trigger = ScheduleTrigger::periodic(sim.triggers, Duration::from_millis(sim.period_ms));
+    let trigger = if sim.stdin {
+        SimTrigger::Lines(LineTrigger::new(std::io::BufReader::new(std::io::stdin())))
+    } else if let Some(script) = &sim.script {
+        let text = std::fs::read_to_string(script)
+            .map_err(|e| SetupError::Device(format!("trigger script {}: {e}", script.display())))?;
+        let offsets = parse_script(&text)
+            .map_err(|e| SetupError::Device(format!("trigger script {}: {e}", script.display())))?;
+        SimTrigger::Schedule(ScheduleTrigger::new(offsets))
+    } else {
+        SimTrigger::Schedule(ScheduleTrigger::periodic(
+            sim.triggers,
+            Duration::from_millis(sim.period_ms),
+        ))
+    };
     Ok((station, trigger, recorder))
 }

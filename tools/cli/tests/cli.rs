@@ -454,3 +454,78 @@ fn agent_switches_models_on_sighup_and_keeps_the_old_one_when_the_new_is_bad() {
         "{summary}"
     );
 }
+
+#[test]
+fn agent_takes_triggers_from_stdin_or_a_script_and_a_test_pattern_camera() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = models().join("demo");
+    let config = tmp.path().join("agent.toml");
+    let write = |sim: &str| {
+        std::fs::write(
+            &config,
+            format!("[board]\nkind = \"sim\"\n[model]\npackage = {:?}\n[sim]\n{sim}\n[outputs]\npulse_ms = 2\n", demo.display().to_string()),
+        )
+        .unwrap()
+    };
+    let summary = |stderr: &str| stderr.lines().last().unwrap().to_string();
+
+    // stdin: three lines, three parts, then end of input ends the run.
+    write(&format!(
+        "images = {:?}\nstdin = true",
+        demo.join("samples").display().to_string()
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgevlm"))
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"part\npart\npart\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        summary(&stderr).contains("triggers=3 judged=3 ok=0 ng=3 error=0 dropped=0"),
+        "{stderr}"
+    );
+
+    // A script of offsets, and the generated test pattern as the camera.
+    std::fs::write(
+        tmp.path().join("triggers.txt"),
+        "0\n# then two more\n40\n80\n",
+    )
+    .unwrap();
+    write("images = \"test-pattern\"\nscript = \"triggers.txt\"");
+    let out = edgevlm(&["agent", "--config", config.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(summary(&stderr).contains("triggers=3 judged=3"), "{stderr}");
+    assert!(summary(&stderr).contains(" error=0 "), "{stderr}");
+    assert!(stderr.contains("source=\"test-pattern-0\""), "{stderr}");
+
+    // Two trigger sources at once is a config error naming the section.
+    write("images = \"test-pattern\"\nscript = \"triggers.txt\"\nstdin = true");
+    let out = edgevlm(&["agent", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("field `sim`: expected exactly one trigger source"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A broken script names its line.
+    std::fs::write(tmp.path().join("triggers.txt"), "0\nsoon\n").unwrap();
+    write("images = \"test-pattern\"\nscript = \"triggers.txt\"");
+    let out = edgevlm(&["agent", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("triggers.txt: line 2: \"soon\" is not a millisecond offset"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -202,6 +202,8 @@ impl Cmd {
                 images: folder.clone(),
                 triggers,
                 period_ms: self.period_ms.max(1),
+                script: None,
+                stdin: false,
             }),
             outputs: OutputsSection {
                 pulse_ms: 10,
