@@ -11,7 +11,9 @@ use std::time::Duration;
 pub use embedded_hal::delay::DelayNs;
 pub use embedded_hal::digital::{InputPin, OutputPin};
 
+mod debounce;
 mod polled;
+pub use debounce::Debouncer;
 pub use polled::{PinReadError, PolledTrigger};
 
 /// Now on `CLOCK_MONOTONIC`, the clock of every timestamp in this crate: GPIO edge events

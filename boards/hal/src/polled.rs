@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use embedded_hal::digital::InputPin;
 
-use crate::{monotonic_now, Edge, Trigger, TriggerConfig, TriggerEvent};
+use crate::{monotonic_now, Debouncer, Trigger, TriggerConfig, TriggerEvent};
 
 /// Polls `pin` every `period`; an edge counts once the new level has held for the debounce time.
 #[derive(Debug)]
@@ -13,11 +13,9 @@ pub struct PolledTrigger<P: InputPin> {
     pin: P,
     config: TriggerConfig,
     period: Duration,
-    /// The debounced level.
-    stable: Option<bool>,
-    /// A level that differs from `stable`, and when it was first seen.
-    candidate: Option<(bool, Duration)>,
-    sequence: u64,
+    /// The last sampled (not debounced) level.
+    last: Option<bool>,
+    debouncer: Debouncer,
 }
 
 /// Errors of a polled trigger: the pin could not be read.
@@ -32,9 +30,8 @@ impl<P: InputPin> PolledTrigger<P> {
             pin,
             config,
             period,
-            stable: None,
-            candidate: None,
-            sequence: 0,
+            last: None,
+            debouncer: Debouncer::new(config, None),
         }
     }
 
@@ -43,42 +40,15 @@ impl<P: InputPin> PolledTrigger<P> {
     pub fn sample(&mut self, now: Duration) -> Result<Option<TriggerEvent>, PinReadError> {
         use embedded_hal::digital::Error;
         let level = self.pin.is_high().map_err(|e| PinReadError(e.kind()))?;
-        let Some(stable) = self.stable else {
+        match self.last.replace(level) {
             // The first sample sets the resting level; it is not an edge.
-            self.stable = Some(level);
-            return Ok(None);
-        };
-        if level == stable {
-            self.candidate = None;
-            return Ok(None);
-        }
-        let since = match self.candidate {
-            Some((l, t)) if l == level => t,
-            _ => {
-                self.candidate = Some((level, now));
-                now
+            None => {
+                self.debouncer = Debouncer::new(self.config, Some(level));
+                Ok(None)
             }
-        };
-        if now.saturating_sub(since) < self.config.debounce {
-            return Ok(None);
+            Some(previous) if previous != level => Ok(self.debouncer.change(level, now)),
+            Some(_) => Ok(self.debouncer.poll(now)),
         }
-        self.stable = Some(level);
-        self.candidate = None;
-        let fires = match self.config.edge {
-            Edge::Rising => level,
-            Edge::Falling => !level,
-            Edge::Both => true,
-        };
-        if !fires {
-            return Ok(None);
-        }
-        // The edge happened when the level first changed, not when debouncing confirmed it.
-        let event = TriggerEvent {
-            sequence: self.sequence,
-            timestamp: since,
-        };
-        self.sequence += 1;
-        Ok(Some(event))
     }
 }
 
@@ -86,7 +56,7 @@ impl<P: InputPin> Trigger for PolledTrigger<P> {
     type Error = PinReadError;
 
     fn wait(&mut self, timeout: Duration) -> Result<Option<TriggerEvent>, PinReadError> {
-        let deadline = monotonic_now() + timeout;
+        let deadline = monotonic_now().saturating_add(timeout);
         loop {
             if let Some(event) = self.sample(monotonic_now())? {
                 return Ok(Some(event));
@@ -102,6 +72,7 @@ impl<P: InputPin> Trigger for PolledTrigger<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Edge;
     use embedded_hal_mock::eh1::digital::{Mock, State, Transaction};
 
     fn ms(n: u64) -> Duration {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgevlm_board::{monotonic_now, Edge, Trigger, TriggerConfig, TriggerEvent};
+use edgevlm_board::{monotonic_now, Trigger, TriggerConfig, TriggerEvent};
 use embedded_hal::digital::{ErrorKind, ErrorType, OutputPin};
 use gpiocdev::line::{EdgeDetection, EdgeKind, Value};
 use gpiocdev::Request;
@@ -134,79 +134,8 @@ fn realtime_now() -> Duration {
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
-/// The debounce rule of [`edgevlm_board::PolledTrigger`], fed with level changes instead of
-/// samples: a new level counts once it has held for the debounce time without the line going
-/// back, and the event is stamped with when that level began. Pure, so it is tested without
-/// hardware; [`CdevTrigger`] drives it with kernel edge events.
-#[derive(Debug, Clone)]
-pub struct Debouncer {
-    config: TriggerConfig,
-    /// The debounced level.
-    stable: Option<bool>,
-    /// A level that differs from `stable`, and when it began.
-    candidate: Option<(bool, Duration)>,
-    sequence: u64,
-}
-
-impl Debouncer {
-    /// A debouncer whose resting level is `level`, if known (else the first change sets it).
-    pub fn new(config: TriggerConfig, level: Option<bool>) -> Self {
-        Debouncer {
-            config,
-            stable: level,
-            candidate: None,
-            sequence: 0,
-        }
-    }
-
-    /// The line changed to `level` at `at`. Returns an event when this completes an edge: at
-    /// once without debounce, or a pending level that had already held long enough before
-    /// this change.
-    pub fn change(&mut self, level: bool, at: Duration) -> Option<TriggerEvent> {
-        let confirmed = self.poll(at);
-        // An edge to `level` means the line was at the other level before it.
-        let stable = *self.stable.get_or_insert(!level);
-        if level == stable {
-            // Bounced back before the debounce time: the pending level never counted.
-            self.candidate = None;
-        } else {
-            // A repeated edge to the same level means a short excursion back was missed (edges
-            // closer together than the kernel could stamp): the level began again now.
-            self.candidate = Some((level, at));
-        }
-        confirmed.or_else(|| self.poll(at))
-    }
-
-    /// Returns an event if the pending level has held for the debounce time at `now`.
-    pub fn poll(&mut self, now: Duration) -> Option<TriggerEvent> {
-        let (level, since) = self.candidate?;
-        if now.saturating_sub(since) < self.config.debounce {
-            return None;
-        }
-        self.stable = Some(level);
-        self.candidate = None;
-        let fires = match self.config.edge {
-            Edge::Rising => level,
-            Edge::Falling => !level,
-            Edge::Both => true,
-        };
-        if !fires {
-            return None;
-        }
-        let event = TriggerEvent {
-            sequence: self.sequence,
-            timestamp: since,
-        };
-        self.sequence += 1;
-        Some(event)
-    }
-
-    /// When the pending level will have held long enough, if one is pending.
-    pub fn deadline(&self) -> Option<Duration> {
-        self.candidate
-            .map(|(_, since)| since + self.config.debounce)
-    }
-}
+/// The shared debounce state machine (also used by [`edgevlm_board::PolledTrigger`]).
+pub use edgevlm_board::Debouncer;
 
 /// Who debounces the trigger line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -513,6 +442,7 @@ impl OutputPins {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgevlm_board::Edge;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

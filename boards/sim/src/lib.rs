@@ -443,7 +443,9 @@ mod tests {
         let mut cam = PatternCamera::new(16, 8);
         let f = cam.capture().unwrap();
         assert_eq!((f.format, f.data.len()), (PixelFormat::Rgb8, 16 * 8 * 3));
-        assert_eq!(&f.data[3 * 15..3 * 16], &[0, 0, 0], "last bar is black");
+        // Row 5 is clear of frame 0's stripe (row 0): the last of 8 bars is black.
+        let px = (5 * 16 + 15) * 3;
+        assert_eq!(&f.data[px..px + 3], &[0, 0, 0], "last bar is black");
         assert_ne!(cam.capture().unwrap().data, f.data, "the stripe moves");
 
         let mut t = LineTrigger::new(std::io::Cursor::new("go\n\ngo\n"));
