@@ -301,36 +301,8 @@ impl BoardProfile {
             field,
             message,
         };
-        let de = toml::Deserializer::new(text);
-        let profile: BoardProfile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let parent = e.path().to_string();
-            let inner = e.inner();
-            let message = inner.message().to_string();
-            let line = inner
-                .span()
-                .map(|s| 1 + text[..s.start.min(text.len())].matches('\n').count());
-            let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
-            // serde reports a missing field at its parent table: name the field itself.
-            let quoted = |msg: &str| msg.split('`').nth(1).map(str::to_string);
-            if let Some(missing) = message.strip_prefix("missing field ").and_then(quoted) {
-                let field = if parent == "." {
-                    missing
-                } else {
-                    format!("{parent}.{missing}")
-                };
-                return field_error(field, format!("required field is missing{at}"));
-            }
-            if let Some(unknown) = message.strip_prefix("unknown field ").and_then(quoted) {
-                // serde_path_to_error's path already ends at the unknown key.
-                let field = if parent == "." { unknown } else { parent };
-                let expected = message
-                    .split_once(", expected ")
-                    .map(|(_, x)| x)
-                    .unwrap_or("");
-                return field_error(field, format!("unknown field{at}; expected {expected}"));
-            }
-            field_error(parent, format!("{message}{at}"))
-        })?;
+        let profile: BoardProfile =
+            edgevlm_config::parse_toml(text).map_err(|e| field_error(e.field, e.message))?;
         profile
             .validate()
             .map_err(|e| field_error(e.field, e.message))?;

@@ -399,40 +399,7 @@ impl Manifest {
 /// name the file, the dotted field and the line: used for every TOML file edgevlm reads
 /// (package manifests, the agent config).
 pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
-    let de = toml::Deserializer::new(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let parent = e.path().to_string();
-        let inner = e.inner();
-        let message = inner.message().to_string();
-        let line = inner
-            .span()
-            .map(|s| 1 + text[..s.start.min(text.len())].matches('\n').count());
-        let at = line.map(|l| format!(" (line {l})")).unwrap_or_default();
-        let field_of = |msg: &str| msg.split('`').nth(1).map(str::to_string);
-        if let Some(missing) = message.strip_prefix("missing field ").and_then(field_of) {
-            // serde reports a missing field at its parent table: name the field itself.
-            let field = if parent == "." {
-                missing
-            } else {
-                format!("{parent}.{missing}")
-            };
-            return Error::manifest(path, field, format!("required field is missing{at}"));
-        }
-        if let Some(unknown) = message.strip_prefix("unknown field ").and_then(field_of) {
-            // serde_path_to_error's path already ends at the unknown key.
-            let field = if parent == "." { unknown } else { parent };
-            let expected = message
-                .split_once(", expected ")
-                .map(|(_, x)| x)
-                .unwrap_or("");
-            return Error::manifest(
-                path,
-                field,
-                format!("unknown field{at}; expected {expected}"),
-            );
-        }
-        Error::manifest(path, parent, format!("{message}{at}"))
-    })
+    edgevlm_config::parse_toml(text).map_err(|e| Error::manifest(path, e.field, e.message))
 }
 
 #[cfg(test)]
