@@ -11,6 +11,7 @@ pub mod ngstore;
 pub mod notify;
 pub mod sim;
 pub mod station;
+pub mod store;
 
 pub use config::AgentConfig;
 pub use station::{Event, PartRecord, Report, Station, StationHandle, StationSettings};
