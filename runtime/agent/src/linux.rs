@@ -3,10 +3,9 @@
 
 use edgevlm_board::{ThreadDelay, VerdictOutputs};
 use edgevlm_board_linux::{BoardProfile, CdevOutput, CdevTrigger, OutputPins, V4l2Camera};
-use edgevlm_runtime::{Classifier, LoadOptions};
 
 use crate::config::{AgentConfig, BoardKind, OnError};
-use crate::sim::{pin_mode, settings, with_ng_store, SetupError};
+use crate::sim::{load_classifier, pin_mode, settings, with_ng_store, SetupError};
 use crate::station::Station;
 
 /// The Linux station, its GPIO trigger and the profile it was built from.
@@ -29,16 +28,8 @@ pub fn build(config: &AgentConfig) -> Result<LinuxStation, SetupError> {
     };
     let device = |e: &dyn std::fmt::Display| SetupError::Device(e.to_string());
     let profile = BoardProfile::resolve(spec).map_err(|e| device(&e))?;
-    let options = LoadOptions {
-        threads: config.model.threads,
-        ..Default::default()
-    };
     // The model first: a bad package should not leave GPIO lines requested.
-    let classifier =
-        Classifier::load(&config.model.package, &options).map_err(|source| SetupError::Model {
-            package: config.model.package.clone(),
-            source,
-        })?;
+    let classifier = load_classifier(config)?;
     let pins = OutputPins::from_profile(&profile.gpio).map_err(|e| device(&e))?;
     let error_pin = if config.outputs.on_error == OnError::ErrorPin {
         pins.error

@@ -103,6 +103,18 @@ pub fn pin_mode(config: &AgentConfig) -> PinMode {
     }
 }
 
+/// Loads the config's model package.
+pub fn load_classifier(config: &AgentConfig) -> Result<Classifier, SetupError> {
+    let options = LoadOptions {
+        threads: config.model.threads,
+        ..Default::default()
+    };
+    Classifier::load(&config.model.package, &options).map_err(|source| SetupError::Model {
+        package: config.model.package.clone(),
+        source,
+    })
+}
+
 /// Adds the config's NG image folder, if any, to a station.
 pub fn with_ng_store<C, P, D>(
     station: Station<C, P, D>,
@@ -132,15 +144,7 @@ pub fn build(config: &AgentConfig) -> Result<SimStation, SetupError> {
             ))
         }
     };
-    let options = LoadOptions {
-        threads: config.model.threads,
-        ..Default::default()
-    };
-    let classifier =
-        Classifier::load(&config.model.package, &options).map_err(|source| SetupError::Model {
-            package: config.model.package.clone(),
-            source,
-        })?;
+    let classifier = load_classifier(config)?;
     let camera = if sim.is_test_pattern() {
         SimCamera::Pattern(PatternCamera::new(640, 480))
     } else {

@@ -16,7 +16,7 @@ use edgevlm_board::{
     monotonic_now, Camera, CameraError, CameraErrorKind, DelayNs, Frame, OutputPin, PixelFormat,
     Signal, Trigger, TriggerEvent, VerdictOutputs,
 };
-use edgevlm_runtime::{Classifier, FrameFormat, LoadOptions, Trace, Verdict};
+use edgevlm_runtime::{error_chain, Classifier, FrameFormat, LoadOptions, Trace, Verdict};
 use serde::Serialize;
 
 use crate::config::WhenFull;
@@ -197,23 +197,11 @@ impl StationHandle {
         std::thread::spawn(move || {
             let msg = match Classifier::load(&package, &options) {
                 Ok(c) => Swap::Loaded(Box::new(c)),
-                Err(e) => Swap::Failed(package, format!("{:#}", anyhow_like(&e))),
+                Err(e) => Swap::Failed(package, error_chain(&e)),
             };
             let _ = swap.send(msg);
         })
     }
-}
-
-/// The error and its sources joined with ": ", as `{:#}` prints an anyhow chain.
-fn anyhow_like(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// The runtime's view of a board frame (encoded PNG frames decode like MJPEG).
@@ -438,7 +426,7 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
                         record.reason = r.reason;
                         record.trace = Some(r.trace);
                     }
-                    Err(e) => record.error = Some(anyhow_like(&e)),
+                    Err(e) => record.error = Some(error_chain(&e)),
                 }
             }
             Err(e) => record.error = Some(e.clone()),
@@ -487,7 +475,7 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
                     if e.kind() == CameraErrorKind::Disconnected {
                         let _ = self.camera.recover();
                     }
-                    format!("camera: {}", anyhow_like(&e))
+                    format!("camera: {}", error_chain(&e))
                 }
             };
             if record.capture_attempts > self.settings.camera_retries {

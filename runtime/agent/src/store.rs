@@ -19,7 +19,7 @@
 //! errors of `edgevlm-proto` (see each variant).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -426,7 +426,7 @@ impl ModelStore {
             }
         }
         let package = edgevlm_runtime::ModelPackage::open(&pkg)
-            .map_err(|e| Error::InvalidPackage(error_chain(&e)))?;
+            .map_err(|e| Error::InvalidPackage(edgevlm_runtime::error_chain(&e)))?;
         let declared = &package.manifest().model;
         if declared.name != upload.name || declared.version != upload.version {
             return Err(Error::InvalidPackage(format!(
@@ -860,31 +860,7 @@ fn sha256_hex(path: &Path) -> Result<String> {
         .custom_flags(nofollow())
         .open(path)
         .at(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buf).at(path)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
+    edgevlm_runtime::package::sha256_reader(&mut file).at(path)
 }
 
 #[cfg(test)]

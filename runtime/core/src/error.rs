@@ -88,6 +88,19 @@ pub enum Error {
     Inference(#[source] Cause),
 }
 
+/// An error and its sources joined with ": ", as `edgevlm: {err:#}` prints an anyhow chain;
+/// for log lines and wire messages that carry an error as text.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
 /// Result alias for the runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -22,7 +22,7 @@ pub mod synth;
 pub mod trace;
 
 pub use classify::{ClassScore, Verdict};
-pub use error::{Error, Result};
+pub use error::{error_chain, Error, Result};
 pub use manifest::{parse_toml, Manifest};
 pub use onnx::{Dim, LoadOptions, OnnxModel, TensorSpec, TRACT_VERSION};
 pub use package::ModelPackage;

@@ -85,12 +85,15 @@ impl ModelPackage {
 /// Lowercase hex sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    sha256_reader(&mut file).map_err(|e| Error::io("reading", path, e))
+}
+
+/// Lowercase hex sha256 of everything `reader` yields, streamed in 64 KiB blocks.
+pub fn sha256_reader(reader: &mut impl Read) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| Error::io("reading", path, e))?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }

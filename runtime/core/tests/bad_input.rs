@@ -9,20 +9,13 @@ use edgevlm_runtime::{npy, Classifier, Error, LoadOptions, OnnxModel, Tensor};
 fn load_err(path: &Path) -> String {
     format!(
         "{:#}",
-        anyhow_chain(OnnxModel::load(path, &LoadOptions::default()).unwrap_err())
+        chain(OnnxModel::load(path, &LoadOptions::default()).unwrap_err())
     )
 }
 
-/// The error and its sources joined the way `edgevlm: {err:#}` prints them.
-fn anyhow_chain(e: Error) -> String {
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
+/// The error and its cause chain, as `edgevlm: {err:#}` prints it.
+fn chain(e: Error) -> String {
+    edgevlm_runtime::error_chain(&e)
 }
 
 fn demo_copy() -> (tempfile::TempDir, std::path::PathBuf) {
@@ -33,7 +26,7 @@ fn demo_copy() -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 fn classifier_err(pkg: &Path) -> String {
-    anyhow_chain(Classifier::load(pkg, &LoadOptions::default()).unwrap_err())
+    chain(Classifier::load(pkg, &LoadOptions::default()).unwrap_err())
 }
 
 #[test]
@@ -141,9 +134,9 @@ fn manifest_missing_unknown_and_mistyped_fields() {
 fn files_that_are_not_images() {
     let mut c = Classifier::load(&common::models().join("demo"), &LoadOptions::default()).unwrap();
     let bad = common::models().join("fixtures/bad");
-    let e = anyhow_chain(c.inspect_file(&bad.join("not_an_image.png")).unwrap_err());
+    let e = chain(c.inspect_file(&bad.join("not_an_image.png")).unwrap_err());
     assert!(e.contains("not_an_image.png: not an image"), "{e}");
-    let e = anyhow_chain(c.inspect_file(&bad.join("truncated.jpg")).unwrap_err());
+    let e = chain(c.inspect_file(&bad.join("truncated.jpg")).unwrap_err());
     assert!(e.contains("truncated.jpg: cannot decode Jpeg"), "{e}");
 }
 
