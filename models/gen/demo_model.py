@@ -294,6 +294,7 @@ MODEL_TOML = """\
 name = "demo-parts"
 version = "1.0.0"
 task = "classification"
+variant = "fp32"
 description = "Synthetic metal plate inspection: ok / scratch / missing_hole (trained by models/gen/generate.py)"
 
 [[graph]]

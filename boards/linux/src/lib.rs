@@ -24,6 +24,7 @@
 
 pub mod gpio;
 pub mod profile;
+pub mod serial;
 pub mod v4l2;
 
 pub use gpio::{CdevOutput, CdevTrigger, DebounceMode, Debouncer, GpioError, OutputPins};

@@ -65,6 +65,9 @@ pub struct ModelInfo {
     pub version: String,
     /// What the model does.
     pub task: Task,
+    /// Which export of the model this is (`fp32`, `int8`, `q4`, ...), for comparisons.
+    #[serde(default)]
+    pub variant: String,
     /// Free text.
     #[serde(default)]
     pub description: String,

@@ -44,17 +44,17 @@ pub use error::{EncodeError, Error, ErrorMessage, FrameError};
 pub use frame::{encode, Decoder, Message};
 pub use hello::{AgentHello, CpuInfo, HostHello};
 pub use message::{
-    chunk_checksum, AgentMessage, BenchInput, BenchSpec, Chunk, Event, HostMessage, ModelInfo,
-    Request, RequestId, Response, RunId, Sha256, TraceOptions, UploadId, UploadProgress,
-    UploadSpec,
+    chunk_checksum, AgentMessage, BenchInput, BenchSpec, Chunk, Event, FileSpec, HostMessage,
+    ModelInfo, ModelRef, Request, RequestId, Response, RunId, Sha256, TraceOptions, UploadId,
+    UploadSpec, UploadState,
 };
 pub use names::{
     bounded, file_path, model_name, validate_file_path, validate_model_name, BoardName, CpuModel,
-    FilePath, ModelName, StageName, VersionString,
+    FilePath, ModelName, NodeName, StageName, VersionString,
 };
 pub use trace::{
-    BenchSummary, IterationDone, LatencyStats, MemorySample, StageSpan, TokenStats, TokenTiming,
-    TraceBatch, TraceEvent,
+    BenchSummary, IterationDone, LatencyStats, MemorySample, NodeTiming, StageSpan, TokenStats,
+    TokenTiming, TraceBatch, TraceEvent,
 };
 
 /// Version of this protocol. Both sides must speak the same one (see the crate docs).
@@ -101,4 +101,16 @@ pub const MAX_CPU_MODEL: usize = 48;
 
 /// Longest message carried by [`Error::Io`], [`Error::Internal`] and [`Error::InvalidPackage`],
 /// in bytes; longer ones are truncated.
-pub const MAX_ERROR_MESSAGE: usize = 96;
+pub const MAX_ERROR_MESSAGE: usize = 200;
+
+/// Most files in one package upload.
+pub const MAX_PACKAGE_FILES: usize = 32;
+
+/// Longest benchmark prompt, bytes.
+pub const MAX_PROMPT: usize = 512;
+
+/// Largest encoded image sent inline with a benchmark request ([`BenchInput::Image`]).
+pub const MAX_INLINE_INPUT: usize = 24 * 1024;
+
+/// Longest graph node name in a [`NodeTiming`].
+pub const MAX_NODE_NAME: usize = 48;

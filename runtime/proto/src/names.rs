@@ -8,7 +8,8 @@ use heapless::String;
 
 use crate::error::Error;
 use crate::{
-    MAX_BOARD_NAME, MAX_CPU_MODEL, MAX_FILE_PATH, MAX_MODEL_NAME, MAX_STAGE_NAME, MAX_VERSION,
+    MAX_BOARD_NAME, MAX_CPU_MODEL, MAX_FILE_PATH, MAX_MODEL_NAME, MAX_NODE_NAME, MAX_STAGE_NAME,
+    MAX_VERSION,
 };
 
 /// A model name: `[A-Za-z0-9._-]`, not starting with `.` or `-`, at most [`MAX_MODEL_NAME`] bytes.
@@ -18,6 +19,8 @@ pub type ModelName = String<MAX_MODEL_NAME>;
 pub type FilePath = String<MAX_FILE_PATH>;
 /// A pipeline stage name in a trace (`preprocess`, `vision_encoder`, `decode`).
 pub type StageName = String<MAX_STAGE_NAME>;
+/// A graph node name in a trace.
+pub type NodeName = String<MAX_NODE_NAME>;
 /// A version string (`0.1.0`, `0.23.9`).
 pub type VersionString = String<MAX_VERSION>;
 /// A board profile name (`rpi5`, `jetson-orin-nano`).

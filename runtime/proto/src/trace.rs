@@ -6,7 +6,7 @@ use heapless::Vec;
 use serde::{Deserialize, Serialize};
 
 use crate::message::RunId;
-use crate::names::{ModelName, StageName};
+use crate::names::{ModelName, NodeName, StageName, VersionString};
 use crate::MAX_TRACE_BATCH;
 
 /// Consecutive trace events of one run; batching keeps the per-event framing cost low.
@@ -35,6 +35,29 @@ pub enum TraceEvent {
     Memory(MemorySample),
     /// An iteration finished.
     Iteration(IterationDone),
+    /// Time spent in one graph node over the timed iterations (sent after the run, slowest
+    /// first, when [`TraceOptions::top_nodes`](crate::TraceOptions::top_nodes) asks for them).
+    Node(NodeTiming),
+}
+
+/// Profile of one graph node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct NodeTiming {
+    /// Rank, 0 for the slowest node.
+    pub rank: u16,
+    /// The graph (`model`, `vision_encoder`, `decoder`).
+    pub graph: StageName,
+    /// Node name in the optimized plan (truncated to [`MAX_NODE_NAME`](crate::MAX_NODE_NAME)).
+    pub node: NodeName,
+    /// Operator (`MatMatMulPack`, `Conv`).
+    pub op: StageName,
+    /// Total time over the profiled iterations, µs.
+    pub total_us: u64,
+    /// Profiled iterations.
+    pub iterations: u32,
+    /// Share of the graph's total node time, per mille.
+    pub share_permille: u16,
 }
 
 /// A pipeline stage of one iteration.
@@ -129,12 +152,20 @@ pub struct BenchSummary {
     pub run: RunId,
     /// The model.
     pub model: ModelName,
+    /// Its version.
+    pub version: VersionString,
+    /// Bytes of the installed package on the board's disk.
+    pub model_bytes: u64,
+    /// Intra-op threads used.
+    pub threads: u16,
     /// Warmup iterations run.
     pub warmup: u32,
     /// Timed iterations run.
     pub iterations: u32,
     /// Time to load and optimize the model, µs.
     pub load_us: u64,
+    /// The first iteration (warmup or not), µs: what the first part after a restart costs.
+    pub first_run_us: u64,
     /// Latency of the timed iterations.
     pub latency: LatencyStats,
     /// Token statistics, for language models.

@@ -71,7 +71,7 @@ fn worst_case_messages_fit_the_frame_limit() {
     assert_eq!(MAX_FRAME, 33_927, "the README quotes it");
     // COBS worst case: data without zeros.
     let mut buf = vec![0u8; MAX_FRAME];
-    let chunk = Chunk::new(UploadId(u32::MAX), u64::MAX, &[0xAA; MAX_CHUNK]).unwrap();
+    let chunk = Chunk::new(UploadId(u32::MAX), u16::MAX, u64::MAX, &[0xAA; MAX_CHUNK]).unwrap();
     let msg = HostMessage {
         id: RequestId(u32::MAX),
         request: Request::PushChunk(chunk),
@@ -83,7 +83,7 @@ fn worst_case_messages_fit_the_frame_limit() {
 fn full_chunk_frame_overhead() {
     // A realistic push: request id and offset well into a 200 MB file, data without zeros (the
     // COBS worst case).
-    let chunk = Chunk::new(UploadId(7), 200 << 20, &[0x5A; MAX_CHUNK]).unwrap();
+    let chunk = Chunk::new(UploadId(7), 3, 200 << 20, &[0x5A; MAX_CHUNK]).unwrap();
     let msg = HostMessage {
         id: RequestId(1_000),
         request: Request::PushChunk(chunk),
@@ -94,7 +94,7 @@ fn full_chunk_frame_overhead() {
         "32 KiB chunk: frame {} bytes, overhead {overhead}",
         frame.len()
     );
-    assert_eq!(overhead, 146, "15 header + 130 COBS + 1 delimiter");
+    assert_eq!(overhead, 147, "16 header + 130 COBS + 1 delimiter");
     assert!(frame.len() <= max_frame_len(MAX_CHUNK + 32));
 }
 
@@ -303,10 +303,7 @@ fn frame_of_exactly_the_limit_is_accepted() {
     const N: usize = 64;
     let status = |file: &str| HostMessage {
         id: RequestId(1),
-        request: Request::UploadStatus {
-            model: model_name("m").unwrap(),
-            file: bounded(file),
-        },
+        request: Request::PushChunk(Chunk::new(UploadId(1), 0, 0, file.as_bytes()).unwrap()),
     };
     let mut file = String::from("f");
     while encode_to_vec(&status(&file)).unwrap().len() < N {

@@ -188,9 +188,10 @@ fn hundred_thousand_mutated_frames() {
 fn valid_host_frame() -> (HostMessage, Vec<u8>) {
     let msg = HostMessage {
         id: RequestId(77),
-        request: Request::Activate {
-            model: model_name("yolov8n").unwrap(),
-        },
+        request: Request::Activate(ModelRef {
+            name: model_name("yolov8n").unwrap(),
+            version: bounded("1.0.0"),
+        }),
     };
     let frame = encode_to_vec(&msg).unwrap();
     (msg, frame)

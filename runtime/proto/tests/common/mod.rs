@@ -41,9 +41,9 @@ pub struct Gen {
 }
 
 pub const HOST_VARIANTS: usize = 11;
-pub const RESPONSE_VARIANTS: usize = 7;
+pub const RESPONSE_VARIANTS: usize = 8;
 pub const ERROR_VARIANTS: usize = 16;
-pub const TRACE_VARIANTS: usize = 4;
+pub const TRACE_VARIANTS: usize = 5;
 /// Responses, errors, and the event.
 pub const AGENT_VARIANTS: usize = RESPONSE_VARIANTS + ERROR_VARIANTS + 1;
 
@@ -156,7 +156,7 @@ impl Gen {
             self.rng.below(200)
         };
         let data = self.rng.bytes(len);
-        let mut chunk = Chunk::new(UploadId(self.u32()), self.u64(), &data).unwrap();
+        let mut chunk = Chunk::new(UploadId(self.u32()), self.u16(), self.u64(), &data).unwrap();
         if self.max {
             chunk.crc32 = u32::MAX;
         }
@@ -171,6 +171,22 @@ impl Gen {
             bytes: self.u64(),
             manifest_sha256: self.sha(),
             active: self.bool(),
+            previous: self.bool(),
+        }
+    }
+
+    fn model_ref(&mut self) -> ModelRef {
+        ModelRef {
+            name: self.string(),
+            version: self.string(),
+        }
+    }
+
+    fn file_count(&mut self) -> usize {
+        if self.max {
+            MAX_PACKAGE_FILES
+        } else {
+            self.rng.below(MAX_PACKAGE_FILES + 1)
         }
     }
 
@@ -193,10 +209,19 @@ impl Gen {
                 rss_kib: self.u64(),
                 pss_kib: self.u64(),
             }),
-            _ => TraceEvent::Iteration(IterationDone {
+            3 => TraceEvent::Iteration(IterationDone {
                 iteration: self.u32(),
                 warmup: self.bool(),
                 duration_us: self.u64(),
+            }),
+            _ => TraceEvent::Node(NodeTiming {
+                rank: self.u16(),
+                graph: self.string(),
+                node: self.string(),
+                op: self.string(),
+                total_us: self.u64(),
+                iterations: self.u32(),
+                share_permille: self.u16(),
             }),
         }
     }
@@ -209,9 +234,9 @@ impl Gen {
         };
         let mut events = Vec::new();
         for _ in 0..len {
-            // In max mode every event is a span, the largest kind.
+            // In max mode every event is a node timing, the largest kind.
             let variant = if self.max {
-                0
+                4
             } else {
                 self.rng.below(TRACE_VARIANTS)
             };
@@ -229,9 +254,13 @@ impl Gen {
         BenchSummary {
             run: RunId(self.u32()),
             model: self.string(),
+            version: self.string(),
+            model_bytes: self.u64(),
+            threads: self.u16(),
             warmup: self.u32(),
             iterations: self.u32(),
             load_us: self.u64(),
+            first_run_us: self.u64(),
             latency: LatencyStats {
                 min_us: self.u64(),
                 mean_us: self.u64(),
@@ -260,40 +289,50 @@ impl Gen {
         match variant % HOST_VARIANTS {
             0 => Request::Hello(self.hello_host()),
             1 => Request::ListModels,
-            2 => Request::BeginUpload(UploadSpec {
-                model: self.string(),
-                file: self.string(),
-                size: self.u64(),
-                sha256: self.sha(),
-            }),
-            3 => Request::UploadStatus {
-                model: self.string(),
-                file: self.string(),
-            },
+            2 => {
+                let model = self.model_ref();
+                let mut files = Vec::new();
+                for _ in 0..self.file_count() {
+                    let _ = files.push(FileSpec {
+                        path: self.string(),
+                        size: self.u64(),
+                        sha256: self.sha(),
+                    });
+                }
+                Request::BeginUpload(UploadSpec { model, files })
+            }
+            3 => Request::Rollback,
             4 => Request::PushChunk(self.chunk()),
             5 => Request::Commit {
-                model: self.string(),
+                upload: UploadId(self.u32()),
             },
-            6 => Request::Activate {
-                model: self.string(),
-            },
-            7 => Request::Remove {
-                model: self.string(),
-            },
+            6 => Request::Activate(self.model_ref()),
+            7 => Request::Remove(self.model_ref()),
             8 => Request::RunBenchmark(BenchSpec {
-                model: self.string(),
+                model: self.model_ref(),
                 warmup: self.u32(),
                 iterations: self.u32(),
-                input: if !self.max && self.rng.chance(2) {
-                    BenchInput::Synthetic { seed: self.u64() }
-                } else {
-                    BenchInput::PackageFile(self.string())
+                min_duration_ms: self.u32(),
+                threads: self.u16(),
+                input: match if self.max { 2 } else { self.rng.below(3) } {
+                    0 => BenchInput::Synthetic { seed: self.u64() },
+                    1 => BenchInput::PackageFile(self.string()),
+                    _ => {
+                        let len = if self.max {
+                            MAX_INLINE_INPUT
+                        } else {
+                            self.rng.below(300)
+                        };
+                        BenchInput::Image(Vec::from_slice(&self.rng.bytes(len)).unwrap())
+                    }
                 },
+                prompt: self.string(),
                 max_new_tokens: self.u32(),
                 trace: TraceOptions {
                     spans: self.bool(),
                     tokens: self.bool(),
                     memory_interval_ms: self.u16(),
+                    top_nodes: self.u16(),
                 },
             }),
             9 => Request::FetchTraces {
@@ -325,11 +364,20 @@ impl Gen {
                 }
                 Response::Models(models)
             }
-            3 => Response::Upload(UploadProgress {
-                upload: UploadId(self.u32()),
-                size: self.u64(),
+            3 => {
+                let mut verified = Vec::new();
+                for _ in 0..self.file_count() {
+                    let _ = verified.push(self.u64());
+                }
+                Response::Upload(UploadState {
+                    upload: UploadId(self.u32()),
+                    verified,
+                })
+            }
+            7 => Response::ChunkAccepted {
+                file: self.u16(),
                 verified: self.u64(),
-            }),
+            },
             4 => Response::Committed(self.model_info()),
             5 => Response::BenchDone(self.bench_summary()),
             _ => Response::TracesDone {

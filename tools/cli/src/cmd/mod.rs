@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod bench;
+mod compare;
 mod inspect;
+mod models;
+mod push;
 mod run;
 
 /// Exit code: something failed (bad input, unreadable model, I/O).
@@ -34,6 +38,10 @@ enum Command {
     Run(run::Cmd),
     Inspect(inspect::Cmd),
     Agent(agent::Cmd),
+    Push(push::Cmd),
+    Models(models::Cmd),
+    Bench(bench::Cmd),
+    Compare(compare::Cmd),
 }
 
 /// Runs the chosen subcommand.
@@ -42,6 +50,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(cmd) => cmd.run(),
         Command::Inspect(cmd) => cmd.run(),
         Command::Agent(cmd) => cmd.run(),
+        Command::Push(cmd) => cmd.run(),
+        Command::Models(cmd) => cmd.run(),
+        Command::Bench(cmd) => cmd.run(),
+        Command::Compare(cmd) => cmd.run(),
     }
 }
 

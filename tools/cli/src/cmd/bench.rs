@@ -1,0 +1,13 @@
+//! `edgevlm bench` (in progress).
+
+use std::process::ExitCode;
+
+/// (in progress)
+#[derive(Debug, clap::Args)]
+pub struct Cmd {}
+
+impl Cmd {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        anyhow::bail!("edgevlm bench is not built yet")
+    }
+}
