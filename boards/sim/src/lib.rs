@@ -2,6 +2,8 @@
 //! every level change with a timestamp. It drives the embedded default and the tests.
 #![warn(missing_docs)]
 
+pub mod serial_line;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -170,8 +170,15 @@ pub struct ModelEntry {
     pub version: String,
     /// Bytes of all its files.
     pub size_bytes: u64,
+    /// Number of its files.
+    pub files: u32,
+    /// Lowercase hex SHA-256 of its `model.toml` (empty if it has none): the host compares it
+    /// with its own package to skip identical pushes.
+    pub manifest_sha256: String,
     /// Whether it is the active model.
     pub active: bool,
+    /// Whether it is the model [`ModelStore::rollback`] would re-activate.
+    pub previous: bool,
 }
 
 /// The active model: name, version and package directory.
@@ -457,12 +464,59 @@ impl ModelStore {
         }
         fs::remove_dir_all(&dir).at(&dir)?;
         sync_dir(&self.root.join("staging"))?;
-        let active = self.active_state()?.active;
+        self.describe(
+            &upload.name,
+            &upload.version,
+            &target,
+            &self.active_state()?,
+        )
+    }
+
+    /// The installed model `name` `version` ([`Error::NotFound`] if it is not installed).
+    pub fn entry(&self, name: &str, version: &str) -> Result<ModelEntry> {
+        let dir = self.package_dir(name, version)?;
+        self.describe(name, version, &dir, &self.active_state()?)
+    }
+
+    /// The directory of installed model `name` `version` ([`Error::NotFound`] if it is not
+    /// installed, [`Error::InvalidName`] for bad names or a symlink in its place).
+    pub fn package_dir(&self, name: &str, version: &str) -> Result<PathBuf> {
+        self.installed_dir(name, version)
+    }
+
+    /// The files announced for staged upload `id`, in the order of its
+    /// [`ModelStore::begin_upload`] (the wire protocol names files by this index).
+    pub fn upload_files(&self, id: UploadId) -> Result<Vec<FileSpec>> {
+        Ok(self.load(id)?.1.files)
+    }
+
+    fn describe(
+        &self,
+        name: &str,
+        version: &str,
+        dir: &Path,
+        state: &ActiveState,
+    ) -> Result<ModelEntry> {
+        let is = |m: &Option<ModelRef>| {
+            m.as_ref()
+                .is_some_and(|m| m.name == name && m.version == version)
+        };
+        let (files, size_bytes) = tree_stats(dir)?;
+        let manifest = dir.join(MANIFEST);
+        let manifest_sha256 = match fs::symlink_metadata(&manifest) {
+            Ok(m) if m.is_file() => sha256_hex(&manifest)?,
+            Ok(_) => String::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).at(&manifest),
+        };
         Ok(ModelEntry {
-            size_bytes: tree_size(&target)?,
-            active: active.is_some_and(|a| a.name == upload.name && a.version == upload.version),
-            name: upload.name,
-            version: upload.version,
+            name: name.to_owned(),
+            version: version.to_owned(),
+            size_bytes,
+            files: u32::try_from(files).unwrap_or(u32::MAX),
+            manifest_sha256,
+            active: is(&state.active),
+            previous: is(&state.previous),
         })
     }
 
@@ -541,7 +595,7 @@ impl ModelStore {
 
     /// Installed model versions, sorted by name and version.
     pub fn list(&self) -> Result<Vec<ModelEntry>> {
-        let active = self.active_state()?.active;
+        let state = self.active_state()?;
         let mut out = Vec::new();
         let models = self.root.join("models");
         for name in read_dir_names(&models)? {
@@ -559,14 +613,7 @@ impl ModelStore {
                 {
                     continue;
                 }
-                out.push(ModelEntry {
-                    active: active
-                        .as_ref()
-                        .is_some_and(|a| a.name == name && a.version == version),
-                    size_bytes: tree_size(&dir)?,
-                    name: name.clone(),
-                    version,
-                });
+                out.push(self.describe(&name, &version, &dir, &state)?);
             }
         }
         out.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
@@ -811,19 +858,22 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Bytes of the regular files below `dir`; symlinks are not followed.
-fn tree_size(dir: &Path) -> Result<u64> {
-    let mut total = 0u64;
+/// `(count, bytes)` of the regular files below `dir`; symlinks are not followed.
+fn tree_stats(dir: &Path) -> Result<(u64, u64)> {
+    let (mut files, mut bytes) = (0u64, 0u64);
     for name in read_dir_names(dir)? {
         let path = dir.join(name);
         let meta = fs::symlink_metadata(&path).at(&path)?;
         if meta.is_dir() {
-            total = total.saturating_add(tree_size(&path)?);
+            let (f, b) = tree_stats(&path)?;
+            files += f;
+            bytes = bytes.saturating_add(b);
         } else if meta.is_file() {
-            total = total.saturating_add(meta.len());
+            files += 1;
+            bytes = bytes.saturating_add(meta.len());
         }
     }
-    Ok(total)
+    Ok((files, bytes))
 }
 
 /// `(relative path, sha256)` of every regular file below `dir`, sorted; anything else (a
@@ -956,15 +1006,22 @@ mod tests {
 
         let list = store.list().unwrap();
         let total: u64 = payload.files.iter().map(|(_, b)| b.len() as u64).sum();
-        assert_eq!(
-            list,
-            vec![ModelEntry {
-                name: "demo-parts".into(),
-                version: "1.0.0".into(),
-                size_bytes: total,
-                active: true,
-            }]
-        );
+        let manifest_sha256 = payload.specs()[0].2.clone();
+        let expected = ModelEntry {
+            name: "demo-parts".into(),
+            version: "1.0.0".into(),
+            size_bytes: total,
+            files: 2,
+            manifest_sha256,
+            active: true,
+            previous: false,
+        };
+        assert_eq!(list, vec![expected.clone()]);
+        assert_eq!(store.entry("demo-parts", "1.0.0").unwrap(), expected);
+        assert!(matches!(
+            store.entry("demo-parts", "9.9.9"),
+            Err(Error::NotFound(_))
+        ));
         let (name, version, dir) = store.active().unwrap().unwrap();
         assert_eq!((name.as_str(), version.as_str()), ("demo-parts", "1.0.0"));
         let package = ModelPackage::open(&dir).unwrap();
@@ -1000,6 +1057,13 @@ mod tests {
         let store = ModelStore::open(&root).unwrap();
         // The host re-sends its begin after the reconnect and gets the same upload back.
         let id = payload.begin(&store, "1.0.0").unwrap();
+        let announced: Vec<_> = store
+            .upload_files(id)
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.path, f.size, f.sha256))
+            .collect();
+        assert_eq!(announced, payload.specs());
         let (verified, size) = store.status(id, "model.onnx").unwrap();
         assert_eq!(verified, (chunks / 2 * CHUNK) as u64);
         assert_eq!(size, onnx_len);
@@ -1168,11 +1232,14 @@ mod tests {
             .list()
             .unwrap()
             .into_iter()
-            .map(|e| (e.version, e.active))
+            .map(|e| (e.version, e.active, e.previous))
             .collect();
         assert_eq!(
             active,
-            vec![("1.0.0".to_string(), true), ("2.0.0".to_string(), false)]
+            vec![
+                ("1.0.0".to_string(), true, false),
+                ("2.0.0".to_string(), false, true)
+            ]
         );
 
         assert!(matches!(

@@ -27,6 +27,10 @@
 //! - `defmt`: `defmt::Format` on every wire type.
 #![no_std]
 #![warn(missing_docs)]
+#![allow(
+    clippy::result_large_err,
+    reason = "no_std without alloc: the wire Error carries its message inline and cannot be boxed"
+)]
 
 #[cfg(any(feature = "std", test))]
 extern crate std;

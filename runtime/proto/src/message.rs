@@ -317,6 +317,10 @@ pub struct BenchSpec {
 }
 
 /// Input of a benchmark.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "no_std without alloc: a message is a fixed-capacity value, as large as its largest variant"
+)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum BenchInput {

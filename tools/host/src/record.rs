@@ -194,7 +194,6 @@ impl BenchRecord {
         let mut warmup_iterations = std::collections::BTreeSet::new();
         let mut memory = Vec::new();
         let mut nodes = Vec::new();
-        let mut token_timings = Vec::new();
         for event in events {
             match event {
                 proto::TraceEvent::Iteration(it) => {
@@ -216,12 +215,19 @@ impl BenchRecord {
                     mean_us: n.total_us as f64 / f64::from(n.iterations.max(1)),
                     share: f64::from(n.share_permille) / 1000.0,
                 }),
-                proto::TraceEvent::Token(t) => {
-                    token_timings.push((t.iteration, t.index, t.duration_us))
-                }
-                proto::TraceEvent::Span(_) => {}
+                proto::TraceEvent::Token(_) | proto::TraceEvent::Span(_) => {}
             }
         }
+        // Spans and tokens may precede their iteration's end event: filter them afterwards.
+        let token_timings: Vec<(u32, u32, u64)> = events
+            .iter()
+            .filter_map(|e| match e {
+                proto::TraceEvent::Token(t) if !warmup_iterations.contains(&t.iteration) => {
+                    Some((t.iteration, t.index, t.duration_us))
+                }
+                _ => None,
+            })
+            .collect();
         // Spans of timed iterations only, grouped by stage in first-seen order.
         let mut order: Vec<String> = Vec::new();
         let mut per_stage: BTreeMap<String, Vec<u64>> = BTreeMap::new();

@@ -1,35 +1,73 @@
-//! `edgevlm agent`: the board daemon. Runs the inspection loop a config describes until
-//! SIGTERM / SIGINT, then finishes the queued parts and exits 0.
+//! `edgevlm agent`: the board daemon, in one of three modes.
+//!
+//! - `--config FILE` (the default): runs the inspection loop a config describes until
+//!   SIGTERM / SIGINT, then finishes the queued parts and exits 0.
+//! - `--stdio`: serves the host protocol on stdin/stdout until stdin ends; this is what the host
+//!   tool runs through ssh. Frames only on stdout, logs on stderr.
+//! - `--serial DEV --baud N`: serves the host protocol on a serial port, reopening it whenever a
+//!   link ends, until SIGTERM / SIGINT.
 
+use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::Context;
 use edgevlm_agent::config::BoardKind;
-use edgevlm_agent::{linux, sim, AgentConfig, Event, Report};
+use edgevlm_agent::server::Level;
+use edgevlm_agent::{linux, sim, AgentConfig, Event, Report, Server, ServerConfig};
 use edgevlm_board::Signal;
 
-/// Run the inspection agent: trigger -> fresh frame -> verdict -> output pins.
+/// Where the inspection loop's config is read from when no mode is given.
+const DEFAULT_CONFIG: &str = "/etc/edgevlm/agent.toml";
+
+/// Run the board agent: the inspection loop (trigger -> fresh frame -> verdict -> output pins),
+/// or the protocol server the host tool talks to (`--stdio`, `--serial`).
 ///
-/// Logs one line per part and per incident on stderr (logfmt; journald priorities under
-/// systemd), and a summary at the end. See runtime/agent/dist/ for the systemd unit.
+/// Logs on stderr (logfmt; journald priorities under systemd): one line per part and per
+/// incident in the inspection loop, one line per request with its outcome in the server modes.
+/// See runtime/agent/dist/ for the systemd unit.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("link").args(["stdio", "serial"])))]
 pub struct Cmd {
-    /// The agent config.
-    #[arg(long, value_name = "FILE", default_value = "/etc/edgevlm/agent.toml")]
-    config: PathBuf,
+    /// The agent config for the inspection loop [default: /etc/edgevlm/agent.toml].
+    #[arg(long, value_name = "FILE", conflicts_with = "link")]
+    config: Option<PathBuf>,
+    /// Serve the host protocol on stdin/stdout until stdin ends (the host tool runs this
+    /// through ssh).
+    #[arg(long)]
+    stdio: bool,
+    /// Serve the host protocol on this serial port (reopened whenever a link ends) until
+    /// SIGTERM / SIGINT.
+    #[arg(long, value_name = "DEV", requires = "baud")]
+    serial: Option<PathBuf>,
+    /// Baud rate of the serial port (raw 8N1, e.g. 921600).
+    #[arg(long, value_name = "N", requires = "serial")]
+    baud: Option<u32>,
+    /// Model store of the protocol server [default: /var/lib/edgevlm/store].
+    #[arg(long, value_name = "DIR", requires = "link")]
+    store: Option<PathBuf>,
+    /// Board profile name the server reports to the host (`rpi5`, `sim`) [default: unknown].
+    #[arg(long, value_name = "NAME", requires = "link")]
+    board: Option<String>,
 }
 
 impl Cmd {
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        let config = AgentConfig::load(&self.config)?;
+        if self.stdio || self.serial.is_some() {
+            return self.serve();
+        }
+        let config_path = self.config.unwrap_or_else(|| DEFAULT_CONFIG.into());
+        let config = AgentConfig::load(&config_path)?;
         let log = Logger::new();
         let report = match config.board.kind {
             BoardKind::Sim => {
                 let (station, trigger, _pins) =
                     sim::build(&config).context("setting up the simulated board")?;
-                handle_signals(&station.handle(), &self.config, &log)?;
+                handle_signals(&station.handle(), &config_path, &log)?;
                 log.info(&format!(
                     "event=start board=sim model={}",
                     config.model.package.display()
@@ -39,7 +77,7 @@ impl Cmd {
             BoardKind::Linux => {
                 let (station, trigger, profile) =
                     linux::build(&config).context("setting up the board")?;
-                handle_signals(&station.handle(), &self.config, &log)?;
+                handle_signals(&station.handle(), &config_path, &log)?;
                 log.info(&format!(
                     "event=start board={} model={}",
                     profile.name,
@@ -51,6 +89,55 @@ impl Cmd {
         log.info(&summary(&report));
         Ok(ExitCode::SUCCESS)
     }
+
+    /// The protocol server modes.
+    fn serve(self) -> anyhow::Result<ExitCode> {
+        let store = self
+            .store
+            .unwrap_or_else(|| "/var/lib/edgevlm/store".into());
+        let board = self.board.unwrap_or_else(|| "unknown".into());
+        let log = Logger::new();
+        let server = Server::new(ServerConfig {
+            store: store.clone(),
+            board: board.clone(),
+        })
+        .with_context(|| format!("opening the model store {}", store.display()))?
+        .with_log(move |level: Level, line: &str| log.line(level as u8, line));
+        let start = |link: &str| {
+            Logger::new().info(&format!(
+                "event=start mode=server link={link} board={board:?} store={:?} version={}",
+                store.display().to_string(),
+                env!("CARGO_PKG_VERSION")
+            ))
+        };
+        match (self.serial, self.baud) {
+            (Some(device), Some(baud)) => {
+                start(&format!("{:?}", device.display().to_string()));
+                let stop = Arc::new(AtomicBool::new(false));
+                for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                    signal_hook::flag::register(signal, stop.clone())
+                        .context("installing signal handlers")?;
+                }
+                server.serve_serial(&device, baud, stop)?;
+            }
+            _ => {
+                start("stdio");
+                // Own descriptors, unbuffered: each frame leaves in one write, and std's
+                // line-buffered stdout never splits one at a 0x0A byte.
+                let input = dup(std::io::stdin().as_fd()).context("duplicating stdin")?;
+                let output = dup(std::io::stdout().as_fd()).context("duplicating stdout")?;
+                server
+                    .serve(input, output)
+                    .context("serving stdin/stdout")?;
+            }
+        }
+        Logger::new().info("event=stop mode=server");
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn dup(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<File> {
+    Ok(File::from(fd.try_clone_to_owned()?))
 }
 
 /// SIGTERM / SIGINT drain and stop; SIGHUP re-reads the config and loads the model package it
