@@ -16,13 +16,18 @@
 //! [`BenchSummary::dropped_events`]) rather than stall the measurement on a slow link. A batcher
 //! thread packs them into batches of at most [`MAX_TRACE_BATCH`] events and hands each batch to
 //! the caller at least every [`FLUSH_INTERVAL`]. A sampler thread adds a
-//! [`MemorySample`](edgevlm_proto::MemorySample) (VmRSS, and PSS where the kernel reports it)
+//! [`MemorySample`] (VmRSS, and PSS where the kernel reports it)
 //! every `memory_interval_ms`.
 //!
 //! Runtime errors map onto wire errors: unreadable files -> `Io`; a package that does not load
 //! (manifest, checksum, graph) -> `InvalidPackage`; graphs or images the runtime cannot handle ->
 //! `Unsupported`; a failure while running a loaded graph -> `Internal`. Every message is the
 //! full cause chain, truncated to the wire's limit.
+
+#![allow(
+    clippy::result_large_err,
+    reason = "the wire Error is a fixed-capacity no_std value (its message inline): handlers return what the protocol carries"
+)]
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

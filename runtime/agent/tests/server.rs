@@ -1,5 +1,9 @@
 //! The protocol server over a real socket pair: the test plays the host with raw
 //! `edgevlm-proto` frames, the server runs in a thread on a real model store.
+#![allow(
+    clippy::result_large_err,
+    reason = "the wire Error is a fixed-capacity no_std value, returned as the protocol carries it"
+)]
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -986,11 +990,9 @@ fn cancel_stops_a_long_benchmark() {
     );
     let bench = peer.send(Request::RunBenchmark(spec));
     // Wait until it streams, so it is running, not queued.
-    loop {
-        match peer.next_message() {
-            AgentMessage::Event { id, .. } if id == bench => break,
-            other => panic!("before the first trace batch: {other:?}"),
-        }
+    match peer.next_message() {
+        AgentMessage::Event { id, .. } if id == bench => {}
+        other => panic!("before the first trace batch: {other:?}"),
     }
     let started = std::time::Instant::now();
     let cancel = peer.send(Request::Cancel { id: bench });
@@ -1075,6 +1077,7 @@ fn garbage_on_the_link_is_skipped() {
 
 #[test]
 fn serial_daemon_serves_a_pty_and_stops_on_request() {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
     use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -1083,6 +1086,9 @@ fn serial_daemon_serves_a_pty_and_stops_on_request() {
     unlockpt(&master).unwrap();
     let device = PathBuf::from(ptsname(&master, Vec::new()).unwrap().to_str().unwrap());
     let mut master = std::fs::File::from(master);
+    // A fresh pty echoes what the host writes until someone makes it raw; the daemon does, but
+    // only once it opened the port. Make it raw now, so the host reads only the agent's bytes.
+    drop(edgevlm_board_linux::serial::open(&device, 921_600).unwrap());
 
     let (_tmp, server, logs) = new_server();
     // A port that cannot be opened fails at once.
@@ -1103,12 +1109,34 @@ fn serial_daemon_serves_a_pty_and_stops_on_request() {
         request: Request::Hello(HostHello::new("pty")),
     })
     .unwrap();
-    master.write_all(&hello).unwrap();
+    // The daemon flushes the line when it opens the port: say hello until it answers.
     let mut decoder: Box<Decoder<AgentMessage>> = Box::default();
     let mut buf = [0u8; 4096];
+    let started = std::time::Instant::now();
     let answer = 'read: loop {
-        let n = master.read(&mut buf).unwrap();
-        for msg in decoder.feed(&buf[..n]) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no answer on the pty"
+        );
+        master.write_all(&hello).unwrap();
+        let mut fds = [PollFd::new(&master, PollFlags::IN)];
+        let wait = Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        if poll(&mut fds, Some(&wait)).unwrap() == 0 {
+            continue;
+        }
+        let n = match master.read(&mut buf) {
+            Ok(n) => n,
+            // No slave open yet (the daemon has not opened the port): the master hangs up.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => panic!("reading the pty: {e}"),
+        };
+        if let Some(msg) = decoder.feed(&buf[..n]).next() {
             break 'read msg.unwrap();
         }
     };
