@@ -57,10 +57,16 @@ pub fn memory_kib() -> (u64, u64) {
 
 /// The core model named by `/proc/cpuinfo`: its `model name` (x86, some ARM kernels), else the
 /// Arm core names of its `CPU part` lines (`Cortex-A76`, or `Cortex-A55 + Cortex-A76` on
-/// big.LITTLE chips), else the board's `Model` line, else empty.
+/// big.LITTLE chips; also preferred over 32-bit ARM's generic `ARMv7 Processor` model name),
+/// else the board's `Model` line, else empty.
 pub fn cpu_model(cpuinfo: &str) -> String {
-    if let Some(name) = field_values(cpuinfo, "model name").next() {
-        return collapse_spaces(name);
+    let model_name = field_values(cpuinfo, "model name")
+        .next()
+        .map(collapse_spaces);
+    // 32-bit ARM kernels print a generic `ARMv7 Processor rev 3 (v7l)`: the part says more.
+    match model_name {
+        Some(name) if !name.starts_with("ARMv") => return name,
+        _ => {}
     }
     let mut names: Vec<String> = Vec::new();
     let mut implementer = None;
@@ -89,9 +95,8 @@ pub fn cpu_model(cpuinfo: &str) -> String {
     if !names.is_empty() {
         return names.join(" + ");
     }
-    field_values(cpuinfo, "Model")
-        .next()
-        .map(collapse_spaces)
+    model_name
+        .or_else(|| field_values(cpuinfo, "Model").next().map(collapse_spaces))
         .unwrap_or_default()
 }
 
@@ -173,6 +178,16 @@ mod tests {
         assert_eq!(
             cpu_model("CPU implementer\t: 0x51\nCPU part\t: 0xd0b\n"),
             "0x51/0xd0b"
+        );
+    }
+
+    #[test]
+    fn raspberry_pi_4_on_a_32_bit_kernel() {
+        let text = "processor\t: 0\nmodel name\t: ARMv7 Processor rev 3 (v7l)\nCPU implementer\t: 0x41\nCPU architecture: 7\nCPU part\t: 0xd08\n\nHardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n";
+        assert_eq!(cpu_model(text), "Cortex-A72");
+        assert_eq!(
+            cpu_model("model name\t: ARMv7 Processor rev 3 (v7l)\n"),
+            "ARMv7 Processor rev 3 (v7l)"
         );
     }
 

@@ -74,7 +74,10 @@ fn push_bench_and_compare_over_real_ssh() {
     assert!(out.starts_with("pushed demo-parts 1.0.0 to pi: "), "{out}");
     assert!(store.join("models/demo-parts/1.0.0/model.onnx").is_file());
     let installed = std::fs::read(store.join("models/demo-parts/1.0.0/model.onnx")).unwrap();
-    assert_eq!(installed, std::fs::read(demo_dir.join("model.onnx")).unwrap());
+    assert_eq!(
+        installed,
+        std::fs::read(demo_dir.join("model.onnx")).unwrap()
+    );
 
     let out = ok(&edgevlm(h, &["models", "--board", "pi", "--json"]));
     let models: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -89,8 +92,18 @@ fn push_bench_and_compare_over_real_ssh() {
     let out = ok(&edgevlm(
         h,
         &[
-            "bench", "--board", "pi", "--model", demo, "--warmup", "1", "--iterations", "5",
-            "--db", db, "--json",
+            "bench",
+            "--board",
+            "pi",
+            "--model",
+            demo,
+            "--warmup",
+            "1",
+            "--iterations",
+            "5",
+            "--db",
+            db,
+            "--json",
         ],
     ));
     assert!(out.contains("demo-parts"), "{out}");
@@ -99,10 +112,12 @@ fn push_bench_and_compare_over_real_ssh() {
 
     // Host-key checking is on: a known_hosts file without this server's key is refused.
     std::fs::write(h.join("empty_known_hosts"), "").unwrap();
-    let boards = std::fs::read_to_string(h.join("boards.toml")).unwrap().replace(
-        &sshd.known_hosts_file().display().to_string(),
-        &h.join("empty_known_hosts").display().to_string(),
-    );
+    let boards = std::fs::read_to_string(h.join("boards.toml"))
+        .unwrap()
+        .replace(
+            &sshd.known_hosts_file().display().to_string(),
+            &h.join("empty_known_hosts").display().to_string(),
+        );
     std::fs::write(h.join("boards.toml"), boards).unwrap();
     let out = edgevlm(h, &["models", "--board", "pi"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
@@ -165,8 +180,17 @@ fn push_and_bench_over_a_serial_line() {
     let out = ok(&edgevlm(
         h,
         &[
-            "bench", "--board", &url, "--model", demo, "--warmup", "1", "--iterations", "3",
-            "--db", db.to_str().unwrap(),
+            "bench",
+            "--board",
+            &url,
+            "--model",
+            demo,
+            "--warmup",
+            "1",
+            "--iterations",
+            "3",
+            "--db",
+            db.to_str().unwrap(),
         ],
     ));
     assert!(out.contains("demo-parts"), "{out}");
