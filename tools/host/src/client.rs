@@ -27,6 +27,9 @@ use crate::package::{LocalPackage, PackageError};
 use crate::record::{BenchRecord, BoardFacts, ModelFacts, RunSettings};
 use crate::transport::{Link, LinkGuard, TransportError};
 
+/// How long the handshake waits for an answer before sending the hello again.
+const HELLO_RESEND: Duration = Duration::from_secs(1);
+
 /// Timeouts and tuning of a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -443,9 +446,36 @@ impl Client {
                 return Err(self.lost_on_write(e));
             }
         }
-        let hello = proto::HostHello::new(&self.options.host_version);
-        let timeout = self.options.handshake_timeout;
-        let answer = self.call_within(Request::Hello(hello), what, timeout)?;
+        // The hello is sent again every second until one is answered: a serial agent that
+        // opens (and flushes) its port after the host has spoken never saw the first one.
+        // Every hello gets an answer; the ones after the first are dropped as stale.
+        let deadline = Instant::now() + self.options.handshake_timeout;
+        let mut sent = Vec::new();
+        let answer = loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.timeout(what, self.options.handshake_timeout));
+            }
+            sent.push(self.send(Request::Hello(proto::HostHello::new(
+                &self.options.host_version,
+            )))?);
+            let wait = (deadline - now).min(HELLO_RESEND);
+            let round_end = Instant::now() + wait;
+            let mut answered = None;
+            while answered.is_none() {
+                let left = round_end.saturating_duration_since(Instant::now());
+                match self.try_next_message(left)? {
+                    Some(AgentMessage::Response { id, result }) if sent.contains(&id) => {
+                        answered = Some(result)
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            if let Some(result) = answered {
+                break result.map_err(|error| self.agent_error(what, error))?;
+            }
+        };
         let Response::Hello(hello) = answer else {
             return Err(self.unexpected(what, &answer));
         };
