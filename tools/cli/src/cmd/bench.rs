@@ -70,7 +70,7 @@ pub struct Cmd {
     /// No stage spans, memory samples or node profile: only the summary (no tracing overhead).
     #[arg(long)]
     no_trace: bool,
-    /// The results database (default: $EDGEVLM_DB, else <data dir>/results.sqlite).
+    /// The results database (default: $EDGEVLM_DB, else DATA_DIR/results.sqlite).
     #[arg(long, value_name = "FILE")]
     db: Option<PathBuf>,
     /// One JSON object per model (the stored record) instead of text.

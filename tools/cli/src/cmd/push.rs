@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Which board, shared by `push`, `models` and `bench`.
 #[derive(Debug, clap::Args)]
 pub struct BoardArgs {
-    /// The board: a name from the boards file, ssh://[user@]host[:port],
+    /// The board: a name from the boards file, ssh://USER@HOST:PORT,
     /// serial:///dev/ttyUSB0?baud=921600, or `local` (an agent run from this executable, its
     /// store in $EDGEVLM_HOME/local-board).
     #[arg(long, value_name = "BOARD")]
