@@ -6,9 +6,11 @@
 //! editing, blocking reads that return as soon as one byte is there.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use rustix::termios::{self, ControlModes, OptionalActions, QueueSelector, SpecialCodeIndex};
 
@@ -25,7 +27,7 @@ pub enum SerialError {
     #[error("unsupported baud rate {0} (use one of 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600, ... 4000000)")]
     Baud(u32),
     /// Opening or configuring the device failed.
-    #[error("{path}: {what}: {source}")]
+    #[error("{path}: {what}")]
     Io {
         /// The device.
         path: String,
@@ -71,6 +73,45 @@ pub fn open(path: &Path, baud: u32) -> Result<File, SerialError> {
         .map_err(io::Error::from)
         .map_err(err("flushing the line"))?;
     Ok(file)
+}
+
+/// A serial port read that returns end of file once `stop` is set, checked every 200 ms while
+/// the line is quiet: a blocking read on an idle tty never returns, and the port stays open (so
+/// the other end never sees it close) as long as a reader thread holds it. The agent's serial
+/// server and the host's serial transport both read through it.
+#[derive(Debug)]
+pub struct StoppableReader {
+    file: File,
+    stop: Arc<AtomicBool>,
+}
+
+impl StoppableReader {
+    /// Reads `file` until `stop` is set.
+    pub fn new(file: File, stop: Arc<AtomicBool>) -> StoppableReader {
+        StoppableReader { file, stop }
+    }
+}
+
+impl Read for StoppableReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let tick = Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000_000,
+        };
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(0);
+            }
+            let mut fds = [PollFd::new(&self.file, PollFlags::IN)];
+            match poll(&mut fds, Some(&tick)) {
+                Ok(0) => continue,
+                Ok(_) => return self.file.read(buf),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
 /// The baud rate a serial device is set to (for reports).

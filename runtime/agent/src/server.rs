@@ -31,7 +31,6 @@
 )]
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -47,6 +46,7 @@ use edgevlm_proto::{
 use crate::bench::{self, RunTrace};
 use crate::store::{self, ModelEntry, ModelStore};
 use crate::sysinfo;
+use edgevlm_board_linux::serial::StoppableReader;
 
 /// Benchmarks whose traces are kept for [`Request::FetchTraces`].
 pub const KEPT_RUNS: usize = 8;
@@ -241,10 +241,7 @@ impl Server {
                 ),
             );
             let reader = match port.try_clone() {
-                Ok(file) => StoppableReader {
-                    file,
-                    stop: stop.clone(),
-                },
+                Ok(file) => StoppableReader::new(file, stop.clone()),
                 Err(e) => {
                     self.log(
                         Level::Error,
@@ -738,35 +735,6 @@ impl<W: Write> Link<W> {
         self.closed.store(true, Ordering::SeqCst);
         for flag in self.running.lock().unwrap().values() {
             flag.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-/// A serial port read that returns EOF once `stop` is set, checked every 200 ms while the
-/// line is idle (a blocking read on a quiet UART would never return).
-struct StoppableReader {
-    file: File,
-    stop: Arc<AtomicBool>,
-}
-
-impl Read for StoppableReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let tick = Timespec {
-            tv_sec: 0,
-            tv_nsec: 200_000_000,
-        };
-        loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return Ok(0);
-            }
-            let mut fds = [PollFd::new(&self.file, PollFlags::IN)];
-            match poll(&mut fds, Some(&tick)) {
-                Ok(0) => continue,
-                Ok(_) => return self.file.read(buf),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
         }
     }
 }

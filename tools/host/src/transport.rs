@@ -11,7 +11,6 @@
 //! host tool, which then decides what to cancel; closing a link kills and reaps its process.
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStderr, Command, Stdio};
@@ -21,6 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::inventory::{shell_quote, Board, Endpoint};
+use edgevlm_board_linux::serial::StoppableReader;
 
 /// How much of a child's stderr is kept (the end of it).
 const STDERR_KEEP: usize = 8 * 1024;
@@ -82,10 +82,7 @@ impl Link {
                 let port = edgevlm_board_linux::serial::open(device, *baud)?;
                 let writer = port.try_clone().map_err(TransportError::Clone)?;
                 let stop = Arc::new(AtomicBool::new(false));
-                let reader = StoppableReader {
-                    file: port,
-                    stop: stop.clone(),
-                };
+                let reader = StoppableReader::new(port, stop.clone());
                 Ok(Link::from_streams(reader, writer)
                     .on_close(move || stop.store(true, Ordering::SeqCst)))
             }
@@ -265,36 +262,6 @@ impl LinkGuard {
 impl Drop for LinkGuard {
     fn drop(&mut self) {
         self.close();
-    }
-}
-
-/// A serial port read that returns end of file once `stop` is set, checked every 200 ms while
-/// the line is quiet: a blocking read on an idle tty never returns, and the port stays open
-/// (so the other end never sees it close) as long as a reader thread holds it.
-struct StoppableReader {
-    file: File,
-    stop: Arc<AtomicBool>,
-}
-
-impl Read for StoppableReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let tick = Timespec {
-            tv_sec: 0,
-            tv_nsec: 200_000_000,
-        };
-        loop {
-            if self.stop.load(Ordering::SeqCst) {
-                return Ok(0);
-            }
-            let mut fds = [PollFd::new(&self.file, PollFlags::IN)];
-            match poll(&mut fds, Some(&tick)) {
-                Ok(0) => continue,
-                Ok(_) => return self.file.read(buf),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 }
 
