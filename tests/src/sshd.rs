@@ -227,6 +227,7 @@ fn spawn_and_wait(dir: &Path, port: u16) -> Result<Child, Failure> {
          PermitUserEnvironment no\n\
          PermitUserRC no\n\
          X11Forwarding no\n\
+         Subsystem sftp internal-sftp\n\
          PrintMotd no\n\
          PrintLastLog no\n\
          UseDNS no\n\

@@ -27,8 +27,10 @@ use crate::package::{LocalPackage, PackageError};
 use crate::record::{BenchRecord, BoardFacts, ModelFacts, RunSettings};
 use crate::transport::{Link, LinkGuard, TransportError};
 
-/// How long the handshake waits for an answer before sending the hello again.
-const HELLO_RESEND: Duration = Duration::from_secs(1);
+/// How long the handshake waits for an answer before sending the hello again: doubling from
+/// the first to the last value, so an agent that starts a moment after the host is answered at
+/// once, and a slow line is not flooded with hellos.
+const HELLO_RESEND: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
 
 /// Timeouts and tuning of a [`Client`].
 #[derive(Debug, Clone)]
@@ -446,11 +448,13 @@ impl Client {
                 return Err(self.lost_on_write(e));
             }
         }
-        // The hello is sent again every second until one is answered: a serial agent that
-        // opens (and flushes) its port after the host has spoken never saw the first one.
-        // Every hello gets an answer; the ones after the first are dropped as stale.
+        // The hello is sent again (after 0.1 s, 0.2 s, ... up to every second) until one is
+        // answered: a serial agent that opens (and flushes) its port after the host has spoken
+        // never saw the first one. Every hello gets an answer; the ones after the first are
+        // dropped as stale.
         let deadline = Instant::now() + self.options.handshake_timeout;
         let mut sent = Vec::new();
+        let mut resend = HELLO_RESEND.0;
         let answer = loop {
             let now = Instant::now();
             if now >= deadline {
@@ -459,7 +463,8 @@ impl Client {
             sent.push(self.send(Request::Hello(proto::HostHello::new(
                 &self.options.host_version,
             )))?);
-            let wait = (deadline - now).min(HELLO_RESEND);
+            let wait = (deadline - now).min(resend);
+            resend = (resend * 2).min(HELLO_RESEND.1);
             let round_end = Instant::now() + wait;
             let mut answered = None;
             while answered.is_none() {
