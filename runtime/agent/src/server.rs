@@ -421,14 +421,19 @@ impl Server {
                 format!("outcome=error error={:?}", e.to_string()),
             ),
         };
-        self.log(
-            level,
-            &format!(
-                "event=request id={} request={}{detail} {outcome} ms={ms:.1}",
-                id.0,
-                request_name(&request)
-            ),
-        );
+        // An accepted chunk is not worth a line: a 64 MiB push is 2,048 of them. The upload's
+        // begin and commit lines carry the totals; refused chunks are logged.
+        let routine = result.is_ok() && matches!(request, Request::PushChunk(_));
+        if !routine {
+            self.log(
+                level,
+                &format!(
+                    "event=request id={} request={}{detail} {outcome} ms={ms:.1}",
+                    id.0,
+                    request_name(&request)
+                ),
+            );
+        }
         link.send(&AgentMessage::Response { id, result });
     }
 

@@ -593,6 +593,13 @@ fn upload_resume_commit_activate_remove_rollback() {
             && l.contains("checksum mismatch")),
         "{logs:#?}"
     );
+    // Accepted chunks are not logged one by one.
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("request=push_chunk") && l.contains("outcome=ok")),
+        "{logs:#?}"
+    );
 }
 
 #[test]
