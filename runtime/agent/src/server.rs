@@ -47,6 +47,7 @@ use crate::bench::{self, RunTrace};
 use crate::store::{self, ModelEntry, ModelStore};
 use crate::sysinfo;
 use edgevlm_board_linux::serial::StoppableReader;
+use edgevlm_runtime::package::hex;
 
 /// Benchmarks whose traces are kept for [`Request::FetchTraces`].
 pub const KEPT_RUNS: usize = 8;
@@ -527,7 +528,7 @@ impl Server {
     }
 
     fn begin_upload(&self, spec: &UploadSpec) -> Result<UploadState, Error> {
-        let hex: Vec<String> = spec.files.iter().map(|f| to_hex(&f.sha256)).collect();
+        let hex: Vec<String> = spec.files.iter().map(|f| hex(&f.sha256)).collect();
         let files: Vec<(&str, u64, &str)> = spec
             .files
             .iter()
@@ -776,10 +777,6 @@ fn model_detail(detail: &mut String, model: &ModelRef) {
     let _ = write!(detail, " model={} version={}", model.name, model.version);
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn from_hex(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 || !hex.is_ascii() {
         return None;
@@ -798,7 +795,7 @@ mod tests {
     #[test]
     fn hex_round_trip() {
         let digest: [u8; 32] = core::array::from_fn(|i| (i * 37) as u8);
-        assert_eq!(from_hex(&to_hex(&digest)), Some(digest));
+        assert_eq!(from_hex(&hex(&digest)), Some(digest));
         assert_eq!(from_hex(""), None);
         assert_eq!(from_hex(&"zz".repeat(32)), None);
     }

@@ -24,11 +24,14 @@
 //! The store does not know the wire protocol: its [`Error`] variants map 1:1 onto the wire
 //! errors of `edgevlm-proto` (see each variant).
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
+use edgevlm_runtime::package::hex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -217,7 +220,13 @@ type FreeSpaceProbe = Box<dyn Fn(&Path) -> io::Result<u64> + Send + Sync>;
 pub struct ModelStore {
     root: PathBuf,
     free_space: FreeSpaceProbe,
+    /// Running SHA-256 of each staged file this process has written from offset 0 in order, so
+    /// a commit need not read the package back (on an SD card that costs seconds).
+    running: Mutex<HashMap<RunningKey, (u64, Sha256)>>,
 }
+
+/// Upload, file path and announced digest of a running hash.
+type RunningKey = (UploadId, String, String);
 
 impl std::fmt::Debug for ModelStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,6 +249,7 @@ impl ModelStore {
         Ok(ModelStore {
             root,
             free_space: Box::new(statvfs_available),
+            running: Mutex::default(),
         })
     }
 
@@ -390,6 +400,7 @@ impl ModelStore {
             out.set_len(offset).at(&path)?;
         }
         out.write_all_at(data, offset).at(&path)?;
+        self.extend_running_hash(id, spec, offset, data);
         let checkpoint = !progress.this_boot
             || end == spec.size
             || end / CHECKPOINT_BYTES != progress.recorded / CHECKPOINT_BYTES;
@@ -442,7 +453,7 @@ impl ModelStore {
             if !meta.is_file() {
                 return Err(Error::InvalidName(f.path.clone()));
             }
-            if meta.len() != f.size || sha256_hex(&path)? != f.sha256 {
+            if meta.len() != f.size || self.staged_digest(id, f, &path)? != f.sha256 {
                 remove_staged(&dir, &f.path)?;
                 return Err(Error::DigestMismatch {
                     file: f.path.clone(),
@@ -646,6 +657,40 @@ impl ModelStore {
         let upload =
             read_upload(&dir)?.ok_or_else(|| Error::NotFound(format!("upload {:08x}", id.0)))?;
         Ok((dir, upload))
+    }
+
+    /// Feeds `data`, just written at `offset` of `spec`, to the file's running hash; a write
+    /// that does not continue it (a resume in another process, after a reboot) drops it.
+    fn extend_running_hash(&self, id: UploadId, spec: &FileSpec, offset: u64, data: &[u8]) {
+        let key = (id, spec.path.clone(), spec.sha256.clone());
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match running.get_mut(&key) {
+            Some((at, hasher)) if *at == offset => {
+                hasher.update(data);
+                *at += data.len() as u64;
+            }
+            _ if offset == 0 => {
+                running.insert(key, (data.len() as u64, Sha256::new_with_prefix(data)));
+            }
+            _ => {
+                running.remove(&key);
+            }
+        }
+    }
+
+    /// SHA-256 (hex) of staged file `f` at `path`: its running hash when this process wrote all
+    /// of it in order, otherwise read back from disk.
+    fn staged_digest(&self, id: UploadId, f: &FileSpec, path: &Path) -> Result<String> {
+        let key = (id, f.path.clone(), f.sha256.clone());
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        match running {
+            Some((at, hasher)) if at == f.size => Ok(hex(&hasher.finalize())),
+            _ => sha256_hex(path),
+        }
     }
 
     /// Bytes of `f` the board holds (see [`Progress::verified`]).
@@ -1018,10 +1063,7 @@ mod tests {
             self.files
                 .iter()
                 .map(|(p, b)| {
-                    let digest: String = Sha256::digest(b)
-                        .iter()
-                        .map(|x| format!("{x:02x}"))
-                        .collect();
+                    let digest = hex(&Sha256::digest(b));
                     (p.clone(), b.len() as u64, digest)
                 })
                 .collect()

@@ -339,9 +339,8 @@ mod tests {
         assert!(paths.contains(&"model.toml"));
         assert!(paths.contains(&"samples/ok_01.png"), "{paths:?}");
         let onnx = pkg.files.iter().find(|f| f.path == "model.onnx").unwrap();
-        let hex: String = onnx.sha256.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
-            hex,
+            edgevlm_runtime::package::hex(&onnx.sha256),
             edgevlm_runtime::package::sha256_file(&onnx.local).unwrap()
         );
         assert_eq!(onnx.size, fs::metadata(&onnx.local).unwrap().len());

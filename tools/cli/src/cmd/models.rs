@@ -82,11 +82,7 @@ impl Cmd {
 }
 
 fn model_json(m: &ModelInfo) -> serde_json::Value {
-    let sha: String = m
-        .manifest_sha256
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha = edgevlm_runtime::package::hex(&m.manifest_sha256);
     json!({
         "name": m.name.as_str(),
         "version": m.version.as_str(),
