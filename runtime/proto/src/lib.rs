@@ -35,6 +35,7 @@
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+mod bytes;
 mod crc;
 mod error;
 pub mod frame;

@@ -246,6 +246,7 @@ pub struct Chunk {
     #[serde(with = "postcard::fixint::le")]
     pub crc32: u32,
     /// At most [`MAX_CHUNK`] bytes (less if the agent's hello says so).
+    #[serde(with = "crate::bytes")]
     pub data: Vec<u8, MAX_CHUNK>,
 }
 
@@ -333,7 +334,7 @@ pub enum BenchInput {
     /// (decode, preprocess, infer, postprocess).
     PackageFile(FilePath),
     /// An encoded image (JPEG / PNG) sent with the request, run through the whole pipeline.
-    Image(Vec<u8, MAX_INLINE_INPUT>),
+    Image(#[serde(with = "crate::bytes")] Vec<u8, MAX_INLINE_INPUT>),
 }
 
 /// Which trace events a benchmark streams.

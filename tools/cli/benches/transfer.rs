@@ -85,6 +85,8 @@ struct Row {
     raw: f64,
     push: f64,
     push_connect: f64,
+    /// ssh: a login alone (`ssh host true`), s.
+    login: Option<f64>,
 }
 
 impl Row {
@@ -126,7 +128,14 @@ fn ssh_row(work: &Path, payload: usize, reps: usize) -> Option<Row> {
         .map(|o| if o == "-p" { "-P".into() } else { o })
         .collect();
     let (mut raw, mut push, mut push_connect) = (Vec::new(), Vec::new(), Vec::new());
+    let mut login = Vec::new();
     for rep in 0..reps {
+        // What an ssh login alone costs, part of both scp's time and the push's connect.
+        let start = Instant::now();
+        let status = sshd.ssh_command("true").status().expect("ssh runs");
+        login.push(start.elapsed().as_secs_f64());
+        assert!(status.success(), "ssh failed: {}", sshd.log());
+
         let dest = work.join(format!("scp-{rep}"));
         std::fs::create_dir_all(&dest).unwrap();
         let start = Instant::now();
@@ -160,6 +169,7 @@ fn ssh_row(work: &Path, payload: usize, reps: usize) -> Option<Row> {
         std::fs::remove_dir_all(&store).unwrap();
     }
     Some(Row {
+        login: Some(median(login)),
         channel: "ssh loopback (vs scp)".into(),
         bytes: package.total_bytes(),
         raw: median(raw),
@@ -229,6 +239,7 @@ fn serial_row(work: &Path, baud: u32, payload: usize) -> Row {
         raw,
         push: push.as_secs_f64(),
         push_connect: total.as_secs_f64(),
+        login: None,
     }
 }
 
@@ -342,12 +353,25 @@ fn main() {
         "| channel | package | raw channel | edgevlm push | push incl. connect | raw / push | raw / push incl. connect |"
     );
     println!("|---|---|---|---|---|---|---|");
-    if let Some(row) = ssh_row(work.path(), ssh_payload, ssh_reps) {
+    let mut rows: Vec<Row> = ssh_row(work.path(), ssh_payload, ssh_reps)
+        .into_iter()
+        .collect();
+    for (baud, payload) in serial {
+        rows.push(serial_row(work.path(), baud, payload));
+    }
+    for row in &rows {
         row.print();
     }
-    for (baud, payload) in serial {
-        serial_row(work.path(), baud, payload).print();
+    for row in &rows {
+        if let Some(login) = row.login {
+            println!();
+            println!(
+                "{}: an ssh login alone (`ssh host true`) takes {login:.3} s; it is part of \
+                 both scp's time and the push's connect.",
+                row.channel
+            );
+        }
     }
-    let (iterations, rounds) = if quick { (50, 2) } else { (500, 5) };
+    let (iterations, rounds) = if quick { (50, 2) } else { (2000, 9) };
     tracing_rows(work.path(), iterations, rounds);
 }
