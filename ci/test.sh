@@ -22,6 +22,8 @@ step "edgevlm-proto is no_std (thumbv7em-none-eabihf, with and without defmt)"
 rustup target list --installed | grep -qx thumbv7em-none-eabihf || rustup target add thumbv7em-none-eabihf
 cargo build --release -j"$jobs" -p edgevlm-proto --no-default-features --target thumbv7em-none-eabihf
 cargo build --release -j"$jobs" -p edgevlm-proto --no-default-features --features defmt --target thumbv7em-none-eabihf
+step "aarch64: cross-build (glibc <= 2.28), fixture tests and demo under qemu-aarch64 cortex-a72"
+bash ci/cross.sh
 step "doc tests and docs"
 RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps -j"$jobs" -q
 step "done"
