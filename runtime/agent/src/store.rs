@@ -417,6 +417,40 @@ impl ModelStore {
         Ok(end)
     }
 
+    /// Installs the package in the local directory `dir` as a push would (staged, verified,
+    /// committed), e.g. to preload a board image. Symlinks are refused.
+    pub fn install_dir(&self, dir: &Path) -> Result<ModelEntry> {
+        let package = edgevlm_runtime::ModelPackage::open(dir)
+            .map_err(|e| Error::InvalidPackage(edgevlm_runtime::error_chain(&e)))?;
+        let model = &package.manifest().model;
+        let mut files = Vec::new();
+        for (rel, sha256) in tree_digest(dir)? {
+            if sha256.is_empty() {
+                return Err(Error::InvalidName(rel));
+            }
+            let path = dir.join(&rel);
+            let size = fs::symlink_metadata(&path).at(&path)?.len();
+            files.push((rel, size, sha256));
+        }
+        let specs: Vec<(&str, u64, &str)> = files
+            .iter()
+            .map(|(p, size, sha)| (p.as_str(), *size, sha.as_str()))
+            .collect();
+        let id = self.begin_upload(&model.name, &model.version, &specs)?;
+        let mut buf = vec![0u8; CHECKPOINT_BYTES as usize];
+        for (rel, size, _) in &files {
+            let path = dir.join(rel);
+            let file = File::open(&path).at(&path)?;
+            let mut offset = self.status(id, rel)?.0;
+            while offset < *size {
+                let n = ((*size - offset) as usize).min(buf.len());
+                file.read_exact_at(&mut buf[..n], offset).at(&path)?;
+                offset = self.write_chunk(id, rel, offset, &buf[..n])?;
+            }
+        }
+        self.commit(id)
+    }
+
     /// `(verified, size)` of staged `file`, for resuming after a broken link or a restart.
     pub fn status(&self, id: UploadId, file: &str) -> Result<(u64, u64)> {
         let (dir, upload) = self.load(id)?;

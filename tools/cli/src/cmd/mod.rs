@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod agent;
 mod bench;
 mod compare;
+mod image;
 mod inspect;
 mod models;
 mod push;
@@ -42,6 +43,7 @@ enum Command {
     Models(models::Cmd),
     Bench(bench::Cmd),
     Compare(compare::Cmd),
+    Image(image::Cmd),
 }
 
 /// Runs the chosen subcommand.
@@ -54,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(cmd) => cmd.run(),
         Command::Bench(cmd) => cmd.run(),
         Command::Compare(cmd) => cmd.run(),
+        Command::Image(cmd) => cmd.run(),
     }
 }
 
