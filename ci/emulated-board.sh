@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole system on an emulated ARM board, one command:
-#   bash ci/emulated-board.sh [--keep-running]
+#   bash ci/emulated-board.sh [--keep-running] [--base ROOTFS.tar]
 #
 # 1. cross-builds edgevlm for aarch64 (ci/cross.sh) and the host CLI;
 # 2. `edgevlm image build --board rpi4 --model models/demo` (mmdebstrap rootfs, cached in
@@ -18,7 +18,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 keep=0
-[ "${1:-}" = "--keep-running" ] && keep=1
+base_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep-running) keep=1; shift ;;
+    --base) base_args=(--base "${2:?--base needs a tarball}"); shift 2 ;;
+    *) echo "emulated-board.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
 work=target/emulated-board
 mkdir -p "$work"
 t0=$(date +%s)
@@ -52,16 +59,18 @@ step "builds"
 bash ci/cross.sh --no-test
 cargo build --release -j2 -q -p edgevlm
 edgevlm=target/release/edgevlm
-# The board layer's real-device tests, for aarch64, to run inside the VM.
+# The board layer's real-device tests, for aarch64, to run inside the VM (zig and the header
+# path as ci/cross.sh set them up).
+export PATH="$PWD/target/cross-venv/bin:$PATH"
+export BINDGEN_EXTRA_CLANG_ARGS="-idirafter /usr/aarch64-linux-gnu/include"
 cargo-zigbuild test --release -j2 -q -p edgevlm-board-linux --test devices \
-  --target aarch64-unknown-linux-gnu.2.28 --no-run 2>/dev/null ||
-  cargo test --release -j2 -q -p edgevlm-board-linux --test devices --target aarch64-unknown-linux-gnu --no-run
+  --target aarch64-unknown-linux-gnu.2.28 --no-run
 devices_test=$(ls -t target/aarch64-unknown-linux-gnu/release/deps/devices-* | grep -v '\.d$' | head -1)
 
 step "image"
 [ -f "$work/id_ed25519" ] || ssh-keygen -q -t ed25519 -N "" -C emulated-board -f "$work/id_ed25519"
 $SUDO "$edgevlm" image build --board rpi4 --model models/demo --ssh-key "$work/id_ed25519.pub" \
-  --hostname emu-board --cache "$work/cache" --out "$work/edgevlm-rpi4.img"
+  --hostname emu-board --cache "$work/cache" "${base_args[@]}" --out "$work/edgevlm-rpi4.img"
 
 step "boot"
 boot="$work/edgevlm-rpi4.img@@4194304"
@@ -75,7 +84,7 @@ qemu-system-aarch64 -M virt -cpu cortex-a72 -smp 2 -m 2048 \
   -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
   -append "root=LABEL=EDGEVLM_ROOT rootfstype=ext4 rootwait console=ttyAMA0" \
   -drive "file=$work/disk.qcow2,if=virtio,format=qcow2" \
-  -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0 \
+  -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0,romfile= \
   -display none -monitor none -serial "file:$work/console.log" &
 qemu=$!
 cleanup() {

@@ -178,7 +178,20 @@ fn vivid_captures_fresh_frames() {
         return;
     };
 
-    let mut camera = V4l2Camera::open(device, 640, 480, CameraFormat::Yuyv, Some(30)).unwrap();
+    // A rate the driver cannot do is refused, naming the device and what it chose instead
+    // (vivid's webcam input offers 25 and 50 fps at 640x480, first seen in the emulated board).
+    match V4l2Camera::open(device, 640, 480, CameraFormat::Yuyv, Some(1000)) {
+        Err(e @ edgevlm_board_linux::v4l2::V4l2Error::FrameRate { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains(&device.display().to_string()) && text.contains("1000 fps"),
+                "{text}"
+            );
+        }
+        other => panic!("expected a frame-rate error, got {:?}", other.map(|_| ())),
+    }
+    // The driver's own rate.
+    let mut camera = V4l2Camera::open(device, 640, 480, CameraFormat::Yuyv, None).unwrap();
     let mut previous: Option<edgevlm_board::Frame> = None;
     for i in 0..4 {
         // Let the stream fill every buffer with frames older than the next call.
