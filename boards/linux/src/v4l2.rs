@@ -453,13 +453,20 @@ impl V4l2Camera {
                     height as usize,
                 ),
             };
+            let mut stamped = exposure.or(timestamp).unwrap_or(dequeued_at);
+            if stream_started {
+                // A stream this call started exposed nothing before the call; the one-period
+                // end-of-frame correction overshoots for drivers whose first frame comes at
+                // once (vivid, seen on the emulated board).
+                stamped = stamped.max(start);
+            }
             let frame = Frame {
                 format: format.pixel_format(),
                 width,
                 height,
                 data,
                 sequence: self.sequence,
-                timestamp: exposure.or(timestamp).unwrap_or(dequeued_at),
+                timestamp: stamped,
                 source: path.display().to_string(),
             };
             self.sequence += 1;
