@@ -10,9 +10,10 @@
 #    127.0.0.1, console log in target/emulated-board/console.log), on a 4 GiB overlay so the
 #    first-boot unit grows the root partition;
 # 4. from the host: `edgevlm models`, `edgevlm push` of a new version, `edgevlm bench`, all over
-#    ssh with host-key checking; inside the VM: `modprobe vivid` and the board layer's
-#    real-device tests (cross-built) against it.
-# Not covered: gpio-sim (Debian's arm64 kernel lacks it) and the serial console push.
+#    ssh with host-key checking; the same over a serial line (a virtconsole in the VM, where
+#    the image runs `edgevlm agent --serial /dev/hvc0`, and a pty on the host); inside the VM:
+#    `modprobe vivid` and the board layer's real-device tests (cross-built) against it.
+# Not covered: gpio-sim (Debian's arm64 kernel lacks it).
 # Exit 0 when every step passed; timings are printed per step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,13 +71,14 @@ devices_test=$(ls -t target/aarch64-unknown-linux-gnu/release/deps/devices-* | g
 step "image"
 [ -f "$work/id_ed25519" ] || ssh-keygen -q -t ed25519 -N "" -C emulated-board -f "$work/id_ed25519"
 $SUDO "$edgevlm" image build --board rpi4 --model models/demo --ssh-key "$work/id_ed25519.pub" \
-  --hostname emu-board --cache "$work/cache" "${base_args[@]}" --out "$work/edgevlm-rpi4.img"
+  --hostname emu-board --serial-agent hvc0:115200 --cache "$work/cache" "${base_args[@]}" \
+  --out "$work/edgevlm-rpi4.img"
 
 step "boot"
 boot="$work/edgevlm-rpi4.img@@4194304"
 rm -f "$work/vmlinuz" "$work/initrd.img"
 mcopy -i "$boot" ::/vmlinuz ::/initrd.img "$work/"
-rm -f "$work/disk.qcow2"
+rm -f "$work/disk.qcow2" "$work/agent.pty"
 qemu-img create -q -f qcow2 -F raw -b "$(realpath "$work/edgevlm-rpi4.img")" "$work/disk.qcow2" 4G
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 : > "$work/console.log"
@@ -85,7 +87,8 @@ qemu-system-aarch64 -M virt -cpu cortex-a72 -smp 2 -m 2048 \
   -append "root=LABEL=EDGEVLM_ROOT rootfstype=ext4 rootwait console=ttyAMA0" \
   -drive "file=$work/disk.qcow2,if=virtio,format=qcow2" \
   -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0,romfile= \
-  -display none -monitor none -serial "file:$work/console.log" &
+  -device virtio-serial-pci,romfile= -chardev "pty,id=agentline,path=$work/agent.pty" -device virtconsole,chardev=agentline \
+  -display none -monitor none -serial "file:$work/console.log" 2> "$work/qemu.log" &
 qemu=$!
 cleanup() {
   if [ "$keep" = 0 ]; then kill "$qemu" 2>/dev/null || true; wait "$qemu" 2>/dev/null || true; fi
@@ -133,6 +136,17 @@ sed -i 's/^version = "1.0.0"/version = "1.0.1"/' "$work/demo-v2/model.toml"
 "$edgevlm" bench --board emu --model "$work/demo-v2" --warmup 2 --iterations 20 \
   --db "$work/results.sqlite"
 "$edgevlm" compare --last 1 --db "$work/results.sqlite"
+
+step "host tool over the serial line (virtconsole hvc0 <-> host pty)"
+pty=$(readlink -f "$work/agent.pty" || true)
+[ -c "$pty" ] || { echo "qemu made no pty for the agent line:"; cat "$work/qemu.log"; exit 1; }
+serial="serial://$pty?baud=115200"
+"$edgevlm" models --board "$serial"
+rm -rf "$work/demo-v3"; cp -r models/demo "$work/demo-v3"
+sed -i 's/^version = "1.0.0"/version = "1.0.2"/' "$work/demo-v3/model.toml"
+"$edgevlm" push --board "$serial" "$work/demo-v3" --activate
+"$edgevlm" models --board emu | tee "$work/models.txt"
+grep -q "1.0.2.*active" "$work/models.txt"
 
 step "real devices inside the VM (vivid)"
 scp -F none -P "$port" -i "$work/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=yes \

@@ -95,6 +95,15 @@ pub struct Wifi {
     pub psk: String,
 }
 
+/// The protocol agent on a serial line of the board.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialAgent {
+    /// Device name under /dev: `ttyAMA0` (the Pi's GPIO UART), `ttyUSB0`, `ttyGS0`, `hvc0`.
+    pub device: String,
+    /// Line speed.
+    pub baud: u32,
+}
+
 /// What to put in an image.
 #[derive(Debug, Clone)]
 pub struct ImageSpec {
@@ -112,6 +121,9 @@ pub struct ImageSpec {
     pub hostname: String,
     /// Optional Wi-Fi.
     pub wifi: Option<Wifi>,
+    /// A serial line for `edgevlm push` / `bench` without a network: the protocol agent is
+    /// started on it at boot (and the kernel console and login prompt kept off it).
+    pub serial_agent: Option<SerialAgent>,
     /// The image file to write (`.img`, or `.img.xz` to compress it).
     pub out: PathBuf,
 }
@@ -335,7 +347,13 @@ pub fn build(spec: &ImageSpec, log: &mut dyn FnMut(&str)) -> Result<Report> {
 
     log("boot partition (FAT32)");
     let boot_dir = work.path().join("boot");
-    stage_boot(spec.board, &root, &kernel, &boot_dir)?;
+    stage_boot(
+        spec.board,
+        spec.serial_agent.as_ref(),
+        &root,
+        &kernel,
+        &boot_dir,
+    )?;
     let boot_img = work.path().join("boot.vfat");
     make_vfat(&boot_dir, &boot_img)?;
 
@@ -385,6 +403,28 @@ fn validate(spec: &ImageSpec) -> Result<()> {
             return Err(bad(
                 "--wifi",
                 "the passphrase must be 8 to 63 characters, no quotes",
+            ));
+        }
+    }
+    if let Some(serial) = &spec.serial_agent {
+        let name_ok = !serial.device.is_empty()
+            && serial
+                .device
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !name_ok {
+            return Err(bad(
+                "--serial-agent",
+                format!(
+                    "{:?} is not a device name under /dev (ttyAMA0, ttyUSB0, hvc0)",
+                    serial.device
+                ),
+            ));
+        }
+        if !edgevlm_board_linux::serial::BAUD_RATES.contains(&serial.baud) {
+            return Err(bad(
+                "--serial-agent",
+                format!("{} baud is not a supported rate", serial.baud),
             ));
         }
     }
@@ -649,6 +689,44 @@ fn configure_root(
         "multi-user.target",
     )?;
 
+    if let Some(serial) = &spec.serial_agent {
+        let unit = format!(
+            "# edgevlm image: the protocol agent on /dev/{dev} (edgevlm push / bench over serial)\n\
+             [Unit]\nDescription=edgevlm protocol agent on /dev/{dev}\nAfter=local-fs.target\n\n\
+             [Service]\nExecStart=/usr/bin/edgevlm agent --serial /dev/{dev} --baud {baud} \
+             --store /{STORE}\nUser={USER}\nRestart=always\nRestartSec=2\n\n\
+             [Install]\nWantedBy=multi-user.target\n",
+            dev = serial.device,
+            baud = serial.baud
+        );
+        write(
+            &etc.join("systemd/system/edgevlm-serial.service"),
+            &unit,
+            0o644,
+        )?;
+        enable(
+            root,
+            "/etc/systemd/system/edgevlm-serial.service",
+            "edgevlm-serial.service",
+            "multi-user.target",
+        )?;
+        // No login prompt on the line, and the agent's user may open it.
+        let getty = etc.join(format!(
+            "systemd/system/serial-getty@{}.service",
+            serial.device
+        ));
+        let _ = fs::remove_file(&getty);
+        symlink("/dev/null", &getty).map_err(io_err("masking", &getty))?;
+        write(
+            &etc.join("udev/rules.d/60-edgevlm-serial.rules"),
+            &format!(
+                "KERNEL==\"{}\", GROUP=\"dialout\", MODE=\"0660\"\n",
+                serial.device
+            ),
+            0o644,
+        )?;
+    }
+
     // The agent: unit, config, state directory with the model store.
     write(
         &etc.join("systemd/system/edgevlm-agent.service"),
@@ -716,7 +794,13 @@ fn agent_config(board: Board, package: &str) -> String {
 }
 
 /// Boot partition contents: Pi firmware, kernel, initrd, device trees, config.txt, cmdline.txt.
-fn stage_boot(board: Board, root: &Path, kernel: &str, boot: &Path) -> Result<()> {
+fn stage_boot(
+    board: Board,
+    serial_agent: Option<&SerialAgent>,
+    root: &Path,
+    kernel: &str,
+    boot: &Path,
+) -> Result<()> {
     fs::create_dir_all(boot).map_err(io_err("creating", boot))?;
     let firmware = root.join("usr/lib/raspi-firmware");
     let mut copied = 0;
@@ -774,10 +858,15 @@ fn stage_boot(board: Board, root: &Path, kernel: &str, boot: &Path) -> Result<()
          kernel=vmlinuz\ninitramfs initrd.img followkernel\n",
         0o644,
     )?;
+    // The kernel console stays off the UART when the protocol agent has it.
+    let uart_console = match serial_agent {
+        Some(s) if matches!(s.device.as_str(), "ttyAMA0" | "ttyS0" | "serial0") => "",
+        _ => "console=serial0,115200 ",
+    };
     write(
         &boot.join("cmdline.txt"),
         &format!(
-            "console=serial0,115200 console=tty1 root=LABEL={ROOT_LABEL} rootfstype=ext4 \
+            "{uart_console}console=tty1 root=LABEL={ROOT_LABEL} rootfstype=ext4 \
              fsck.repair=yes rootwait\n"
         ),
         0o644,

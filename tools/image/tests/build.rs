@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use edgevlm_image::{build, Board, ImageError, ImageSpec, Wifi};
+use edgevlm_image::{build, Board, ImageError, ImageSpec, SerialAgent, Wifi};
 
 const KERNEL: &str = "6.1.0-99-arm64";
 const KEY: &str =
@@ -144,6 +144,10 @@ fn spec(dir: &Path) -> ImageSpec {
         wifi: Some(Wifi {
             ssid: "factory".to_owned(),
             psk: "correct horse battery".to_owned(),
+        }),
+        serial_agent: Some(SerialAgent {
+            device: "ttyAMA0".to_owned(),
+            baud: 921_600,
         }),
         out: dir.join("out/edgevlm-rpi4.img"),
     }
@@ -306,6 +310,21 @@ fn image_has_partitions_boot_files_and_a_configured_root() {
     assert!(!debugfs("ls /etc/ssh").contains("ssh_host_"));
     assert_eq!(debugfs("cat /etc/machine-id"), "");
     assert!(debugfs("cat /usr/lib/edgevlm/firstboot").contains("growpart"));
+    // The protocol agent on the Pi's UART, with no getty and no kernel console on it.
+    let serial = debugfs("cat /etc/systemd/system/edgevlm-serial.service");
+    assert!(
+        serial.contains("ExecStart=/usr/bin/edgevlm agent --serial /dev/ttyAMA0 --baud 921600 --store /var/lib/edgevlm/store"),
+        "{serial}"
+    );
+    assert!(
+        debugfs("stat /etc/systemd/system/multi-user.target.wants/edgevlm-serial.service")
+            .contains("Type: symlink")
+    );
+    let getty = debugfs("stat /etc/systemd/system/serial-getty@ttyAMA0.service");
+    assert!(getty.contains("Fast link dest: \"/dev/null\""), "{getty}");
+    assert!(debugfs("cat /etc/udev/rules.d/60-edgevlm-serial.rules")
+        .contains("KERNEL==\"ttyAMA0\", GROUP=\"dialout\""));
+    assert!(!cmdline.contains("console=serial0"), "{cmdline}");
 }
 
 #[test]
@@ -340,6 +359,18 @@ fn bad_inputs_are_named_and_leave_nothing() {
     let mut s = good.clone();
     s.ssh_keys = vec!["-----BEGIN OPENSSH PRIVATE KEY-----".into()];
     expect(&s, "--ssh-key", "not an OpenSSH public key");
+    let mut s = good.clone();
+    s.serial_agent = Some(SerialAgent {
+        device: "../sda".into(),
+        baud: 921_600,
+    });
+    expect(&s, "--serial-agent", "not a device name");
+    let mut s = good.clone();
+    s.serial_agent = Some(SerialAgent {
+        device: "ttyUSB0".into(),
+        baud: 12_345,
+    });
+    expect(&s, "--serial-agent", "not a supported rate");
     let mut s = good.clone();
     s.base = base_tar(tmp.path(), false);
     expect(&s, "base rootfs", "vmlinuz");

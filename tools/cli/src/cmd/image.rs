@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use edgevlm_image::{Board, ImageSpec, Wifi};
+use edgevlm_image::{Board, ImageSpec, SerialAgent, Wifi};
 
 const FAILURES: &str = "\
 Exit codes:
@@ -50,6 +50,11 @@ struct Build {
     /// Wi-Fi network as SSID:PASSPHRASE.
     #[arg(long, value_name = "SSID:PSK", value_parser = parse_wifi)]
     wifi: Option<Wifi>,
+    /// Also serve edgevlm push / bench on this serial line at boot, as DEV or DEV:BAUD
+    /// (default 921600): ttyAMA0 (the GPIO UART; the kernel console then stays off it),
+    /// ttyUSB0, ttyGS0, hvc0.
+    #[arg(long, value_name = "DEV:BAUD", value_parser = parse_serial)]
+    serial_agent: Option<SerialAgent>,
     /// The image to write; a name ending in .xz is compressed.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
@@ -77,6 +82,17 @@ fn parse_board(s: &str) -> Result<Board, String> {
         "rpi5" => Ok(Board::Rpi5),
         _ => Err(format!("{s:?}: expected rpi4 or rpi5")),
     }
+}
+
+fn parse_serial(s: &str) -> Result<SerialAgent, String> {
+    let (device, baud) = s.split_once(':').unwrap_or((s, "921600"));
+    let baud = baud
+        .parse()
+        .map_err(|_| format!("{baud:?}: the baud rate must be a number"))?;
+    Ok(SerialAgent {
+        device: device.trim_start_matches("/dev/").to_owned(),
+        baud,
+    })
 }
 
 fn parse_wifi(s: &str) -> Result<Wifi, String> {
@@ -122,6 +138,7 @@ impl Cmd {
             ssh_keys,
             hostname: b.hostname,
             wifi: b.wifi,
+            serial_agent: b.serial_agent,
             out: b.out,
         };
         let report = edgevlm_image::build(&spec, &mut log)
