@@ -287,7 +287,16 @@ pub fn base_rootfs(cache: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Res
         return Ok(tar);
     }
     fs::create_dir_all(cache).map_err(io_err("creating", cache))?;
-    let tmp = tar.with_extension("tar.tmp");
+    // mmdebstrap picks its output format from the name: it must end in .tar.
+    let tmp = cache.join(format!("rootfs-bookworm-arm64-{key:016x}.partial.tar"));
+    for stale in [&tar, &tmp] {
+        // A partial file from an interrupted run, or anything else in the way.
+        if fs::symlink_metadata(stale).is_ok_and(|m| m.is_dir()) {
+            fs::remove_dir_all(stale).map_err(io_err("removing", stale))?;
+        } else if fs::symlink_metadata(stale).is_ok() {
+            fs::remove_file(stale).map_err(io_err("removing", stale))?;
+        }
+    }
     log(&format!(
         "base rootfs: mmdebstrap arm64 bookworm into {} (several minutes)",
         tar.display()
