@@ -45,15 +45,8 @@ step "packages"
 # qemu-user runs the binaries; libc6-dev-arm64-cross is the arm64 glibc they load under it
 # (-L /usr/aarch64-linux-gnu) and the headers bindgen reads for the V4L2 bindings;
 # gcc-aarch64-linux-gnu is the fallback linker.
-need_apt=()
-for pkg in qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils python3-venv; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
-if [ ${#need_apt[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
-fi
+. ci/apt.sh
+apt_install qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils python3-venv
 rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 
 sysroot=/usr/aarch64-linux-gnu

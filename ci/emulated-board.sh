@@ -35,23 +35,13 @@ step() { echo; echo "=== emulated board: $* (+$(( $(date +%s) - t0 )) s)"; }
 export CARGO_TERM_COLOR=never
 
 step "packages"
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-need=()
-for pkg in mmdebstrap qemu-user-static binfmt-support dosfstools mtools e2fsprogs fdisk openssh-client qemu-utils; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if ! command -v qemu-system-aarch64 >/dev/null; then
-  # bookworm's qemu-system-arm 7.2 conflicts with the newer qemu-utils; backports has 10.x.
-  if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/backports.list >/dev/null
-  fi
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-arm
+. ci/apt.sh
+# bookworm's qemu-system-arm 7.2 conflicts with the newer qemu-utils; backports has 10.x.
+if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/backports.list >/dev/null
 fi
-if [ ${#need[@]} -gt 0 ]; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
-fi
+apt_install -t bookworm-backports qemu-system-arm
+apt_install mmdebstrap qemu-user-static binfmt-support dosfstools mtools e2fsprogs fdisk openssh-client qemu-utils
 # mmdebstrap runs arm64 maintainer scripts through binfmt_misc.
 [ -e /proc/sys/fs/binfmt_misc/register ] || $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 $SUDO update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true

@@ -3,20 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
+. ci/apt.sh
 # libclang-dev: the v4l crate generates its V4L2 bindings with bindgen at build time.
 # openssh-server/-client: the end-to-end tests run a real sshd (tests/src/sshd.rs).
 # fonts-dejavu-core: the text of `edgevlm compare --plot` (found at run time, never shipped).
 # dosfstools, mtools, e2fsprogs, fdisk, xz-utils: `edgevlm image build` and its test.
-for pkg in build-essential pkg-config ca-certificates curl python3 python3-venv libclang-dev \
-  openssh-server openssh-client fonts-dejavu-core dosfstools mtools e2fsprogs fdisk xz-utils; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
-done
-if [ ${#need_apt[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
-fi
+apt_install build-essential pkg-config ca-certificates curl python3 python3-venv libclang-dev \
+  openssh-server openssh-client fonts-dejavu-core dosfstools mtools e2fsprogs fdisk xz-utils
 
 if ! command -v cargo >/dev/null 2>&1; then
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
