@@ -14,10 +14,11 @@
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edgevlm_board_sim::serial_line::{SerialConfig, SerialLine};
+use edgevlm_e2e::agent::SerialAgent;
 use edgevlm_e2e::sshd::Sshd;
 use edgevlm_host::client::{Client, ClientOptions, PushOptions};
 use edgevlm_host::inventory::{Board, Endpoint};
@@ -197,34 +198,13 @@ fn raw_serial(baud: u32, len: usize) -> f64 {
     secs
 }
 
-/// `edgevlm agent --serial` on one end of a line; killed on drop.
-struct SerialAgent(Child);
-
-impl Drop for SerialAgent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn serial_row(work: &Path, baud: u32, payload: usize) -> Row {
     let package = package_with_payload(&work.join(format!("serial-package-{baud}")), payload);
     let raw = raw_serial(baud, package.total_bytes() as usize);
 
     let line = SerialLine::open(SerialConfig::at(baud)).unwrap();
     let store = work.join(format!("serial-store-{baud}"));
-    let _agent = SerialAgent(
-        Command::new(EDGEVLM)
-            .args(["agent", "--serial"])
-            .arg(line.b_path())
-            .args(["--baud", &baud.to_string(), "--store"])
-            .arg(&store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("agent starts"),
-    );
+    let _agent = SerialAgent::start(EDGEVLM, line.b_path(), baud, &store);
     let board = Board::new(
         "serial",
         Endpoint::Serial {

@@ -4,10 +4,11 @@
 //! mid-push and a corrupted byte.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use edgevlm_board_sim::serial_line::{Faults, SerialConfig, SerialLine};
+use edgevlm_e2e::agent::SerialAgent;
 use edgevlm_e2e::sshd::Sshd;
 
 const EDGEVLM: &str = env!("CARGO_BIN_EXE_edgevlm");
@@ -128,32 +129,6 @@ fn push_bench_and_compare_over_real_ssh() {
     );
 }
 
-/// `edgevlm agent --serial` on one end of the line; killed on drop.
-struct SerialAgent(Child);
-
-impl SerialAgent {
-    fn start(device: &Path, baud: u32, store: &Path) -> SerialAgent {
-        let child = Command::new(EDGEVLM)
-            .args(["agent", "--serial"])
-            .arg(device)
-            .args(["--baud", &baud.to_string(), "--store"])
-            .arg(store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("agent starts");
-        SerialAgent(child)
-    }
-}
-
-impl Drop for SerialAgent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn serial_url(line: &SerialLine, baud: u32) -> String {
     format!("serial://{}?baud={baud}", line.b_path().display())
 }
@@ -165,7 +140,7 @@ fn push_and_bench_over_a_serial_line() {
     let store = h.join("board-store");
     let baud = 921_600;
     let line = SerialLine::open(SerialConfig::at(baud)).unwrap();
-    let _agent = SerialAgent::start(line.a_path(), baud, &store);
+    let _agent = SerialAgent::start(EDGEVLM, line.a_path(), baud, &store);
     let url = serial_url(&line, baud);
     let demo_dir = demo();
     let demo = demo_dir.to_str().unwrap();
@@ -213,7 +188,7 @@ fn serial_push_survives_a_cut_line_and_a_corrupted_byte() {
         b_to_a: Faults::none().cut_after(model_bytes / 3),
     })
     .unwrap();
-    let agent = SerialAgent::start(line.a_path(), baud, &store);
+    let agent = SerialAgent::start(EDGEVLM, line.a_path(), baud, &store);
     let out = edgevlm(h, &["push", "--board", &serial_url(&line, baud), demo_s]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
     assert!(!store.join("models/demo-parts").exists());
@@ -228,7 +203,7 @@ fn serial_push_survives_a_cut_line_and_a_corrupted_byte() {
         b_to_a: Faults::none().corrupt_byte(5_000, 0x40),
     })
     .unwrap();
-    let _agent = SerialAgent::start(line.a_path(), baud, &store);
+    let _agent = SerialAgent::start(EDGEVLM, line.a_path(), baud, &store);
     let started = Instant::now();
     let out = ok(&edgevlm(
         h,
