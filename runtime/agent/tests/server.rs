@@ -760,10 +760,13 @@ fn synthetic_benchmark_streams_spans_memory_and_nodes() {
     assert!(spans
         .windows(2)
         .all(|w| w[1].start_us >= w[0].start_us + w[0].duration_us));
-    // Timed iterations ran for at least the minimum duration.
+    // Timed iterations ran for at least the minimum duration. The agent's clock for it starts
+    // before the first timed iteration copies its inputs and stops at the check after the last
+    // one, so the spans alone cover the duration less those two gaps (microseconds each; 1 ms
+    // allowed). Without the minimum, 20 iterations of this model take about 10 ms.
     let timed_span =
         spans.last().unwrap().start_us + spans.last().unwrap().duration_us - spans[2].start_us;
-    assert!(timed_span >= 150_000, "{timed_span}");
+    assert!(timed_span + 1_000 >= 150_000, "{timed_span}");
 
     let memory = memory_samples(&events);
     assert!(
