@@ -9,7 +9,12 @@
 //!   ([`edgevlm_runtime::synth::random_input`], symbolic dims 1) and times one `infer` span.
 //! - [`BenchInput::PackageFile`] and [`BenchInput::Image`] run the whole classification
 //!   pipeline (`decode`, `preprocess`, `infer`, `postprocess` spans from the runtime's trace).
-//!   Other tasks are [`Error::Unsupported`] (language model pipelines come later).
+//! - Generation packages (`vision-language`, `text-generation`) run one whole generation per
+//!   iteration: the spec's prompt (default: the package's inspection question, else a short
+//!   request) through the chat template, with the image for VLMs (`Synthetic` means no image),
+//!   greedy, `max_new_tokens` (default: the package's). Spans `preprocess`, `vision`,
+//!   `prefill`, `decode`; a [`TokenTiming`] per generated token; the summary's
+//!   [`TokenStats`] over the timed iterations. No per-node profile yet for these.
 //!
 //! Trace events leave the benchmark thread through a bounded queue: a full queue drops the
 //! event (counted, and reported in the next [`TraceBatch::dropped`] and in
@@ -36,13 +41,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use edgevlm_proto::{
     bounded, BenchInput, BenchSpec, BenchSummary, Error, IterationDone, LatencyStats, MemorySample,
-    NodeTiming, RunId, StageSpan, TraceBatch, TraceEvent, MAX_TRACE_BATCH,
+    NodeTiming, RunId, StageSpan, TokenStats, TokenTiming, TraceBatch, TraceEvent, MAX_TRACE_BATCH,
 };
 use edgevlm_runtime::manifest::{Manifest, Task};
 use edgevlm_runtime::preprocess::{self, Preprocessor};
 use edgevlm_runtime::synth::{random_input, SplitMix64};
 use edgevlm_runtime::trace::NodeProfile;
-use edgevlm_runtime::{error_chain, Classifier, LoadOptions, Memory, OnnxModel, Stage, Tensor};
+use edgevlm_runtime::{
+    error_chain, Classifier, GenerateOptions, Generator, LoadOptions, Memory, OnnxModel, RgbImage,
+    Stage, Tensor,
+};
 
 use crate::server::store_error;
 use crate::store::ModelStore;
@@ -200,7 +208,7 @@ pub fn run(
             load_us: m.load_us,
             first_run_us: m.first_run_us,
             latency: latency_stats(&m.timed),
-            tokens: None,
+            tokens: m.tokens,
             peak_rss_kib: peak_rss,
             peak_pss_kib: sampled.pss_kib.max(pss_end),
             dropped_events: dropped.total.load(Ordering::Relaxed),
@@ -246,6 +254,10 @@ fn resolve(store: &ModelStore, spec: &BenchSpec) -> Result<Package, Error> {
     let manifest =
         Manifest::load(&dir.join(edgevlm_runtime::package::MANIFEST)).map_err(runtime_error)?;
     let runnable = match spec.input {
+        _ if manifest.model.task == Task::TextGeneration => {
+            matches!(spec.input, BenchInput::Synthetic { .. })
+        }
+        _ if manifest.model.task == Task::VisionLanguage => true,
         BenchInput::Synthetic { .. } => manifest.graph(MAIN_GRAPH).is_some(),
         BenchInput::PackageFile(_) | BenchInput::Image(_) => {
             manifest.model.task == Task::Classification
@@ -267,7 +279,11 @@ pub fn runtime_error(e: edgevlm_runtime::Error) -> Error {
     let chain = error_chain(&e);
     match e {
         E::Io { .. } => Error::io(&chain),
-        E::Model { .. } | E::Manifest { .. } | E::Checksum { .. } => Error::invalid_package(&chain),
+        E::Model { .. } | E::Manifest { .. } | E::Checksum { .. } | E::Text { .. } => {
+            Error::invalid_package(&chain)
+        }
+        // The prompt the spec chose does not fit the model: the request's fault, said in full.
+        E::ContextLength { .. } => Error::invalid_package(&chain),
         E::Unsupported { .. } | E::Image { .. } => Error::Unsupported,
         E::Input { .. } | E::Npy { .. } | E::Inference(_) => Error::internal(&chain),
     }
@@ -402,6 +418,35 @@ struct Measured {
     first_run_us: u64,
     /// Durations of the timed iterations, µs.
     timed: Vec<u64>,
+    /// Token statistics of generation workloads.
+    tokens: Option<TokenStats>,
+}
+
+/// Per-iteration token timings of a generation workload.
+#[derive(Debug, Default)]
+struct TokenTally {
+    prompt_tokens: u32,
+    /// (iteration, time to first token µs, later token durations µs).
+    runs: Vec<(u32, u64, Vec<u64>)>,
+}
+
+impl TokenTally {
+    /// Statistics over the iterations from `first_timed` on.
+    fn stats(&self, first_timed: u32) -> TokenStats {
+        let timed: Vec<_> = self.runs.iter().filter(|r| r.0 >= first_timed).collect();
+        let mut ttft: Vec<u64> = timed.iter().map(|r| r.1).collect();
+        let mut inter: Vec<u64> = timed.iter().flat_map(|r| r.2.iter().copied()).collect();
+        let median = |v: &mut Vec<u64>| {
+            v.sort_unstable();
+            v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0)
+        };
+        TokenStats {
+            prompt_tokens: self.prompt_tokens,
+            generated_tokens: timed.iter().map(|r| 1 + r.2.len() as u64).sum(),
+            ttft_p50_us: median(&mut ttft),
+            inter_token_p50_us: median(&mut inter),
+        }
+    }
 }
 
 /// The loaded model and its input, ready to iterate.
@@ -416,6 +461,14 @@ enum Workload {
         classifier: Box<Classifier>,
         image: Vec<u8>,
         name: String,
+    },
+    /// One generation per iteration.
+    Generate {
+        generator: Box<Generator>,
+        prompt: String,
+        image: Option<RgbImage>,
+        options: GenerateOptions,
+        tally: TokenTally,
     },
 }
 
@@ -458,6 +511,45 @@ fn measure(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(runtime_error)?;
             Workload::Synthetic { model, inputs }
+        }
+        (_, image) if package.manifest.model.task.generates() => {
+            let (pkg, generator) =
+                Generator::open(&package.dir, &options).map_err(runtime_error)?;
+            let m = pkg.manifest();
+            let image = match image {
+                Some((bytes, name)) => {
+                    Some(preprocess::decode_image(&bytes, &name).map_err(runtime_error)?)
+                }
+                None => None,
+            };
+            let question = if !spec.prompt.is_empty() {
+                spec.prompt.as_str().to_owned()
+            } else if let Some(inspection) = &m.inspection {
+                inspection.question.clone()
+            } else if image.is_some() {
+                "Describe this image.".to_owned()
+            } else {
+                "Write a short sentence about quality inspection.".to_owned()
+            };
+            let prompt = generator
+                .chat_prompt(&question, image.is_some())
+                .map_err(runtime_error)?;
+            let generation = m.generation.clone().expect("validated: [generation]");
+            let max_new_tokens = match spec.max_new_tokens {
+                0 => generation.max_new_tokens,
+                n => n as usize,
+            };
+            Workload::Generate {
+                generator: Box::new(generator),
+                prompt,
+                image,
+                options: GenerateOptions {
+                    max_new_tokens,
+                    stop_strings: generation.stop,
+                    ..GenerateOptions::default()
+                },
+                tally: TokenTally::default(),
+            }
         }
         (_, Some((image, name))) => Workload::Pipeline {
             classifier: Box::new(Classifier::load(&package.dir, &options).map_err(runtime_error)?),
@@ -526,11 +618,17 @@ fn measure(
             }));
         }
     }
+    let warmup = spec.warmup.min(iteration);
+    let tokens = match &work {
+        Workload::Generate { tally, .. } => Some(tally.stats(warmup)),
+        _ => None,
+    };
     Ok(Measured {
         load_us,
-        warmup: spec.warmup.min(iteration),
+        warmup,
         first_run_us: first_run_us.unwrap_or(0),
         timed,
+        tokens,
     })
 }
 
@@ -586,12 +684,70 @@ impl Workload {
                 }
                 Ok(duration_us)
             }
+            Workload::Generate {
+                generator,
+                prompt,
+                image,
+                options,
+                tally,
+            } => {
+                let t0 = Instant::now();
+                let mut token_times = vec![];
+                let result = generator
+                    .generate(prompt, image.as_ref(), options, &mut |_, _| {
+                        token_times.push(Instant::now())
+                    })
+                    .map_err(runtime_error)?;
+                let end = Instant::now();
+                let duration_us = micros(end - t0);
+                let s = &result.stats;
+                // The EOS token that ended a run reaches no callback: its time closes the run.
+                if token_times.len() < result.token_ids.len() {
+                    token_times.push(end);
+                }
+                let mut starts = vec![t0];
+                starts.extend(token_times.iter().copied());
+                let durations: Vec<u64> = starts.windows(2).map(|w| micros(w[1] - w[0])).collect();
+                tally.prompt_tokens = s.prompt_tokens as u32;
+                if let Some((first, rest)) = durations.split_first() {
+                    tally.runs.push((iteration, *first, rest.to_vec()));
+                }
+                if let Some(sink) = spans {
+                    let mut offset = micros(t0 - start);
+                    for (stage, ms) in [
+                        ("preprocess", s.preprocess_ms),
+                        ("vision", s.vision_encode_ms),
+                        ("prefill", s.prefill_ms),
+                        ("decode", s.decode_ms),
+                    ] {
+                        let us = (ms * 1e3) as u64;
+                        sink.offer(TraceEvent::Span(StageSpan {
+                            iteration,
+                            stage: bounded(stage),
+                            start_us: offset,
+                            duration_us: us,
+                        }));
+                        offset += us;
+                    }
+                    for (index, (at, d)) in starts.iter().zip(&durations).enumerate() {
+                        sink.offer(TraceEvent::Token(TokenTiming {
+                            iteration,
+                            index: index as u32,
+                            start_us: micros(*at - start),
+                            duration_us: *d,
+                        }));
+                    }
+                }
+                Ok(duration_us)
+            }
         }
     }
 
     /// Profiles the graph over `passes` extra runs (fewer if [`PROFILE_BUDGET`] runs out).
     fn profile(&mut self, passes: u32, cancel: &AtomicBool) -> Result<NodeProfile, Error> {
         let (model, input) = match self {
+            // Three graphs and a loop: not profiled per node yet (an empty profile).
+            Workload::Generate { .. } => return Ok(NodeProfile::new()),
             Workload::Synthetic { model, inputs } => (&*model, inputs.clone()),
             Workload::Pipeline {
                 classifier,

@@ -38,8 +38,8 @@ pub enum Error {
         /// What is unsupported and what to do about it.
         message: String,
     },
-    /// A field of a TOML file (`model.toml`, the agent config) is missing, unknown, mistyped or
-    /// has an invalid value.
+    /// A field of a TOML or JSON file (`model.toml`, the agent config, a snapshot's
+    /// `config.json`) is missing, unknown, mistyped or has an invalid value.
     #[error("{path}: field `{field}`: {message}")]
     Manifest {
         /// The manifest file.
@@ -83,6 +83,28 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A tokenizer or chat template cannot be loaded or used, or does not fit the model.
+    #[error("{path}: {message}")]
+    Text {
+        /// `tokenizer.json`, the chat template's file, or the package directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A prompt does not fit the model's context.
+    #[error("prompt of {prompt_tokens} tokens{image_note} plus {new_tokens} new tokens exceeds the context limit of {limit} tokens ({limit_source})")]
+    ContextLength {
+        /// Tokens in the rendered prompt, image tokens included.
+        prompt_tokens: usize,
+        /// Text that says how many of them are image tokens, or empty.
+        image_note: String,
+        /// Tokens requested to generate.
+        new_tokens: usize,
+        /// The limit.
+        limit: usize,
+        /// Where the limit comes from.
+        limit_source: String,
+    },
     /// tract failed while running a loaded model.
     #[error("inference failed")]
     Inference(#[source] Cause),
@@ -105,6 +127,13 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    pub(crate) fn text(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Text {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         path: impl Into<PathBuf>,
@@ -129,7 +158,7 @@ impl Error {
         }
     }
 
-    /// A [`Error::Manifest`] error for `field` of the TOML file at `path`.
+    /// A [`Error::Manifest`] error for `field` of the TOML or JSON file at `path`.
     pub fn manifest(
         path: impl Into<PathBuf>,
         field: impl Into<String>,

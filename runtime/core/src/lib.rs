@@ -12,22 +12,30 @@
 
 pub mod classify;
 pub mod error;
+pub mod generate;
+pub mod hf;
+pub mod idefics3;
+pub mod import;
 pub mod manifest;
 pub mod npy;
 pub mod onnx;
 pub mod package;
 pub mod pipeline;
 pub mod preprocess;
+pub mod sampling;
 pub mod synth;
+pub mod text;
 pub mod trace;
 
 pub use classify::{ClassScore, Verdict};
 pub use error::{error_chain, Error, Result};
+pub use generate::{GenerateOptions, Generation, GenerationStats, Generator, StopReason};
 pub use manifest::{parse_toml, Manifest};
 pub use onnx::{Dim, LoadOptions, OnnxModel, TensorSpec, TRACT_VERSION};
 pub use package::ModelPackage;
 pub use pipeline::{Classifier, Inspection};
 pub use preprocess::{Frame, FrameFormat, RgbImage};
+pub use sampling::Sampling;
 pub use trace::{Memory, Stage, Trace};
 
 /// A tensor's elements as `T`, cast if needed (e.g. f16 outputs read as f32).

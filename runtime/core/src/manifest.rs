@@ -31,6 +31,36 @@
 //! [verdict]                         # NG when any listed label reaches its probability, else OK
 //! ng = { scratch = 0.5, missing_hole = 0.5 }
 //! ```
+//!
+//! Generation packages (`edgevlm models import` writes them from a Hugging Face snapshot) list
+//! their graphs by role and every other file they load with its hash:
+//!
+//! ```toml
+//! [model]
+//! name = "smolvlm2-256m"
+//! version = "1.0.0"
+//! task = "vision-language"          # or "text-generation"
+//! variant = "q4"
+//!
+//! [[graph]]                         # roles: vision_encoder, embed_tokens, decoder
+//! role = "decoder"
+//! file = "onnx/decoder_model_merged_q4.onnx"
+//! sha256 = "..."
+//!
+//! [[file]]                          # config.json, tokenizer.json, templates, external weights
+//! path = "config.json"
+//! sha256 = "..."
+//!
+//! [generation]
+//! architecture = "idefics3"         # idefics3 | llama | mistral | qwen2
+//! max_new_tokens = 64
+//! stop = ["<end_of_utterance>"]
+//!
+//! [inspection]                      # optional: lets `edgevlm inspect` judge parts with a VLM
+//! question = "Is there a scratch on the part? Answer yes or no."
+//! ng = ["yes"]                      # answers starting with one of these are NG
+//! ok = ["no"]                       # ... with one of these OK; anything else is NG
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
@@ -53,6 +83,62 @@ pub struct Manifest {
     pub output: Option<OutputSpec>,
     /// Output-to-verdict rule (required for `classification`).
     pub verdict: Option<VerdictRule>,
+    /// Other files the package loads (configs, tokenizer, external weights), hash-checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file: Vec<PackageFile>,
+    /// Generation settings (required for `vision-language` and `text-generation`).
+    pub generation: Option<GenerationSpec>,
+    /// Question and answer rule for inspecting parts with a VLM.
+    pub inspection: Option<InspectionSpec>,
+}
+
+/// `[[file]]`: a non-graph file of the package.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageFile {
+    /// Path relative to the package directory.
+    pub path: String,
+    /// Lowercase hex sha256 of the file.
+    pub sha256: String,
+}
+
+/// `[generation]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSpec {
+    /// Model family (`idefics3`, `llama`, `mistral`, `qwen2`), detected at import.
+    pub architecture: String,
+    /// Default for `--max-new-tokens`.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Generation stops when one of these appears in the text.
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+fn default_max_new_tokens() -> usize {
+    64
+}
+
+/// `[inspection]`: how a VLM's answer becomes a verdict.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectionSpec {
+    /// The question asked about every image.
+    pub question: String,
+    /// Answers starting with one of these (case-insensitive, leading blanks ignored) are NG.
+    pub ng: Vec<String>,
+    /// Answers starting with one of these are OK. Any other answer is NG: an inspection that
+    /// cannot tell is not a pass.
+    #[serde(default)]
+    pub ok: Vec<String>,
+    /// Tokens to generate for the answer.
+    #[serde(default = "default_answer_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_answer_tokens() -> usize {
+    16
 }
 
 /// `[model]`.
@@ -81,6 +167,17 @@ pub enum Task {
     Classification,
     /// Outputs are reported as they are.
     Raw,
+    /// Image + prompt in, text out (SmolVLM-style three-graph export).
+    VisionLanguage,
+    /// Prompt in, text out (decoder-only LLM export).
+    TextGeneration,
+}
+
+impl Task {
+    /// True for the generation tasks.
+    pub fn generates(self) -> bool {
+        matches!(self, Task::VisionLanguage | Task::TextGeneration)
+    }
 }
 
 /// `[[graph]]`: one ONNX file of the package.
@@ -282,34 +379,61 @@ impl Manifest {
         if self.graph.is_empty() {
             return bad("graph", "at least one [[graph]] entry is required".into());
         }
-        for (i, g) in self.graph.iter().enumerate() {
-            let p = Path::new(&g.file);
-            if g.file.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+        let check_path = |field: &str, file: &str| {
+            let p = Path::new(file);
+            if file.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
                 return bad(
-                    &format!("graph[{i}].file"),
-                    format!(
-                        "{:?}: expected a path inside the package (no '..', not absolute)",
-                        g.file
-                    ),
+                    field,
+                    format!("{file:?}: expected a path inside the package (no '..', not absolute)"),
                 );
             }
-            if g.sha256.len() != 64
-                || !g
-                    .sha256
+            Ok(())
+        };
+        let check_sha = |field: &str, sha: &str| {
+            if sha.len() != 64
+                || !sha
                     .chars()
                     .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
             {
-                return bad(
-                    &format!("graph[{i}].sha256"),
-                    format!("{:?}: expected 64 lowercase hex digits", g.sha256),
-                );
+                return bad(field, format!("{sha:?}: expected 64 lowercase hex digits"));
             }
+            Ok(())
+        };
+        for (i, g) in self.graph.iter().enumerate() {
+            check_path(&format!("graph[{i}].file"), &g.file)?;
+            check_sha(&format!("graph[{i}].sha256"), &g.sha256)?;
             if self.graph.iter().filter(|o| o.role == g.role).count() > 1 {
                 return bad(
                     &format!("graph[{i}].role"),
                     format!("role {:?} appears more than once", g.role),
                 );
             }
+        }
+        for (i, f) in self.file.iter().enumerate() {
+            check_path(&format!("file[{i}].path"), &f.path)?;
+            check_sha(&format!("file[{i}].sha256"), &f.sha256)?;
+            if self.file[..i].iter().any(|o| o.path == f.path) {
+                return bad(
+                    &format!("file[{i}].path"),
+                    format!("{:?} is listed twice", f.path),
+                );
+            }
+        }
+        if self.model.task.generates() {
+            return self.validate_generation(path);
+        }
+        if let Some(field) = [
+            self.generation.is_some().then_some("generation"),
+            self.inspection.is_some().then_some("inspection"),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        {
+            return bad(
+                field,
+                "only for task = \"vision-language\" or \"text-generation\"".into(),
+            );
         }
         if self.model.task != Task::Classification {
             return Ok(());
@@ -396,6 +520,87 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+impl ModelInfo {
+    /// The task as `model.toml` spells it.
+    pub fn task_name(&self) -> String {
+        task_name(self.task)
+    }
+}
+
+impl Manifest {
+    fn validate_generation(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, message: String| Err(Error::manifest(path, field, message));
+        let Some(generation) = &self.generation else {
+            return bad(
+                "generation",
+                format!("required for task = {:?}", task_name(self.model.task)),
+            );
+        };
+        if crate::hf::Architecture::from_model_type(&generation.architecture).is_none() {
+            return bad(
+                "generation.architecture",
+                format!(
+                    "{:?}: expected one of {}",
+                    generation.architecture,
+                    crate::hf::SUPPORTED_MODEL_TYPES
+                ),
+            );
+        }
+        let roles: &[&str] = if self.model.task == Task::VisionLanguage {
+            &["vision_encoder", "embed_tokens", "decoder"]
+        } else {
+            &["decoder"]
+        };
+        for role in roles {
+            if self.graph(role).is_none() {
+                return bad(
+                    "graph",
+                    format!(
+                        "a {:?} package needs a graph with role = {role:?}",
+                        task_name(self.model.task)
+                    ),
+                );
+            }
+        }
+        for needed in [crate::hf::files::CONFIG, crate::hf::files::TOKENIZER] {
+            if !self.file.iter().any(|f| f.path == needed) {
+                return bad("file", format!("{needed} must be listed as a [[file]]"));
+            }
+        }
+        if let Some(inspection) = &self.inspection {
+            if self.model.task != Task::VisionLanguage {
+                return bad(
+                    "inspection",
+                    "only vision-language packages inspect images".into(),
+                );
+            }
+            if inspection.question.trim().is_empty() {
+                return bad("inspection.question", "must not be empty".into());
+            }
+            if inspection.ng.is_empty() || inspection.ng.iter().any(|a| a.trim().is_empty()) {
+                return bad(
+                    "inspection.ng",
+                    "expected at least one non-empty answer prefix, e.g. [\"yes\"]".into(),
+                );
+            }
+            if inspection.ok.iter().any(|a| a.trim().is_empty()) {
+                return bad("inspection.ok", "answer prefixes must not be empty".into());
+            }
+            if inspection.max_new_tokens == 0 {
+                return bad("inspection.max_new_tokens", "must be at least 1".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn task_name(task: Task) -> String {
+    serde_json::to_value(task)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Deserializes TOML text into `T`, turning serde's errors into [`Error::Manifest`] errors that

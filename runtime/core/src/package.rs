@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::manifest::{GraphFile, Manifest};
+use crate::manifest::Manifest;
 
 /// The manifest file name inside a package.
 pub const MANIFEST: &str = "model.toml";
@@ -37,8 +37,14 @@ impl ModelPackage {
             dir: dir.to_owned(),
             manifest,
         };
-        for g in &package.manifest.graph {
-            package.verify(g)?;
+        let m = &package.manifest;
+        for (file, sha) in m
+            .graph
+            .iter()
+            .map(|g| (&g.file, &g.sha256))
+            .chain(m.file.iter().map(|f| (&f.path, &f.sha256)))
+        {
+            package.verify(file, sha)?;
         }
         Ok(package)
     }
@@ -58,8 +64,8 @@ impl ModelPackage {
         self.manifest.graph(role).map(|g| self.dir.join(&g.file))
     }
 
-    fn verify(&self, g: &GraphFile) -> Result<()> {
-        let path = self.dir.join(&g.file);
+    fn verify(&self, file: &str, sha256: &str) -> Result<()> {
+        let path = self.dir.join(file);
         // Never follow a symlink out of the package: what was hashed must be what is loaded.
         let meta = std::fs::symlink_metadata(&path)
             .map_err(|e| Error::io("opening graph file", &path, e))?;
@@ -67,14 +73,14 @@ impl ModelPackage {
             return Err(Error::manifest(
                 self.dir.join(MANIFEST),
                 "graph.file",
-                format!("{}: not a regular file", g.file),
+                format!("{file}: not a regular file"),
             ));
         }
         let actual = sha256_file(&path)?;
-        if actual != g.sha256 {
+        if actual != sha256 {
             return Err(Error::Checksum {
                 path,
-                expected: g.sha256.clone(),
+                expected: sha256.to_owned(),
                 actual,
             });
         }

@@ -8,13 +8,19 @@ use anyhow::Context;
 use edgevlm_agent::config::{BoardKind, BoardSection, ModelSection, OutputsSection, SimSection};
 use edgevlm_agent::{sim, AgentConfig, Event, Report};
 use edgevlm_board::Signal;
-use edgevlm_runtime::{Classifier, Inspection, LoadOptions, Memory, Stage, Verdict};
+use edgevlm_runtime::generate::answer_verdict;
+use edgevlm_runtime::preprocess::decode_image;
+use edgevlm_runtime::{
+    Classifier, GenerateOptions, Generator, Inspection, LoadOptions, Manifest, Memory, Stage,
+    Verdict,
+};
 use serde_json::json;
 
 use super::{EXIT_CHECK_FAILED, EXIT_ERROR};
 
-/// Inspect images with a model package: one line per image (verdict, top class, timings), then a
-/// summary. Folders are read one level deep (*.jpg, *.jpeg, *.png, sorted by name). An image
+/// Inspect images with a model package: one line per image (verdict, top class or the VLM's
+/// answer, timings), then a summary. Vision-language packages ask their [inspection] question
+/// about each image and turn the answer into the verdict by the package's rule. Folders are read one level deep (*.jpg, *.jpeg, *.png, sorted by name). An image
 /// that cannot be read is reported on its own line and the rest still run (exit code 2 at the end).
 #[derive(Debug, clap::Args)]
 pub struct Cmd {
@@ -99,6 +105,11 @@ impl Cmd {
             threads: self.threads as usize,
             ..Default::default()
         };
+        let manifest = Manifest::load(&self.model.join(edgevlm_runtime::package::MANIFEST))
+            .with_context(|| format!("loading model package {}", self.model.display()))?;
+        if manifest.model.task.generates() {
+            return self.run_vlm(&images, &options);
+        }
         let mut classifier = Classifier::load(&self.model, &options)
             .with_context(|| format!("loading model package {}", self.model.display()))?;
         let mut out = std::io::stdout().lock();
@@ -165,6 +176,130 @@ impl Cmd {
                 percentile(&infer, 50.0),
                 percentile(&infer, 100.0),
                 percentile(&total, 50.0),
+                memory.peak_rss_kb as f64 / 1024.0
+            )?;
+        }
+        out.flush()?;
+        Ok(if errors > 0 {
+            ExitCode::from(EXIT_ERROR)
+        } else if self.fail_on_ng && ng > 0 {
+            ExitCode::from(EXIT_CHECK_FAILED)
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
+    fn run_vlm(&self, images: &[PathBuf], options: &LoadOptions) -> anyhow::Result<ExitCode> {
+        let (package, mut generator) = Generator::open(&self.model, options)
+            .with_context(|| format!("loading model package {}", self.model.display()))?;
+        let manifest = package.manifest();
+        let Some(rule) = manifest.inspection.clone() else {
+            anyhow::bail!(
+                "{}: this {} package has no [inspection] section (question, ng, ok), so it cannot judge parts; use `edgevlm generate` to ask it something",
+                self.model.join(edgevlm_runtime::package::MANIFEST).display(),
+                manifest.model.task_name()
+            );
+        };
+        let prompt = generator.chat_prompt(&rule.question, true)?;
+        let generate = GenerateOptions {
+            max_new_tokens: rule.max_new_tokens,
+            stop_strings: manifest
+                .generation
+                .as_ref()
+                .map(|g| g.stop.clone())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut out = std::io::stdout().lock();
+        if !self.json {
+            writeln!(
+                out,
+                "model {} {} {} (load {:.1} ms, tract {}) asks: {}",
+                manifest.model.name,
+                manifest.model.version,
+                manifest.model.variant,
+                generator.load_ms(),
+                edgevlm_runtime::TRACT_VERSION,
+                rule.question
+            )?;
+        }
+        let (mut ok, mut ng, mut errors) = (0usize, 0usize, 0usize);
+        let mut totals = vec![];
+        for image in images {
+            let started = std::time::Instant::now();
+            let result = std::fs::read(image)
+                .map_err(|e| anyhow::Error::new(e).context(format!("reading {}", image.display())))
+                .and_then(|bytes| Ok(decode_image(&bytes, &image.display().to_string())?))
+                .and_then(|img| {
+                    Ok(generator.generate(&prompt, Some(&img), &generate, &mut |_, _| {})?)
+                });
+            match result {
+                Ok(g) => {
+                    let verdict = answer_verdict(&rule, &g.text);
+                    match verdict {
+                        Verdict::Ok => ok += 1,
+                        Verdict::Ng => ng += 1,
+                    }
+                    let total_us = started.elapsed().as_micros() as u64;
+                    totals.push(total_us);
+                    if self.json {
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({ "file": image, "verdict": verdict, "answer": g.text,
+                                    "token_ids": g.token_ids, "stop_reason": g.stop_reason,
+                                    "stats": g.stats, "total_ms": ms(total_us) })
+                        )?;
+                    } else {
+                        let s = &g.stats;
+                        writeln!(
+                            out,
+                            "{:<3} {:<28} {:<24} vision {:.1} ms  TTFT {:.1} ms  decode {:.1} tok/s  total {:.1} ms",
+                            verdict.to_string(),
+                            image.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+                            format!("{:?}", g.text.trim()),
+                            s.vision_encode_ms,
+                            s.ttft_ms,
+                            s.decode_tok_s,
+                            ms(total_us)
+                        )?;
+                    }
+                }
+                Err(e) => {
+                    errors += 1;
+                    let cause = format!("{e:#}");
+                    if self.json {
+                        writeln!(
+                            out,
+                            "{}",
+                            json!({ "file": image, "verdict": "ERROR", "error": cause })
+                        )?;
+                    } else {
+                        writeln!(out, "ERROR {}  {cause}", image.display())?;
+                    }
+                }
+            }
+        }
+        totals.sort_unstable();
+        let memory = Memory::sample();
+        if self.json {
+            writeln!(
+                out,
+                "{}",
+                json!({ "summary": {
+                    "model": manifest.model.name, "images": images.len(), "ok": ok, "ng": ng,
+                    "errors": errors, "load_ms": generator.load_ms(),
+                    "total_ms": { "p50": percentile(&totals, 50.0), "max": percentile(&totals, 100.0) },
+                    "rss_kb": memory.rss_kb, "peak_rss_kb": memory.peak_rss_kb,
+                }})
+            )?;
+        } else {
+            writeln!(
+                out,
+                "{} images: {ok} OK, {ng} NG, {errors} errors | per image p50 {:.1} ms max {:.1} ms | peak RSS {:.1} MiB",
+                images.len(),
+                percentile(&totals, 50.0),
+                percentile(&totals, 100.0),
                 memory.peak_rss_kb as f64 / 1024.0
             )?;
         }

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 mod agent;
 mod bench;
 mod compare;
+mod generate;
 mod image;
+mod import;
 mod inspect;
 mod models;
 mod push;
@@ -44,6 +46,7 @@ enum Command {
     Bench(bench::Cmd),
     Compare(compare::Cmd),
     Image(image::Cmd),
+    Generate(generate::Cmd),
 }
 
 /// Runs the chosen subcommand.
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(cmd) => cmd.run(),
         Command::Compare(cmd) => cmd.run(),
         Command::Image(cmd) => cmd.run(),
+        Command::Generate(cmd) => cmd.run(),
     }
 }
 

@@ -22,10 +22,16 @@ Errors are printed once on stderr as `edgevlm: <cause>`; the list goes to stdout
 /// active and which one --rollback would bring back). With --activate, --rollback or --remove,
 /// change that first, then list.
 #[derive(Debug, clap::Args)]
-#[command(after_help = FAILURES)]
+#[command(
+    after_help = FAILURES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cmd {
+    #[command(subcommand)]
+    action: Option<Action>,
     #[command(flatten)]
-    target: BoardArgs,
+    target: Option<BoardArgs>,
     /// A JSON array instead of a table.
     #[arg(long)]
     json: bool,
@@ -51,9 +57,20 @@ fn parse_model(s: &str) -> Result<(String, String), String> {
     }
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    Import(super::import::Cmd),
+}
+
 impl Cmd {
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        let mut client = self.target.connect()?;
+        if let Some(Action::Import(cmd)) = self.action {
+            return cmd.run();
+        }
+        let Some(target) = &self.target else {
+            anyhow::bail!("--board is required (or use `edgevlm models import`)");
+        };
+        let mut client = target.connect()?;
         let board = client.board().to_owned();
         let mut done = None;
         if let Some((name, version)) = &self.activate {
