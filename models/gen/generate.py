@@ -8,6 +8,9 @@ Run from the repository root:
 
 Writes:
     <out>/fixtures/   quantization-variant test fixtures + fixtures.toml + bad/
+    <out>/fixtures/vlm/  tiny random-weight SmolVLM / Mistral snapshots with the
+                      real exports' interfaces + transformers/onnxruntime references
+                      (models/gen/vlm_models.py; needs the transformers pins)
     <out>/demo/       the embedded demo model package (trained here)
 
 Deterministic: fixed seeds, and BLAS/onnxruntime pinned to one thread so
@@ -41,6 +44,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="models", help="output directory (default: models/)")
     ap.add_argument("--skip-demo", action="store_true", help="only regenerate fixtures (fast)")
+    ap.add_argument("--skip-vlm", action="store_true",
+                    help="do not regenerate fixtures/vlm (needs transformers/tokenizers from requirements.txt)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,6 +59,15 @@ def main() -> int:
     print(f"fixtures: {len(fixtures)} variants in {out / 'fixtures'} ({time.time() - t0:.1f}s)")
     for fx in fixtures:
         print(f"  {fx.name:26s} {format_histogram(fx.hist)}")
+
+    if not args.skip_vlm:
+        # Imported here so --skip-vlm works without transformers installed.
+        import vlm_models
+
+        t0 = time.time()
+        vlm_dir = out / "fixtures" / "vlm"
+        vlm_models.generate(vlm_dir, log=lambda msg: print(msg))
+        print(f"vlm: snapshots + references in {vlm_dir} ({time.time() - t0:.1f}s)")
 
     if not args.skip_demo:
         t0 = time.time()

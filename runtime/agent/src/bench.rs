@@ -283,7 +283,7 @@ pub fn runtime_error(e: edgevlm_runtime::Error) -> Error {
             Error::invalid_package(&chain)
         }
         // The prompt the spec chose does not fit the model: the request's fault, said in full.
-        E::ContextLength { .. } => Error::invalid_package(&chain),
+        E::ContextLength { .. } | E::Import { .. } => Error::invalid_package(&chain),
         E::Unsupported { .. } | E::Image { .. } => Error::Unsupported,
         E::Input { .. } | E::Npy { .. } | E::Inference(_) => Error::internal(&chain),
     }

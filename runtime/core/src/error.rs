@@ -91,6 +91,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A snapshot folder cannot be imported as it is (no such variant, output exists, ...).
+    #[error("{path}: {message}")]
+    Import {
+        /// The snapshot or output folder.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// A prompt does not fit the model's context.
     #[error("prompt of {prompt_tokens} tokens{image_note} plus {new_tokens} new tokens exceeds the context limit of {limit} tokens ({limit_source})")]
     ContextLength {

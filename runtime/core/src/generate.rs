@@ -360,15 +360,17 @@ impl Generator {
                 }
                 match codec.token_id(idefics3::IMAGE_TOKEN) {
                     Some(id) if id == dims.image_token_id => {}
-                    found => return Err(Error::text(
-                        codec.tokenizer_path(),
-                        format!(
+                    found => {
+                        return Err(Error::text(
+                            codec.tokenizer_path(),
+                            format!(
                             "token {} has id {found:?}, but config.json says image_token_id = {}: \
                                  tokenizer and model do not belong together",
                             idefics3::IMAGE_TOKEN,
                             dims.image_token_id
                         ),
-                    )),
+                        ))
+                    }
                 }
                 for token in [
                     idefics3::FAKE_TOKEN_AROUND_IMAGE,
@@ -388,7 +390,17 @@ impl Generator {
                     .config()
                     .image_seq_len
                     .unwrap_or_else(|| dims.image_seq_len());
-                let encoder = OnnxModel::load(&encoder_path, options)?;
+                // Frames are always tile x tile after processing; fixing that lets tract type
+                // the connector's reshapes, which it cannot prove equal for symbolic sides.
+                let tile = Some(processor.config().tile as usize);
+                let encoder = OnnxModel::load_with_dims(
+                    &encoder_path,
+                    options,
+                    &[
+                        ("pixel_values", &[None, None, None, tile, tile]),
+                        ("pixel_attention_mask", &[None, None, tile, tile]),
+                    ],
+                )?;
                 for name in ["pixel_values", "pixel_attention_mask"] {
                     if encoder.input_index(name).is_none() {
                         return Err(graph_err(
@@ -495,6 +507,11 @@ impl Generator {
         };
         self.codec
             .render(&[Message::user(question, with_image)], style, true)
+    }
+
+    /// The image processor (VLMs), e.g. to inspect or change its settings.
+    pub fn image_processor(&mut self) -> Option<&mut ImageProcessor> {
+        self.vision.as_mut().map(|v| &mut v.processor)
     }
 
     /// Expands the image placeholder and tokenizes: the processor's `input_ids` for `prompt`
@@ -667,6 +684,69 @@ impl Generator {
         Ok((last, next))
     }
 
+    /// The logits for the token after `prompt` (and the image): one prefill, nothing sampled.
+    /// For checking a model against a reference.
+    pub fn prefill_logits(&mut self, prompt: &str, image: Option<&RgbImage>) -> Result<Vec<f32>> {
+        let (ids, processed) = self.prompt_ids(prompt, image)?;
+        let tokens = self.prompt_tokens(&ids, processed, &mut GenerationStats::default())?;
+        Ok(self.step(tokens, ids.len(), 0, self.empty_cache()?)?.0)
+    }
+
+    /// The most likely next token at each step when `forced` is fed after the prompt, whatever
+    /// the model would have chosen (teacher forcing): entry `i` is the model's choice after
+    /// `forced[..i]`. Compares a model with a reference without letting one early difference
+    /// change every later step.
+    pub fn forced_choices(
+        &mut self,
+        prompt: &str,
+        image: Option<&RgbImage>,
+        forced: &[u32],
+    ) -> Result<Vec<u32>> {
+        let (ids, processed) = self.prompt_ids(prompt, image)?;
+        let tokens = self.prompt_tokens(&ids, processed, &mut GenerationStats::default())?;
+        let (mut logits, mut cache) = self.step(tokens, ids.len(), 0, self.empty_cache()?)?;
+        let mut choices = vec![];
+        for (i, &token) in forced.iter().enumerate() {
+            choices.push(crate::sampling::argmax(&logits) as u32);
+            if i + 1 == forced.len() {
+                break;
+            }
+            let input = match self.layout.tokens {
+                TokenInput::Ids(_) => tensor(&[1, 1], &[token as i64])?,
+                TokenInput::Embeds(_) => self.embed(&[token])?,
+            };
+            (logits, cache) = self.step(input, 1, ids.len() + i, cache)?;
+        }
+        Ok(choices)
+    }
+
+    /// The decoder's token input for the prompt: ids, or embeddings with image features.
+    fn prompt_tokens(
+        &self,
+        ids: &[u32],
+        processed: Option<idefics3::ProcessedImage>,
+        stats: &mut GenerationStats,
+    ) -> Result<Tensor> {
+        match self.layout.tokens {
+            TokenInput::Ids(_) => {
+                let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+                tensor(&[1, ids.len()], &ids)
+            }
+            TokenInput::Embeds(_) => {
+                let embeds = self.embed(ids)?;
+                match processed {
+                    Some(p) => {
+                        let t = Instant::now();
+                        let merged = self.merge_image(ids, embeds, p)?;
+                        stats.vision_encode_ms = ms(t.elapsed());
+                        Ok(merged)
+                    }
+                    None => Ok(embeds),
+                }
+            }
+        }
+    }
+
     fn empty_cache(&self) -> Result<Vec<Tensor>> {
         let d = &self.config.text;
         let shape = [1, d.kv_heads, 0, d.head_dim];
@@ -715,24 +795,7 @@ impl Generator {
         stats.preprocess_ms = ms(start.elapsed());
 
         let prefill_start = Instant::now();
-        let tokens = match self.layout.tokens {
-            TokenInput::Ids(_) => {
-                let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-                tensor(&[1, ids.len()], &ids)?
-            }
-            TokenInput::Embeds(_) => {
-                let embeds = self.embed(&ids)?;
-                match processed {
-                    Some(p) => {
-                        let t = Instant::now();
-                        let merged = self.merge_image(&ids, embeds, p)?;
-                        stats.vision_encode_ms = ms(t.elapsed());
-                        merged
-                    }
-                    None => embeds,
-                }
-            }
-        };
+        let tokens = self.prompt_tokens(&ids, processed, &mut stats)?;
         let (mut logits, mut cache) = self.step(tokens, ids.len(), 0, self.empty_cache()?)?;
         stats.prefill_ms = ms(prefill_start.elapsed()) - stats.vision_encode_ms;
 
@@ -782,6 +845,16 @@ impl Generator {
             pos += 1;
         }
         let end = Instant::now();
+        if stop_reason != StopReason::StopString {
+            // The streamed pieces leave out a character still incomplete at the end; the
+            // result holds what the tokens decode to.
+            let content: Vec<u32> = generated
+                .iter()
+                .copied()
+                .filter(|id| !(options.stop_at_eos && self.config.eos_token_ids.contains(id)))
+                .collect();
+            text = self.codec.decode(&content, true)?;
+        }
         if let Some(first) = first_token_at {
             stats.ttft_ms = ms(first - start);
             stats.decode_ms = ms(end - first);

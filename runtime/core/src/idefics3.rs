@@ -8,16 +8,15 @@
 //! 3. rescale (`u8 * rescale_factor` in f64, stored as f32) and normalize (in f32),
 //! 4. stack as `pixel_values [1, frames, 3, H, W]` with `pixel_attention_mask [1, frames, H, W]`.
 //!
-//! Every resize works on 8-bit pixels, as PIL does it for `transformers`.
+//! Every resize works on 8-bit pixels with Pillow's arithmetic ([`resample`]), as
+//! `transformers` resizes through Pillow.
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use tract_onnx::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::hf::ImageProcessorConfig;
-use crate::manifest::Filter;
 use crate::preprocess::RgbImage;
+use crate::resample;
 
 /// Wraps each image (tile) in the prompt.
 pub const FAKE_TOKEN_AROUND_IMAGE: &str = "<fake_token_around_image>";
@@ -49,7 +48,6 @@ impl ProcessedImage {
 /// Turns RGB images into `pixel_values` for a SmolVLM vision encoder.
 pub struct ImageProcessor {
     config: ImageProcessorConfig,
-    resizer: Resizer,
 }
 
 impl std::fmt::Debug for ImageProcessor {
@@ -137,10 +135,7 @@ pub fn image_prompt(rows: usize, cols: usize, seq_len: usize) -> String {
 impl ImageProcessor {
     /// A processor for `config`.
     pub fn new(config: ImageProcessorConfig) -> ImageProcessor {
-        ImageProcessor {
-            config,
-            resizer: Resizer::new(),
-        }
+        ImageProcessor { config }
     }
 
     /// The configuration.
@@ -148,32 +143,13 @@ impl ImageProcessor {
         &self.config
     }
 
+    /// The configuration, to change.
+    pub fn config_mut(&mut self) -> &mut ImageProcessorConfig {
+        &mut self.config
+    }
+
     fn resize(&mut self, img: &RgbImage, height: u32, width: u32) -> Result<RgbImage> {
-        // PIL returns a copy when the size does not change; a same-size convolution would not.
-        if (img.width, img.height) == (width, height) {
-            return Ok(img.clone());
-        }
-        let alg = match self.config.filter {
-            Filter::Nearest => ResizeAlg::Nearest,
-            Filter::Bilinear => ResizeAlg::Convolution(FilterType::Bilinear),
-            Filter::Bicubic => ResizeAlg::Convolution(FilterType::CatmullRom),
-            Filter::Lanczos3 => ResizeAlg::Convolution(FilterType::Lanczos3),
-        };
-        let fail = |e: &dyn std::fmt::Display| Error::Image {
-            source_name: "resize".into(),
-            message: e.to_string(),
-        };
-        let src = ImageRef::new(img.width, img.height, &img.data, PixelType::U8x3)
-            .map_err(|e| fail(&e))?;
-        let mut dst = Image::new(width, height, PixelType::U8x3);
-        self.resizer
-            .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(alg))
-            .map_err(|e| fail(&e))?;
-        Ok(RgbImage {
-            width,
-            height,
-            data: dst.into_vec(),
-        })
+        Ok(resample::resize(img, width, height, self.config.filter))
     }
 
     /// The frames of one image (tiles in row order, then the global image) and the tile grid.

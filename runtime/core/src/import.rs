@@ -144,21 +144,20 @@ fn package_name(snapshot: &Path) -> String {
 
 /// Imports `snapshot` as a package at `out` (which must not exist yet).
 pub fn import(snapshot: &Path, out: &Path, options: &ImportOptions) -> Result<Imported> {
+    let refuse = |path: &Path, message: String| Error::Import {
+        path: path.to_owned(),
+        message,
+    };
     if !snapshot.is_dir() {
-        return Err(Error::io(
-            "opening snapshot folder",
+        return Err(refuse(
             snapshot,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+            "not a folder (expected a downloaded snapshot with config.json)".into(),
         ));
     }
     if out.exists() {
-        return Err(Error::io(
-            "writing package",
+        return Err(refuse(
             out,
-            std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "already exists (remove it or choose another --out)",
-            ),
+            "already exists (remove it or choose another --out)".into(),
         ));
     }
     let config = ModelConfig::load(snapshot)?;
@@ -168,13 +167,9 @@ pub fn import(snapshot: &Path, out: &Path, options: &ImportOptions) -> Result<Im
         Some(v) => v.clone(),
         None if available.iter().any(|v| v == "fp32") => "fp32".into(),
         None => {
-            return Err(Error::io(
-                "finding the fp32 decoder in",
+            return Err(refuse(
                 snapshot,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no fp32 export; choose --variant from {available:?}"),
-                ),
+                format!("no fp32 export; choose --variant from {available:?}"),
             ))
         }
     };
@@ -183,13 +178,9 @@ pub fn import(snapshot: &Path, out: &Path, options: &ImportOptions) -> Result<Im
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_')
     {
-        return Err(Error::io(
-            "choosing variant",
+        return Err(refuse(
             snapshot,
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{variant:?}: expected letters, digits or '_', e.g. int8 or q4"),
-            ),
+            format!("variant {variant:?}: expected letters, digits or '_', e.g. int8 or q4"),
         ));
     }
     let mut graphs = vec![];
@@ -199,15 +190,11 @@ pub fn import(snapshot: &Path, out: &Path, options: &ImportOptions) -> Result<Im
                 .iter()
                 .map(|s| format!("{s}{}.onnx", suffix(&variant)))
                 .collect();
-            Error::io(
-                "finding graph",
-                snapshot.join("onnx"),
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!(
-                        "no {} (role {role}) for variant {variant}; variants here: {available:?}",
-                        names.join(" or ")
-                    ),
+            refuse(
+                snapshot,
+                format!(
+                    "no {} (role {role}) for variant {variant}; variants here: {available:?}",
+                    names.join(" or ")
                 ),
             )
         })?;

@@ -160,6 +160,17 @@ impl std::fmt::Debug for OnnxModel {
 impl OnnxModel {
     /// Loads, checks, rewrites and optimizes an ONNX file.
     pub fn load(path: &Path, options: &LoadOptions) -> Result<OnnxModel> {
+        OnnxModel::load_with_dims(path, options, &[])
+    }
+
+    /// Like [`OnnxModel::load`], with some symbolic input dims fixed first: `(input name,
+    /// per-axis size or None to keep)`. Graphs that reshape by expressions of their input
+    /// sizes (a vision encoder's `height / patch`) often only type-check once those are known.
+    pub fn load_with_dims(
+        path: &Path,
+        options: &LoadOptions,
+        fixed: &[(&str, &[Option<usize>])],
+    ) -> Result<OnnxModel> {
         let start = Instant::now();
         std::fs::metadata(path).map_err(|e| Error::io("opening", path, e))?;
         let onnx = tract_onnx::onnx();
@@ -193,7 +204,7 @@ impl OnnxModel {
             }
         }
         let dir = path.parent().and_then(|p| p.to_str());
-        let typed = match build_typed(&onnx, &proto, dir) {
+        let typed = match build_typed(&onnx, &proto, dir, fixed) {
             Ok(m) => m,
             Err(first) => {
                 // Exporters often declare output shapes / value_info that contradict the graph
@@ -202,7 +213,7 @@ impl OnnxModel {
                     .clone()
                     .with_ignore_output_shapes(true)
                     .with_ignore_value_info(true);
-                match build_typed(&lenient, &proto, dir) {
+                match build_typed(&lenient, &proto, dir, fixed) {
                     Ok(m) => {
                         notes.push(format!(
                             "declared output shapes / value_info contradict the graph and were ignored ({})",
@@ -352,6 +363,7 @@ fn build_typed(
     onnx: &tract_onnx::Onnx,
     proto: &pb::ModelProto,
     dir: Option<&str>,
+    fixed: &[(&str, &[Option<usize>])],
 ) -> Result<TypedModel, StageError> {
     let parsed = onnx
         .parse(proto, dir)
@@ -362,10 +374,30 @@ fn build_typed(
             TractError::msg(format!("unresolved inputs {:?}", parsed.unresolved_inputs)),
         ));
     }
-    let typed = parsed
-        .model
+    let mut model = parsed.model;
+    for (name, dims) in fixed {
+        let outlets = model.input_outlets().map_err(|e| ("reading inputs", e))?;
+        let Some(ix) = outlets
+            .iter()
+            .position(|o| model.node(o.node).name == *name)
+        else {
+            continue;
+        };
+        let fact = model
+            .input_fact_mut(ix)
+            .map_err(|e| ("fixing input sizes", e))?;
+        for (axis, size) in dims.iter().enumerate() {
+            if let Some(n) = size {
+                fact.shape.set_dim(axis, TDim::from(*n));
+            }
+        }
+    }
+    let typed = model
         .into_typed()
         .map_err(|e| ("inferring types and shapes", e))?;
+    let mut typed = typed;
+    crate::patches::protect_block_quant_products(&mut typed)
+        .map_err(|e| ("protecting block-quantized products", e))?;
     let typed = typed.into_decluttered().map_err(|e| ("decluttering", e))?;
     typed.into_optimized().map_err(|e| ("optimizing", e))
 }

@@ -272,24 +272,35 @@ fn environment() -> minijinja::Environment<'static> {
     env
 }
 
-/// Text that arrives token by token: emits only complete characters, so a multi-byte
-/// character split over two tokens is printed once, whole.
+/// Text that arrives token by token: emits only complete characters, so a character split
+/// over several tokens (byte-fallback pieces, multi-byte UTF-8) is emitted once, whole. Decodes
+/// a short window (the tokens since the last emission plus the one before), as streaming
+/// servers do, so the work per token stays constant.
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
-    emitted: usize,
+    prefix: usize,
+    read: usize,
 }
 
 impl StreamDecoder {
     /// Adds a token and returns the text it completes (may be empty).
     pub fn push(&mut self, codec: &TextCodec, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = codec.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
+        let before = codec.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = codec.decode(&self.ids[self.prefix..], true)?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let new = text[self.emitted..].to_owned();
-        self.emitted = text.len();
+        // Decoding more tokens may rewrite the end of the earlier text (a space the decoder
+        // strips at the end); emit from the first character that differs is not possible once
+        // printed, so only a clean extension is emitted here.
+        let Some(new) = now.strip_prefix(before.as_str()) else {
+            return Ok(String::new());
+        };
+        let new = new.to_owned();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(new)
     }
 }

@@ -48,13 +48,33 @@ impl Cmd {
             threads: self.threads as usize,
             fix_qdq_softmax: !self.keep_qdq_softmax,
         };
-        let model = OnnxModel::load(&self.onnx, &options).context("loading the model")?;
-        let mut given: Vec<Option<Tensor>> = vec![None; model.inputs().len()];
-        let mut sources = vec!["seed".to_string(); model.inputs().len()];
+        let mut files = vec![];
         for arg in &self.inputs {
             let (name, file) = arg
                 .split_once('=')
                 .with_context(|| format!("--input {arg:?}: expected NAME=FILE.npy"))?;
+            files.push((name, file, npy::read(Path::new(file))?));
+        }
+        let model = match OnnxModel::load(&self.onnx, &options) {
+            Ok(m) => m,
+            // Some graphs only type-check with concrete input sizes (reshapes by expressions
+            // of symbolic sides): the given inputs provide them.
+            Err(first) if !files.is_empty() => {
+                let shapes: Vec<(&str, Vec<Option<usize>>)> = files
+                    .iter()
+                    .map(|(name, _, t)| (*name, t.shape().iter().map(|d| Some(*d)).collect()))
+                    .collect();
+                let fixed: Vec<(&str, &[Option<usize>])> =
+                    shapes.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+                OnnxModel::load_with_dims(&self.onnx, &options, &fixed)
+                    .map_err(|_| first)
+                    .context("loading the model")?
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("loading the model")),
+        };
+        let mut given: Vec<Option<Tensor>> = vec![None; model.inputs().len()];
+        let mut sources = vec!["seed".to_string(); model.inputs().len()];
+        for (name, file, tensor) in files {
             let Some(i) = model.input_index(name) else {
                 let names: Vec<_> = model.inputs().iter().map(|s| s.name.as_str()).collect();
                 bail!(
@@ -62,7 +82,6 @@ impl Cmd {
                     names.join(", ")
                 );
             };
-            let tensor = npy::read(Path::new(file))?;
             model.inputs()[i].check(&tensor)?;
             given[i] = Some(tensor);
             sources[i] = file.to_string();
