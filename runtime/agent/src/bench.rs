@@ -494,24 +494,6 @@ fn measure(
     };
     let load_start = Instant::now();
     let mut work = match (&spec.input, image) {
-        (BenchInput::Synthetic { seed }, _) => {
-            let graph = package
-                .manifest
-                .graph(MAIN_GRAPH)
-                .expect("resolve() checked the main graph");
-            // Opening the package verifies the graph's sha256, as a board restart does.
-            edgevlm_runtime::ModelPackage::open(&package.dir).map_err(runtime_error)?;
-            let model =
-                OnnxModel::load(&package.dir.join(&graph.file), &options).map_err(runtime_error)?;
-            let mut rng = SplitMix64::new(*seed);
-            let inputs = model
-                .inputs()
-                .iter()
-                .map(|spec| random_input(spec, &mut rng))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(runtime_error)?;
-            Workload::Synthetic { model, inputs }
-        }
         (_, image) if package.manifest.model.task.generates() => {
             let (pkg, generator) =
                 Generator::open(&package.dir, &options).map_err(runtime_error)?;
@@ -551,6 +533,24 @@ fn measure(
                 tally: TokenTally::default(),
             }
         }
+        (BenchInput::Synthetic { seed }, _) => {
+            let graph = package
+                .manifest
+                .graph(MAIN_GRAPH)
+                .expect("resolve() checked the main graph");
+            // Opening the package verifies the graph's sha256, as a board restart does.
+            edgevlm_runtime::ModelPackage::open(&package.dir).map_err(runtime_error)?;
+            let model =
+                OnnxModel::load(&package.dir.join(&graph.file), &options).map_err(runtime_error)?;
+            let mut rng = SplitMix64::new(*seed);
+            let inputs = model
+                .inputs()
+                .iter()
+                .map(|spec| random_input(spec, &mut rng))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(runtime_error)?;
+            Workload::Synthetic { model, inputs }
+        }
         (_, Some((image, name))) => Workload::Pipeline {
             classifier: Box::new(Classifier::load(&package.dir, &options).map_err(runtime_error)?),
             image,
@@ -581,7 +581,12 @@ fn measure(
         if cancelled() {
             return Err(Error::Cancelled);
         }
-        let duration_us = work.iterate(iteration, start, spec.trace.spans.then_some(sink))?;
+        let duration_us = work.iterate(
+            iteration,
+            start,
+            spec.trace.spans.then_some(sink),
+            spec.trace.tokens.then_some(sink),
+        )?;
         first_run_us.get_or_insert(duration_us);
         if !warmup {
             timed.push(duration_us);
@@ -633,12 +638,14 @@ fn measure(
 }
 
 impl Workload {
-    /// Runs one iteration and returns its duration, µs; streams its spans to `spans`.
+    /// Runs one iteration and returns its duration, µs; streams its spans to `spans` and, for
+    /// generation, one timing per token to `tokens`.
     fn iterate(
         &mut self,
         iteration: u32,
         start: Instant,
         spans: Option<&Sink>,
+        tokens: Option<&Sink>,
     ) -> Result<u64, Error> {
         match self {
             Workload::Synthetic { model, inputs } => {
@@ -729,6 +736,8 @@ impl Workload {
                         }));
                         offset += us;
                     }
+                }
+                if let Some(sink) = tokens {
                     for (index, (at, d)) in starts.iter().zip(&durations).enumerate() {
                         sink.offer(TraceEvent::Token(TokenTiming {
                             iteration,

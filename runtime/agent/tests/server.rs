@@ -159,7 +159,8 @@ fn new_server() -> (tempfile::TempDir, Arc<Server>, Logs) {
 }
 
 /// Every regular file of the demo package (`path`, bytes), sorted by path.
-fn demo_files(version: &str) -> Vec<(String, Vec<u8>)> {
+/// Every file under `base`, as (path relative to it, bytes), sorted.
+fn files_of(base: &Path) -> Vec<(String, Vec<u8>)> {
     fn walk(base: &Path, rel: &str, out: &mut Vec<(String, Vec<u8>)>) {
         for entry in std::fs::read_dir(base.join(rel)).unwrap() {
             let entry = entry.unwrap();
@@ -178,8 +179,13 @@ fn demo_files(version: &str) -> Vec<(String, Vec<u8>)> {
         }
     }
     let mut files = Vec::new();
-    walk(Path::new(DEMO), "", &mut files);
+    walk(base, "", &mut files);
     files.sort();
+    files
+}
+
+fn demo_files(version: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files = files_of(Path::new(DEMO));
     for (path, bytes) in &mut files {
         if path == "model.toml" {
             let text = String::from_utf8(bytes.clone()).unwrap();
@@ -1176,5 +1182,112 @@ fn serial_daemon_serves_a_pty_and_stops_on_request() {
     assert!(
         logs.iter().any(|l| l.contains("event=serial_open")),
         "{logs:#?}"
+    );
+}
+
+/// A text-generation package, as `edgevlm models import` makes it from the Mistral-layout
+/// fixture snapshot (int8 variant).
+fn generation_files() -> Vec<(String, Vec<u8>)> {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pkg");
+    let options = edgevlm_runtime::import::ImportOptions {
+        variant: Some("int8".into()),
+        name: Some("tiny-mistral".into()),
+        ..Default::default()
+    };
+    edgevlm_runtime::import::import(
+        &Path::new(DEMO).join("../fixtures/vlm/mistral"),
+        &out,
+        &options,
+    )
+    .unwrap();
+    files_of(&out)
+}
+
+#[test]
+fn generation_benchmark_reports_tokens_and_per_token_times() {
+    let (_tmp, server, _logs) = new_server();
+    let mut peer = Peer::greeted(&server);
+    push_package(&mut peer, "tiny-mistral", "1.0.0", &generation_files());
+    let mut spec = bench_spec(
+        model_ref("tiny-mistral", "1.0.0"),
+        BenchInput::Synthetic { seed: 0 },
+        1,
+        3,
+        0,
+        TraceOptions {
+            spans: true,
+            tokens: true,
+            memory_interval_ms: 10,
+            top_nodes: 5,
+        },
+    );
+    spec.prompt = bounded("Is there a scratch on the part?");
+    spec.max_new_tokens = 6;
+    let (batches, summary) = run_bench(&mut peer, spec);
+    let events: Vec<TraceEvent> = batches
+        .iter()
+        .flat_map(|b| b.events.iter().cloned())
+        .collect();
+    let tokens = summary
+        .tokens
+        .expect("a generation benchmark reports token statistics");
+    assert!(tokens.prompt_tokens > 5, "{tokens:?}");
+    // Tokens of the timed iterations only: 3 iterations of at most 6 (an EOS may end one early).
+    assert!(
+        tokens.generated_tokens >= 3 && tokens.generated_tokens <= 18,
+        "{tokens:?}"
+    );
+    assert!(
+        tokens.ttft_p50_us > 0 && tokens.inter_token_p50_us > 0,
+        "{tokens:?}"
+    );
+    let token_events: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            TraceEvent::Token(t) => Some(*t),
+            _ => None,
+        })
+        .collect();
+    // Warmup and timed iterations, one event per generated token, indexes from 0.
+    for iteration in 0..4 {
+        let of_run: Vec<_> = token_events
+            .iter()
+            .filter(|t| t.iteration == iteration)
+            .collect();
+        assert!(
+            !of_run.is_empty() && of_run.len() <= 6,
+            "iteration {iteration}: {of_run:?}"
+        );
+        assert!(of_run.iter().enumerate().all(|(i, t)| t.index == i as u32));
+        assert!(of_run
+            .windows(2)
+            .all(|w| w[1].start_us >= w[0].start_us + w[0].duration_us));
+    }
+    let stages: BTreeSet<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            TraceEvent::Span(s) => Some(s.stage.as_str().to_owned()),
+            _ => None,
+        })
+        .collect();
+    for stage in ["preprocess", "prefill", "decode"] {
+        assert!(stages.contains(stage), "{stages:?}");
+    }
+    // No per-node profile for generation yet: no Node events, and the run still succeeds.
+    assert!(!events.iter().any(|e| matches!(e, TraceEvent::Node(_))));
+
+    // An image input for a text model is refused.
+    let spec = bench_spec(
+        model_ref("tiny-mistral", "1.0.0"),
+        BenchInput::PackageFile(bounded("config.json")),
+        0,
+        1,
+        0,
+        FULL_TRACE,
+    );
+    assert_eq!(
+        peer.result(Request::RunBenchmark(spec)),
+        Err(Error::Unsupported)
     );
 }

@@ -69,13 +69,13 @@ pub fn longest_edge_size(height: u32, width: u32, max_len: u32, upper: u32) -> (
     let aspect = width as f64 / height as f64;
     let (mut h, mut w) = if width >= height {
         let mut h = trunc(max_len as f64 / aspect);
-        if h % 2 != 0 {
+        if !h.is_multiple_of(2) {
             h += 1;
         }
         (h, max_len)
     } else {
         let mut w = trunc(max_len as f64 * aspect);
-        if w % 2 != 0 {
+        if !w.is_multiple_of(2) {
             w += 1;
         }
         (max_len, w)

@@ -23,6 +23,10 @@ pub struct LoadOptions {
     /// Apply the QDQ Softmax rewrite (see [`rewrite_qdq_softmax`]). Only tests turn this off,
     /// to show the tract bug it works around is still there.
     pub fix_qdq_softmax: bool,
+    /// Keep tract from folding reshapes into 4-bit block-quantized products (see
+    /// [`crate::patches::protect_block_quant_products`]). Only tests turn this off, to show
+    /// the tract bug it works around is still there.
+    pub fix_block_quant_reshape: bool,
 }
 
 impl Default for LoadOptions {
@@ -30,6 +34,7 @@ impl Default for LoadOptions {
         LoadOptions {
             threads: 1,
             fix_qdq_softmax: true,
+            fix_block_quant_reshape: true,
         }
     }
 }
@@ -204,7 +209,7 @@ impl OnnxModel {
             }
         }
         let dir = path.parent().and_then(|p| p.to_str());
-        let typed = match build_typed(&onnx, &proto, dir, fixed) {
+        let typed = match build_typed(&onnx, &proto, dir, fixed, options) {
             Ok(m) => m,
             Err(first) => {
                 // Exporters often declare output shapes / value_info that contradict the graph
@@ -213,7 +218,7 @@ impl OnnxModel {
                     .clone()
                     .with_ignore_output_shapes(true)
                     .with_ignore_value_info(true);
-                match build_typed(&lenient, &proto, dir, fixed) {
+                match build_typed(&lenient, &proto, dir, fixed, options) {
                     Ok(m) => {
                         notes.push(format!(
                             "declared output shapes / value_info contradict the graph and were ignored ({})",
@@ -364,6 +369,7 @@ fn build_typed(
     proto: &pb::ModelProto,
     dir: Option<&str>,
     fixed: &[(&str, &[Option<usize>])],
+    options: &LoadOptions,
 ) -> Result<TypedModel, StageError> {
     let parsed = onnx
         .parse(proto, dir)
@@ -396,8 +402,10 @@ fn build_typed(
         .into_typed()
         .map_err(|e| ("inferring types and shapes", e))?;
     let mut typed = typed;
-    crate::patches::protect_block_quant_products(&mut typed)
-        .map_err(|e| ("protecting block-quantized products", e))?;
+    if options.fix_block_quant_reshape {
+        crate::patches::protect_block_quant_products(&mut typed)
+            .map_err(|e| ("protecting block-quantized products", e))?;
+    }
     let typed = typed.into_decluttered().map_err(|e| ("decluttering", e))?;
     typed.into_optimized().map_err(|e| ("optimizing", e))
 }

@@ -315,3 +315,75 @@ fn mistral_prompts_and_greedy_tokens_equal_the_references() {
         }
     }
 }
+
+#[test]
+fn q4_reshape_fold_is_wrong_without_the_patch() {
+    // docs/tract-blockquant-reshape-fold.md: once tract stops breaking block-quantized
+    // weights when it folds a reshape into a product, this fails and the patch can go.
+    let dir = vlm_dir().join("smolvlm");
+    let reference = reference("smolvlm");
+    let case = &reference["cases"][0];
+    let image = reference_rgb(case);
+    let logits = |fix: bool| {
+        let options = LoadOptions {
+            fix_block_quant_reshape: fix,
+            ..Default::default()
+        };
+        let mut g = Generator::load(&dir, &graphs(&dir, "q4"), &options).unwrap();
+        g.prefill_logits(case["prompt_text"].as_str().unwrap(), Some(&image))
+            .unwrap()
+    };
+    let (fixed, raw) = (logits(true), logits(false));
+    let first = ids(&case["greedy"]["q4"])[0];
+    assert_eq!(edgevlm_runtime::sampling::argmax(&fixed) as u32, first);
+    let diff = max_abs_diff(&fixed, &raw);
+    assert!(
+        diff > 1.0,
+        "without the patch the logits differ by only {diff}"
+    );
+}
+
+#[test]
+fn stop_strings_cut_the_text_and_sampling_repeats_with_its_seed() {
+    let mut g = load("mistral", "fp32");
+    let reference = reference("mistral");
+    let prompt = reference["cases"][0]["prompt_text"].as_str().unwrap();
+    let full = g
+        .generate(prompt, None, &greedy(16), &mut |_, _| {})
+        .unwrap();
+    let chars: Vec<char> = full.text.chars().collect();
+    let stop: String = (chars.len() / 2..chars.len() - 1)
+        .map(|i| chars[i..i + 2].iter().collect::<String>())
+        .find(|s: &String| !s.contains('\u{FFFD}') && !s.trim().is_empty())
+        .expect("a two-character stop string in the greedy text");
+    let mut streamed = String::new();
+    let options = GenerateOptions {
+        stop_strings: vec![stop.clone()],
+        ..greedy(16)
+    };
+    let cut = g
+        .generate(prompt, None, &options, &mut |_, t| streamed.push_str(t))
+        .unwrap();
+    assert_eq!(cut.stop_reason, edgevlm_runtime::StopReason::StopString);
+    assert_eq!(cut.text, full.text[..full.text.find(&stop).unwrap()]);
+    assert_eq!(streamed, cut.text);
+    assert!(cut.token_ids.len() < full.token_ids.len());
+
+    let mut sample = |seed| {
+        let options = GenerateOptions {
+            sampling: edgevlm_runtime::Sampling {
+                temperature: 1.0,
+                top_k: 50,
+                top_p: 0.95,
+                seed,
+            },
+            ..greedy(16)
+        };
+        g.generate(prompt, None, &options, &mut |_, _| {})
+            .unwrap()
+            .token_ids
+    };
+    let first = sample(1);
+    assert_eq!(first, sample(1), "same seed, same tokens");
+    assert_ne!(first, sample(2), "another seed draws other tokens");
+}

@@ -58,6 +58,10 @@ pub struct Cmd {
     /// Use --prompt as the full prompt text, without the chat template.
     #[arg(long)]
     raw_prompt: bool,
+    /// Untimed generations before the reported one (same prompt and image), so the figures
+    /// are steady-state rather than first-run.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    warmup: usize,
     /// Threads for matrix products.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
@@ -111,6 +115,9 @@ impl Cmd {
             stop_strings: stop,
             stop_at_eos: !self.ignore_eos,
         };
+        for _ in 0..self.warmup {
+            generator.generate(&prompt, image.as_ref(), &generate, &mut |_, _| {})?;
+        }
         let mut out = std::io::stdout().lock();
         let mut failed = Ok(());
         let json = self.json;

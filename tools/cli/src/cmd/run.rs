@@ -38,6 +38,10 @@ pub struct Cmd {
     /// Keep QDQ Softmax as tract 0.23.9 folds it (wrong results; for reproducing the tract bug).
     #[arg(long)]
     keep_qdq_softmax: bool,
+    /// Let tract fold reshapes into 4-bit block-quantized products as 0.23.9 does (wrong
+    /// results; for reproducing the tract bug).
+    #[arg(long)]
+    keep_bq_reshape_fold: bool,
 }
 
 impl Cmd {
@@ -47,23 +51,26 @@ impl Cmd {
         let options = LoadOptions {
             threads: self.threads as usize,
             fix_qdq_softmax: !self.keep_qdq_softmax,
+            fix_block_quant_reshape: !self.keep_bq_reshape_fold,
         };
         let mut files = vec![];
         for arg in &self.inputs {
             let (name, file) = arg
                 .split_once('=')
                 .with_context(|| format!("--input {arg:?}: expected NAME=FILE.npy"))?;
-            files.push((name, file, npy::read(Path::new(file))?));
+            files.push((name, file, None));
         }
         let model = match OnnxModel::load(&self.onnx, &options) {
             Ok(m) => m,
             // Some graphs only type-check with concrete input sizes (reshapes by expressions
             // of symbolic sides): the given inputs provide them.
             Err(first) if !files.is_empty() => {
-                let shapes: Vec<(&str, Vec<Option<usize>>)> = files
-                    .iter()
-                    .map(|(name, _, t)| (*name, t.shape().iter().map(|d| Some(*d)).collect()))
-                    .collect();
+                let mut shapes: Vec<(&str, Vec<Option<usize>>)> = vec![];
+                for (name, file, tensor) in &mut files {
+                    let t = npy::read(Path::new(file))?;
+                    shapes.push((*name, t.shape().iter().map(|d| Some(*d)).collect()));
+                    *tensor = Some(t);
+                }
                 let fixed: Vec<(&str, &[Option<usize>])> =
                     shapes.iter().map(|(n, d)| (*n, d.as_slice())).collect();
                 OnnxModel::load_with_dims(&self.onnx, &options, &fixed)
@@ -81,6 +88,10 @@ impl Cmd {
                     "--input {name}: the model has no input {name:?} (inputs: {})",
                     names.join(", ")
                 );
+            };
+            let tensor = match tensor {
+                Some(t) => t,
+                None => npy::read(Path::new(file))?,
             };
             model.inputs()[i].check(&tensor)?;
             given[i] = Some(tensor);

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""edgevlm vs ONNX Runtime on SmolVLM2-256M-sized graphs (random weights), per variant.
+
+    python3 ci/bench_vlm.py [--out target/bench-vlm] [--variants fp32,int8,q4]
+                            [--new-tokens 32] [--threads 1]
+
+1. Generates the real-size snapshot once (models/gen/vlm_bench.py, ~1.6 GB, not committed)
+   and turns image splitting off in its preprocessor config, so both runtimes see one
+   512 x 512 tile (64 image tokens).
+2. Per variant: `edgevlm models import`, then `edgevlm generate --warmup 1 --json` on a
+   sample image with a short question (greedy, EOS ignored, N new tokens), then ONNX Runtime
+   on the same graphs with the same number of prompt and new tokens, in a fresh process.
+3. Prints one Markdown row per variant: vision-encode ms, time to first token, prefill and
+   decode tokens/s and peak RSS for both, and edgevlm / ORT ratios (for tokens/s the ratio is
+   ORT / edgevlm, so above 1 always means edgevlm is slower or bigger), then the worst ratio.
+
+Both sides run one thread and one warm-up generation before the measured one. edgevlm's TTFT
+also counts its image preprocessing and tokenization (a few ms); ORT's is vision + prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EDGEVLM = ROOT / "target/release/edgevlm"
+IMAGE = ROOT / "models/demo/samples/scratch_01.png"
+QUESTION = "Describe this part. Is there a scratch on it?"
+
+
+def run(cmd: list[str], **kw) -> str:
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+    return proc.stdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "target/bench-vlm"))
+    ap.add_argument("--variants", default="fp32,int8,q4")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    out = Path(args.out)
+    snap = out / "snapshot"
+    variants = args.variants.split(",")
+
+    if not (snap / "config.json").exists() or any(
+        not (snap / "onnx" / (f"decoder_model_merged_{v}.onnx" if v != "fp32" else "decoder_model_merged.onnx")).exists()
+        for v in variants
+    ):
+        gen = sorted(set(variants) | {"fp32"})
+        print(f"generating SmolVLM2-256M-sized graphs ({','.join(gen)}) in {snap} ...", file=sys.stderr)
+        run([sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--out", str(snap), "--variants", ",".join(gen)])
+    pre = snap / "preprocessor_config.json"
+    config = json.loads(pre.read_text())
+    if config.get("do_image_splitting", True):
+        config["do_image_splitting"] = False
+        pre.write_text(json.dumps(config, indent=2))
+
+    subprocess.run(["cargo", "build", "--release", "-j2", "-q", "-p", "edgevlm"], check=True, cwd=ROOT)
+
+    rows = []
+    for v in variants:
+        pkg = out / f"pkg-{v}"
+        shutil.rmtree(pkg, ignore_errors=True)
+        run([str(EDGEVLM), "models", "import", str(snap), "--variant", v, "--out", str(pkg)])
+        ours = json.loads(run([
+            str(EDGEVLM), "generate", "--model", str(pkg), "--image", str(IMAGE), "--prompt", QUESTION,
+            "--max-new-tokens", str(args.new_tokens), "--ignore-eos", "--warmup", "1", "--json",
+            "--threads", str(args.threads)]))
+        s = ours["stats"]
+        ort = json.loads(run([
+            sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--ort", str(snap), "--variant", v,
+            "--prompt-tokens", str(s["prompt_tokens"]), "--new-tokens", str(args.new_tokens), "--json"]))
+        rows.append((v, s, ort))
+        print(f"{v}: edgevlm vision {s['vision_encode_ms']:.0f} ms, TTFT {s['ttft_ms']:.0f} ms, "
+              f"decode {s['decode_tok_s']:.1f} tok/s | ORT vision {ort['vision_ms']:.0f} ms, "
+              f"TTFT {ort['ttft_ms']:.0f} ms, decode {ort['decode_tok_s']:.1f} tok/s", file=sys.stderr)
+
+    print(f"\nSmolVLM2-256M dimensions, random weights, {args.threads} thread(s), one 512x512 tile, "
+          f"{rows[0][1]['prompt_tokens']} prompt tokens, {args.new_tokens} new tokens\n")
+    print("| variant | vision ms edgevlm / ORT | TTFT ms edgevlm / ORT | prefill tok/s edgevlm / ORT "
+          "| decode tok/s edgevlm / ORT | peak RSS MiB edgevlm / ORT | ratios vision, TTFT, prefill, decode, RSS |")
+    print("|---|---|---|---|---|---|---|")
+    worst = (0.0, "")
+    for v, s, o in rows:
+        ratios = {
+            "vision": s["vision_encode_ms"] / o["vision_ms"],
+            "ttft": s["ttft_ms"] / o["ttft_ms"],
+            "prefill": o["prefill_tok_s"] / s["prefill_tok_s"],
+            "decode": o["decode_tok_s"] / s["decode_tok_s"],
+            "rss": s["peak_rss_kib"] / o["peak_rss_kib"],
+        }
+        for k, r in ratios.items():
+            if r > worst[0]:
+                worst = (r, f"{v} {k}")
+        print(f"| {v} | {s['vision_encode_ms']:.0f} / {o['vision_ms']:.0f} | {s['ttft_ms']:.0f} / {o['ttft_ms']:.0f} "
+              f"| {s['prefill_tok_s']:.0f} / {o['prefill_tok_s']:.0f} | {s['decode_tok_s']:.1f} / {o['decode_tok_s']:.1f} "
+              f"| {s['peak_rss_kib'] / 1024:.0f} / {o['peak_rss_kib'] / 1024:.0f} "
+              f"| {', '.join(f'{r:.2f}' for r in ratios.values())} |")
+    print(f"\nworst ratio: {worst[0]:.2f} ({worst[1]}); above 1 means edgevlm is slower or bigger")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
