@@ -708,10 +708,6 @@ impl Workload {
                 let end = Instant::now();
                 let duration_us = micros(end - t0);
                 let s = &result.stats;
-                // The EOS token that ended a run reaches no callback: its time closes the run.
-                if token_times.len() < result.token_ids.len() {
-                    token_times.push(end);
-                }
                 let mut starts = vec![t0];
                 starts.extend(token_times.iter().copied());
                 let durations: Vec<u64> = starts.windows(2).map(|w| micros(w[1] - w[0])).collect();

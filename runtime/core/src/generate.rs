@@ -759,8 +759,10 @@ impl Generator {
     }
 
     /// Generates a continuation of `prompt` (already rendered with the chat template; an image
-    /// goes with exactly one `<image>` placeholder in it). `on_token` receives each token id
-    /// and the text it completes, as it is produced.
+    /// goes with exactly one `<image>` placeholder in it). `on_token` is called once per
+    /// generated token, as it is produced, with its id and the text that became final with it
+    /// (often empty: incomplete characters and a possible start of a stop string wait); the
+    /// pieces add up to the returned text.
     pub fn generate(
         &mut self,
         prompt: &str,
@@ -803,6 +805,15 @@ impl Generator {
         let mut stream = StreamDecoder::default();
         let mut generated: Vec<u32> = vec![];
         let mut text = String::new();
+        // Text handed to `on_token` so far. The last bytes that could still begin a stop
+        // string are held back until the next token shows whether they do.
+        let mut emitted = 0;
+        let hold = options
+            .stop_strings
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
         let mut stop_reason = StopReason::MaxTokens;
         let mut first_token_at = None;
         let mut pos = ids.len();
@@ -811,28 +822,43 @@ impl Generator {
             let next = sampler.pick(&logits);
             generated.push(next);
             first_token_at.get_or_insert_with(Instant::now);
-            if options.stop_at_eos && self.config.eos_token_ids.contains(&next) {
-                stop_reason = StopReason::Eos;
-                break;
+            let eos = options.stop_at_eos && self.config.eos_token_ids.contains(&next);
+            if !eos {
+                text.push_str(&stream.push(&self.codec, next)?);
             }
-            let piece = stream.push(&self.codec, next)?;
-            let before = text.len();
-            text.push_str(&piece);
-            if let Some(cut) = stop_at(&text, &options.stop_strings, before) {
-                let visible = text[before..cut].to_owned();
+            let mut last = true;
+            if let Some(cut) = stop_at(&text, &options.stop_strings, emitted) {
                 text.truncate(cut);
-                if !visible.is_empty() {
-                    on_token(next, &visible);
-                }
                 stop_reason = StopReason::StopString;
-                break;
-            }
-            on_token(next, &piece);
-            if generated.len() >= max_new {
-                break;
-            }
-            if pos + 1 >= limit {
+            } else if eos {
+                stop_reason = StopReason::Eos;
+            } else if generated.len() < max_new && pos + 1 >= limit {
                 stop_reason = StopReason::Context;
+            } else {
+                last = generated.len() >= max_new;
+            }
+            if last && stop_reason != StopReason::StopString {
+                // The stream leaves out a character still incomplete at the end; the result
+                // holds everything the tokens decode to.
+                let content: Vec<u32> = generated
+                    .iter()
+                    .copied()
+                    .filter(|id| !(options.stop_at_eos && self.config.eos_token_ids.contains(id)))
+                    .collect();
+                text = self.codec.decode(&content, true)?;
+            }
+            let mut upto = if last {
+                text.len()
+            } else {
+                text.len().saturating_sub(hold).max(emitted)
+            };
+            while !text.is_char_boundary(upto) {
+                upto -= 1;
+            }
+            // One call per generated token (end-of-sequence included), its text maybe empty.
+            on_token(next, text.get(emitted..upto).unwrap_or(""));
+            emitted = emitted.max(upto);
+            if last {
                 break;
             }
             let tokens = match self.layout.tokens {
@@ -845,16 +871,6 @@ impl Generator {
             pos += 1;
         }
         let end = Instant::now();
-        if stop_reason != StopReason::StopString {
-            // The streamed pieces leave out a character still incomplete at the end; the
-            // result holds what the tokens decode to.
-            let content: Vec<u32> = generated
-                .iter()
-                .copied()
-                .filter(|id| !(options.stop_at_eos && self.config.eos_token_ids.contains(id)))
-                .collect();
-            text = self.codec.decode(&content, true)?;
-        }
         if let Some(first) = first_token_at {
             stats.ttft_ms = ms(first - start);
             stats.decode_ms = ms(end - first);
