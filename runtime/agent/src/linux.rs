@@ -5,7 +5,7 @@ use edgevlm_board::{ThreadDelay, VerdictOutputs};
 use edgevlm_board_linux::{BoardProfile, CdevOutput, CdevTrigger, OutputPins, V4l2Camera};
 
 use crate::config::{AgentConfig, BoardKind, OnError};
-use crate::sim::{load_classifier, pin_mode, settings, with_ng_store, SetupError};
+use crate::sim::{load_inspector, pin_mode, settings, with_ng_store, SetupError};
 use crate::station::Station;
 
 /// The Linux station, its GPIO trigger and the profile it was built from.
@@ -29,7 +29,7 @@ pub fn build(config: &AgentConfig) -> Result<LinuxStation, SetupError> {
     let device = |e: &dyn std::fmt::Display| SetupError::Device(e.to_string());
     let profile = BoardProfile::resolve(spec).map_err(|e| device(&e))?;
     // The model first: a bad package should not leave GPIO lines requested.
-    let classifier = load_classifier(config)?;
+    let inspector = load_inspector(config)?;
     let pins = OutputPins::from_profile(&profile.gpio).map_err(|e| device(&e))?;
     let error_pin = if config.outputs.on_error == OnError::ErrorPin {
         pins.error
@@ -45,7 +45,7 @@ pub fn build(config: &AgentConfig) -> Result<LinuxStation, SetupError> {
     let trigger = CdevTrigger::from_profile(&profile.gpio).map_err(|e| device(&e))?;
     let camera = V4l2Camera::from_profile(&profile.camera).map_err(|e| device(&e))?;
     let station = with_ng_store(
-        Station::new(camera, outputs, classifier, settings(config)),
+        Station::new(camera, outputs, inspector, settings(config)),
         config,
     )?;
     Ok((station, trigger, profile))

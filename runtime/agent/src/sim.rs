@@ -7,7 +7,7 @@ use edgevlm_board_sim::{
     parse_script, FolderCamera, LineTrigger, PatternCamera, PinRecorder, RecordedPin,
     ScheduleTrigger, SimError, ThreadDelay,
 };
-use edgevlm_runtime::{Classifier, LoadOptions};
+use edgevlm_runtime::{Inspector, LoadOptions};
 
 use crate::config::{AgentConfig, BoardKind, OnError, OutputMode};
 use crate::ngstore::NgStore;
@@ -103,13 +103,14 @@ pub fn pin_mode(config: &AgentConfig) -> PinMode {
     }
 }
 
-/// Loads the config's model package.
-pub fn load_classifier(config: &AgentConfig) -> Result<Classifier, SetupError> {
+/// Loads the config's model package (a classifier, or a vision-language model with an
+/// `[inspection]` section).
+pub fn load_inspector(config: &AgentConfig) -> Result<Inspector, SetupError> {
     let options = LoadOptions {
         threads: config.model.threads,
         ..Default::default()
     };
-    Classifier::load(&config.model.package, &options).map_err(|source| SetupError::Model {
+    Inspector::load(&config.model.package, &options).map_err(|source| SetupError::Model {
         package: config.model.package.clone(),
         source,
     })
@@ -144,7 +145,7 @@ pub fn build(config: &AgentConfig) -> Result<SimStation, SetupError> {
             ))
         }
     };
-    let classifier = load_classifier(config)?;
+    let inspector = load_inspector(config)?;
     let camera = if sim.is_test_pattern() {
         SimCamera::Pattern(PatternCamera::new(640, 480))
     } else {
@@ -164,7 +165,7 @@ pub fn build(config: &AgentConfig) -> Result<SimStation, SetupError> {
     .and_then(|o| o.with_busy(recorder.pin("busy")))
     .unwrap_or_else(|never| match never {});
     let station = with_ng_store(
-        Station::new(camera, outputs, classifier, settings(config)),
+        Station::new(camera, outputs, inspector, settings(config)),
         config,
     )?;
     let trigger = if sim.stdin {

@@ -16,7 +16,7 @@ use edgevlm_board::{
     monotonic_now, Camera, CameraError, CameraErrorKind, DelayNs, Frame, OutputPin, PixelFormat,
     Signal, Trigger, TriggerEvent, VerdictOutputs,
 };
-use edgevlm_runtime::{error_chain, Classifier, FrameFormat, LoadOptions, Trace, Verdict};
+use edgevlm_runtime::{error_chain, FrameFormat, Inspector, LoadOptions, Trace, Verdict};
 use serde::Serialize;
 
 use crate::config::WhenFull;
@@ -164,7 +164,7 @@ impl Report {
 }
 
 enum Swap {
-    Loaded(Box<Classifier>),
+    Loaded(Box<Inspector>),
     Failed(PathBuf, String),
 }
 
@@ -195,7 +195,7 @@ impl StationHandle {
     ) -> std::thread::JoinHandle<()> {
         let swap = self.swap.clone();
         std::thread::spawn(move || {
-            let msg = match Classifier::load(&package, &options) {
+            let msg = match Inspector::load(&package, &options) {
                 Ok(c) => Swap::Loaded(Box::new(c)),
                 Err(e) => Swap::Failed(package, error_chain(&e)),
             };
@@ -225,7 +225,7 @@ pub fn runtime_frame(frame: &Frame) -> edgevlm_runtime::Frame<'_> {
 pub struct Station<C: Camera, P: OutputPin, D: DelayNs> {
     camera: C,
     outputs: VerdictOutputs<P, D>,
-    classifier: Classifier,
+    inspector: Inspector,
     settings: StationSettings,
     ng_store: Option<NgStore>,
     notifier: Notifier,
@@ -239,14 +239,14 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
     pub fn new(
         camera: C,
         outputs: VerdictOutputs<P, D>,
-        classifier: Classifier,
+        inspector: Inspector,
         settings: StationSettings,
     ) -> Self {
         let (swap_tx, swap_rx) = crossbeam_channel::unbounded();
         Station {
             camera,
             outputs,
-            classifier,
+            inspector,
             settings,
             ng_store: None,
             notifier: Notifier::from_env(),
@@ -313,7 +313,7 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
         let mut report = Report::default();
         let mut reported_drops = 0;
         let mut draining = false;
-        let model = &self.classifier.package().manifest().model;
+        let model = &self.inspector.package().manifest().model;
         self.notifier
             .ready(&format!("inspecting with {} {}", model.name, model.version));
         loop {
@@ -329,9 +329,9 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
             while let Ok(swap) = self.swap_rx.try_recv() {
                 match swap {
                     Swap::Loaded(c) => {
-                        self.classifier = *c;
+                        self.inspector = *c;
                         report.model_switches += 1;
-                        let m = &self.classifier.package().manifest().model;
+                        let m = &self.inspector.package().manifest().model;
                         observer(&Event::ModelSwitched {
                             name: m.name.clone(),
                             version: m.version.clone(),
@@ -412,7 +412,7 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
             Ok(frame) => {
                 record.source = frame.source.clone();
                 match self
-                    .classifier
+                    .inspector
                     .inspect_frame(&runtime_frame(frame), &frame.source)
                 {
                     Ok(r) => {
@@ -421,8 +421,8 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
                         } else {
                             Signal::Ng
                         };
-                        record.label = Some(r.classes[0].label.clone());
-                        record.probability = Some(r.classes[0].probability);
+                        record.label = r.label().map(str::to_owned);
+                        record.probability = r.classes.first().map(|c| c.probability);
                         record.reason = r.reason;
                         record.trace = Some(r.trace);
                     }

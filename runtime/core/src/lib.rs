@@ -35,7 +35,7 @@ pub use generate::{GenerateOptions, Generation, GenerationStats, Generator, Stop
 pub use manifest::{parse_toml, Manifest};
 pub use onnx::{Dim, LoadOptions, OnnxModel, TensorSpec, TRACT_VERSION};
 pub use package::ModelPackage;
-pub use pipeline::{Classifier, Inspection};
+pub use pipeline::{Classifier, Inspection, Inspector, VlmInspector};
 pub use preprocess::{Frame, FrameFormat, RgbImage};
 pub use sampling::Sampling;
 pub use trace::{Memory, Stage, Trace};

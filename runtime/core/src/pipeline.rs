@@ -1,4 +1,6 @@
-//! The image classification pipeline: package -> image -> tensor -> tract -> probabilities -> verdict.
+//! Inspection pipelines: package -> image -> verdict. A [`Classifier`] runs one graph and
+//! thresholds class probabilities; a [`VlmInspector`] asks a vision-language model its
+//! package's question and maps the answer. [`Inspector`] is whichever the package is.
 
 use std::path::Path;
 use std::time::Instant;
@@ -7,7 +9,8 @@ use serde::Serialize;
 
 use crate::classify::{self, ClassScore, Verdict};
 use crate::error::{Error, Result};
-use crate::manifest::{OutputSpec, Task, VerdictRule};
+use crate::generate::{answer_verdict, GenerateOptions, Generation, Generator};
+use crate::manifest::{InspectionSpec, Manifest, OutputSpec, Task, VerdictRule};
 use crate::onnx::{Dim, LoadOptions, OnnxModel};
 use crate::package::{ModelPackage, MANIFEST};
 use crate::preprocess::{self, Frame, Preprocessor, RgbImage};
@@ -20,10 +23,23 @@ pub struct Inspection {
     pub verdict: Verdict,
     /// Why NG (the label and threshold that fired).
     pub reason: Option<String>,
-    /// Every class, highest probability first.
+    /// Every class, highest probability first (empty for vision-language models).
     pub classes: Vec<ClassScore>,
+    /// A vision-language model's answer, as generated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
     /// Stage timings and memory.
     pub trace: Trace,
+}
+
+impl Inspection {
+    /// The top class, or the answer of a vision-language model.
+    pub fn label(&self) -> Option<&str> {
+        self.classes
+            .first()
+            .map(|c| c.label.as_str())
+            .or(self.answer.as_deref())
+    }
 }
 
 /// A loaded classification package, ready to inspect images.
@@ -173,7 +189,145 @@ impl Classifier {
             verdict,
             reason,
             classes,
+            answer: None,
             trace,
         })
+    }
+}
+
+/// A vision-language package with an `[inspection]` section: asks its question about each
+/// image (greedy) and turns the answer into the verdict by the package's rule.
+pub struct VlmInspector {
+    package: ModelPackage,
+    generator: Generator,
+    rule: InspectionSpec,
+    prompt: String,
+    options: GenerateOptions,
+}
+
+impl std::fmt::Debug for VlmInspector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VlmInspector")
+            .field("package", &self.package.dir())
+            .field("question", &self.rule.question)
+            .finish()
+    }
+}
+
+impl VlmInspector {
+    /// Opens the package in `dir`, loads its graphs and renders the question once.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<VlmInspector> {
+        let (package, generator) = Generator::open(dir, options)?;
+        let m = package.manifest();
+        let rule = m.inspection.clone().ok_or_else(|| {
+            Error::manifest(
+                dir.join(MANIFEST),
+                "inspection",
+                format!(
+                    "this {} package has no [inspection] section (question, ng, ok), so it cannot judge parts; `edgevlm generate` asks it anything",
+                    m.model.task_name()
+                ),
+            )
+        })?;
+        let prompt = generator.chat_prompt(&rule.question, true)?;
+        let options = GenerateOptions {
+            max_new_tokens: rule.max_new_tokens,
+            stop_strings: m
+                .generation
+                .as_ref()
+                .map(|g| g.stop.clone())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        Ok(VlmInspector {
+            package,
+            generator,
+            rule,
+            prompt,
+            options,
+        })
+    }
+
+    /// The package.
+    pub fn package(&self) -> &ModelPackage {
+        &self.package
+    }
+
+    /// The loaded model.
+    pub fn generator(&self) -> &Generator {
+        &self.generator
+    }
+
+    /// The question and the answer rule.
+    pub fn rule(&self) -> &InspectionSpec {
+        &self.rule
+    }
+
+    /// Asks the question about `img`: the verdict and the whole generation (answer, tokens,
+    /// timings).
+    pub fn ask(&mut self, img: &RgbImage) -> Result<(Verdict, Generation)> {
+        let g = self
+            .generator
+            .generate(&self.prompt, Some(img), &self.options, &mut |_, _| {})?;
+        Ok((answer_verdict(&self.rule, &g.text), g))
+    }
+
+    /// Inspects a decoded image, appending to `trace`: `preprocess` (template, tokens, image
+    /// tiles) and `infer` (vision encoder, prefill, decoding) spans.
+    pub fn inspect_rgb(&mut self, img: &RgbImage, mut trace: Trace) -> Result<Inspection> {
+        let start = Instant::now();
+        let (verdict, g) = self.ask(img)?;
+        let total = start.elapsed();
+        let pre = std::time::Duration::from_secs_f64(g.stats.preprocess_ms / 1e3).min(total);
+        trace.record(Stage::Preprocess, pre);
+        trace.record(Stage::Infer, total - pre);
+        trace.finish();
+        Ok(Inspection {
+            verdict,
+            reason: (verdict == Verdict::Ng).then(|| format!("answer {:?}", g.text.trim())),
+            classes: vec![],
+            answer: Some(g.text),
+            trace,
+        })
+    }
+}
+
+/// Whatever a package inspects with: a classifier or a vision-language model.
+#[derive(Debug)]
+pub enum Inspector {
+    /// A `classification` package.
+    Classifier(Box<Classifier>),
+    /// A `vision-language` package with an `[inspection]` section.
+    Vlm(Box<VlmInspector>),
+}
+
+impl Inspector {
+    /// Loads the package in `dir` according to its task.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Inspector> {
+        let manifest = Manifest::load(&dir.join(MANIFEST))?;
+        if manifest.model.task == Task::VisionLanguage {
+            return Ok(Inspector::Vlm(Box::new(VlmInspector::load(dir, options)?)));
+        }
+        Ok(Inspector::Classifier(Box::new(Classifier::load(
+            dir, options,
+        )?)))
+    }
+
+    /// The package.
+    pub fn package(&self) -> &ModelPackage {
+        match self {
+            Inspector::Classifier(c) => c.package(),
+            Inspector::Vlm(v) => v.package(),
+        }
+    }
+
+    /// Inspects a raw camera frame.
+    pub fn inspect_frame(&mut self, frame: &Frame, name: &str) -> Result<Inspection> {
+        let mut trace = Trace::default();
+        let img = trace.time(Stage::Decode, || preprocess::frame_to_rgb(frame, name))?;
+        match self {
+            Inspector::Classifier(c) => c.inspect_rgb(&img, trace),
+            Inspector::Vlm(v) => v.inspect_rgb(&img, trace),
+        }
     }
 }

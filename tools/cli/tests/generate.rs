@@ -201,3 +201,51 @@ fn inspect_asks_a_vlm_package_its_question_and_reports_verdict_and_answer() {
         5
     );
 }
+
+#[test]
+fn the_simulated_station_judges_parts_with_a_vlm_package() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("smolvlm");
+    import("smolvlm", "int8", &pkg);
+    let manifest = pkg.join("model.toml");
+    let mut m = std::fs::read_to_string(&manifest).unwrap();
+    m.push_str("\n[inspection]\nquestion = \"Is there a scratch on this part?\"\nng = [\"yes\"]\nok = [\"n\", \"a\", \"e\", \"i\", \"o\", \"s\", \"t\"]\nmax_new_tokens = 3\n");
+    std::fs::write(&manifest, m).unwrap();
+    let images = vlm().join("images");
+    let o = edgevlm(&[
+        "inspect",
+        "--board",
+        "sim",
+        "--model",
+        pkg.to_str().unwrap(),
+        images.to_str().unwrap(),
+        "--period-ms",
+        "20",
+        "--json",
+    ]);
+    let stdout = text(&o.stdout);
+    assert!(o.status.success(), "{stdout}{}", text(&o.stderr));
+    let parts: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.contains("\"sequence\""))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(parts.len(), 5, "{stdout}");
+    for p in &parts {
+        let answer = p["label"].as_str().expect("the answer is the part's label");
+        let lower = answer.trim_start().to_lowercase();
+        let ok = ["n", "a", "e", "i", "o", "s", "t"]
+            .iter()
+            .any(|x| lower.starts_with(x))
+            && !lower.starts_with("yes");
+        assert_eq!(p["signal"], if ok { "OK" } else { "NG" }, "{p}");
+        assert!(p["probability"].is_null());
+    }
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let pulses = &summary["pulses"];
+    assert_eq!(
+        pulses["ok"].as_u64().unwrap() + pulses["ng"].as_u64().unwrap(),
+        5,
+        "{summary}"
+    );
+}

@@ -34,7 +34,7 @@ pub struct Cmd {
     /// The question or instruction.
     #[arg(long)]
     prompt: String,
-    /// Most tokens to generate (default: the package's [generation] max_new_tokens).
+    /// Most tokens to generate (default: the package's `[generation]` max_new_tokens).
     #[arg(long, value_name = "N")]
     max_new_tokens: Option<usize>,
     /// Sampling temperature; 0 is greedy (the default).

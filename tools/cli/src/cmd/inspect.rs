@@ -8,18 +8,16 @@ use anyhow::Context;
 use edgevlm_agent::config::{BoardKind, BoardSection, ModelSection, OutputsSection, SimSection};
 use edgevlm_agent::{sim, AgentConfig, Event, Report};
 use edgevlm_board::Signal;
-use edgevlm_runtime::generate::answer_verdict;
 use edgevlm_runtime::preprocess::decode_image;
 use edgevlm_runtime::{
-    Classifier, GenerateOptions, Generator, Inspection, LoadOptions, Manifest, Memory, Stage,
-    Verdict,
+    Classifier, Inspection, LoadOptions, Manifest, Memory, Stage, Verdict, VlmInspector,
 };
 use serde_json::json;
 
 use super::{EXIT_CHECK_FAILED, EXIT_ERROR};
 
 /// Inspect images with a model package: one line per image (verdict, top class or the VLM's
-/// answer, timings), then a summary. Vision-language packages ask their [inspection] question
+/// answer, timings), then a summary. Vision-language packages ask their `[inspection]` question
 /// about each image and turn the answer into the verdict by the package's rule. Folders are read one level deep (*.jpg, *.jpeg, *.png, sorted by name). An image
 /// that cannot be read is reported on its own line and the rest still run (exit code 2 at the end).
 #[derive(Debug, clap::Args)]
@@ -190,26 +188,11 @@ impl Cmd {
     }
 
     fn run_vlm(&self, images: &[PathBuf], options: &LoadOptions) -> anyhow::Result<ExitCode> {
-        let (package, mut generator) = Generator::open(&self.model, options)
+        let mut inspector = VlmInspector::load(&self.model, options)
             .with_context(|| format!("loading model package {}", self.model.display()))?;
-        let manifest = package.manifest();
-        let Some(rule) = manifest.inspection.clone() else {
-            anyhow::bail!(
-                "{}: this {} package has no [inspection] section (question, ng, ok), so it cannot judge parts; use `edgevlm generate` to ask it something",
-                self.model.join(edgevlm_runtime::package::MANIFEST).display(),
-                manifest.model.task_name()
-            );
-        };
-        let prompt = generator.chat_prompt(&rule.question, true)?;
-        let generate = GenerateOptions {
-            max_new_tokens: rule.max_new_tokens,
-            stop_strings: manifest
-                .generation
-                .as_ref()
-                .map(|g| g.stop.clone())
-                .unwrap_or_default(),
-            ..Default::default()
-        };
+        let manifest = inspector.package().manifest().clone();
+        let rule = inspector.rule().clone();
+        let load_ms = inspector.generator().load_ms();
         let mut out = std::io::stdout().lock();
         if !self.json {
             writeln!(
@@ -218,7 +201,7 @@ impl Cmd {
                 manifest.model.name,
                 manifest.model.version,
                 manifest.model.variant,
-                generator.load_ms(),
+                load_ms,
                 edgevlm_runtime::TRACT_VERSION,
                 rule.question
             )?;
@@ -230,12 +213,9 @@ impl Cmd {
             let result = std::fs::read(image)
                 .map_err(|e| anyhow::Error::new(e).context(format!("reading {}", image.display())))
                 .and_then(|bytes| Ok(decode_image(&bytes, &image.display().to_string())?))
-                .and_then(|img| {
-                    Ok(generator.generate(&prompt, Some(&img), &generate, &mut |_, _| {})?)
-                });
+                .and_then(|img| Ok(inspector.ask(&img)?));
             match result {
-                Ok(g) => {
-                    let verdict = answer_verdict(&rule, &g.text);
+                Ok((verdict, g)) => {
                     match verdict {
                         Verdict::Ok => ok += 1,
                         Verdict::Ng => ng += 1,
@@ -288,7 +268,7 @@ impl Cmd {
                 "{}",
                 json!({ "summary": {
                     "model": manifest.model.name, "images": images.len(), "ok": ok, "ng": ng,
-                    "errors": errors, "load_ms": generator.load_ms(),
+                    "errors": errors, "load_ms": load_ms,
                     "total_ms": { "p50": percentile(&totals, 50.0), "max": percentile(&totals, 100.0) },
                     "rss_kb": memory.rss_kb, "peak_rss_kb": memory.peak_rss_kb,
                 }})
