@@ -178,13 +178,7 @@ impl Cmd {
             )?;
         }
         out.flush()?;
-        Ok(if errors > 0 {
-            ExitCode::from(EXIT_ERROR)
-        } else if self.fail_on_ng && ng > 0 {
-            ExitCode::from(EXIT_CHECK_FAILED)
-        } else {
-            ExitCode::SUCCESS
-        })
+        Ok(self.exit_code(errors as u64, ng as u64))
     }
 
     fn run_vlm(&self, images: &[PathBuf], options: &LoadOptions) -> anyhow::Result<ExitCode> {
@@ -284,13 +278,18 @@ impl Cmd {
             )?;
         }
         out.flush()?;
-        Ok(if errors > 0 {
+        Ok(self.exit_code(errors as u64, ng as u64))
+    }
+
+    /// 2 when a part could not be judged, 1 for an NG part under --fail-on-ng, else 0.
+    fn exit_code(&self, errors: u64, ng: u64) -> ExitCode {
+        if errors > 0 {
             ExitCode::from(EXIT_ERROR)
         } else if self.fail_on_ng && ng > 0 {
             ExitCode::from(EXIT_CHECK_FAILED)
         } else {
             ExitCode::SUCCESS
-        })
+        }
     }
 
     fn run_station(&self) -> anyhow::Result<ExitCode> {
@@ -390,13 +389,7 @@ impl Cmd {
                 pulses("error")
             )?;
         }
-        Ok(if report.errors > 0 {
-            ExitCode::from(EXIT_ERROR)
-        } else if self.fail_on_ng && report.ng > 0 {
-            ExitCode::from(EXIT_CHECK_FAILED)
-        } else {
-            ExitCode::SUCCESS
-        })
+        Ok(self.exit_code(report.errors, report.ng))
     }
 
     fn print_result(
