@@ -140,16 +140,7 @@ impl Cmd {
                 }
                 Err(e) => {
                     errors += 1;
-                    let cause = format!("{:#}", anyhow::Error::from(e));
-                    if self.json {
-                        writeln!(
-                            out,
-                            "{}",
-                            json!({ "file": image, "verdict": "ERROR", "error": cause })
-                        )?;
-                    } else {
-                        writeln!(out, "ERROR {}  {cause}", image.display())?;
-                    }
+                    self.print_error(&mut out, image, &anyhow::Error::from(e))?;
                 }
             }
         }
@@ -241,16 +232,7 @@ impl Cmd {
                 }
                 Err(e) => {
                     errors += 1;
-                    let cause = format!("{e:#}");
-                    if self.json {
-                        writeln!(
-                            out,
-                            "{}",
-                            json!({ "file": image, "verdict": "ERROR", "error": cause })
-                        )?;
-                    } else {
-                        writeln!(out, "ERROR {}  {cause}", image.display())?;
-                    }
+                    self.print_error(&mut out, image, &e)?;
                 }
             }
         }
@@ -279,6 +261,25 @@ impl Cmd {
         }
         out.flush()?;
         Ok(self.exit_code(errors as u64, ng as u64))
+    }
+
+    /// The line for an image that could not be judged (the whole cause chain).
+    fn print_error(
+        &self,
+        out: &mut impl Write,
+        image: &Path,
+        e: &anyhow::Error,
+    ) -> std::io::Result<()> {
+        let cause = format!("{e:#}");
+        if self.json {
+            writeln!(
+                out,
+                "{}",
+                json!({ "file": image, "verdict": "ERROR", "error": cause })
+            )
+        } else {
+            writeln!(out, "ERROR {}  {cause}", image.display())
+        }
     }
 
     /// 2 when a part could not be judged, 1 for an NG part under --fail-on-ng, else 0.
