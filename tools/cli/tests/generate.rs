@@ -249,3 +249,39 @@ fn the_simulated_station_judges_parts_with_a_vlm_package() {
         "{summary}"
     );
 }
+
+#[test]
+fn bench_on_the_local_board_reports_tokens_of_a_text_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("mistral");
+    import("mistral", "q4", &pkg);
+    let o = Command::new(env!("CARGO_BIN_EXE_edgevlm"))
+        .args([
+            "bench",
+            "--board",
+            "local",
+            "--model",
+            pkg.to_str().unwrap(),
+            "--prompt",
+            "Is there a scratch on the part?",
+            "--max-new-tokens",
+            "5",
+            "--iterations",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+        ])
+        .env("EDGEVLM_HOME", tmp.path().join("home"))
+        .env("EDGEVLM_BOARDS", tmp.path().join("home/boards.toml"))
+        .env_remove("EDGEVLM_DB")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let record: serde_json::Value = serde_json::from_str(text(&o.stdout).trim()).unwrap();
+    let tokens = &record["tokens"];
+    assert!(tokens["prompt_tokens"].as_u64().unwrap() > 5, "{record}");
+    let generated = tokens["generated_tokens"].as_u64().unwrap();
+    assert!((3..=15).contains(&generated), "{record}");
+    assert!(tokens["decode_tok_s"].as_f64().unwrap() > 0.0, "{record}");
+}

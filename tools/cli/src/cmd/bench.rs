@@ -61,9 +61,14 @@ pub struct Cmd {
     /// An image inside the package (e.g. samples/ok_01.png), for images over 24 KiB.
     #[arg(long, value_name = "PATH")]
     package_image: Option<String>,
-    /// Prompt for language models (at most 512 bytes; default: the package's).
+    /// Prompt for language models (at most 512 bytes; default: the package's inspection
+    /// question, else a short request).
     #[arg(long, value_name = "TEXT")]
     prompt: Option<String>,
+    /// Tokens each generation produces, for language models (default: the package's
+    /// `[generation]` max_new_tokens).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_new_tokens: Option<u32>,
     /// Profile graph nodes and report the N slowest (0: no per-node profile).
     #[arg(long, value_name = "N", default_value_t = 10)]
     top_nodes: u16,
@@ -144,7 +149,7 @@ impl Cmd {
                 threads: self.threads,
                 input: input.clone(),
                 prompt: prompt.clone(),
-                max_new_tokens: 0,
+                max_new_tokens: self.max_new_tokens.unwrap_or(0),
                 trace,
             };
             let run = bench_with_progress(&mut client, package, &spec)?;
@@ -174,7 +179,12 @@ impl Cmd {
             return Ok((BenchInput::PackageFile(file), format!("image {path}")));
         }
         let Some(path) = &self.image else {
-            return Ok((BenchInput::Synthetic { seed: 0 }, "synthetic seed=0".into()));
+            // For text models the synthetic input means "the prompt only".
+            let label = match &self.prompt {
+                Some(_) => "prompt only (synthetic seed=0 for graphs without one)",
+                None => "synthetic seed=0",
+            };
+            return Ok((BenchInput::Synthetic { seed: 0 }, label.into()));
         };
         let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         if data.len() > proto::MAX_INLINE_INPUT {
