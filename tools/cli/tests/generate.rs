@@ -273,7 +273,8 @@ fn bench_on_the_local_board_reports_tokens_of_a_text_model() {
             "--json",
         ])
         .env("EDGEVLM_HOME", tmp.path().join("home"))
-        .env("EDGEVLM_BOARDS", tmp.path().join("home/boards.toml"))
+        .env_remove("EDGEVLM_BOARDS")
+        .env("HOME", tmp.path())
         .env_remove("EDGEVLM_DB")
         .output()
         .unwrap();
