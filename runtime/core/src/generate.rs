@@ -672,8 +672,12 @@ impl Generator {
             .to_plain_array_view::<f32>()
             .map_err(|e| Error::Inference(e.into()))?;
         let vocab = view.shape().last().copied().unwrap_or(0);
-        // The last position's row: the only one the next token depends on.
-        let last: Vec<f32> = view.iter().skip(view.len() - vocab).copied().collect();
+        // The last position's row: the only one the next token depends on. A prefill's logits
+        // are [1, prompt, vocab]: index the row rather than walk the whole tensor to it.
+        let last: Vec<f32> = match view.as_slice() {
+            Some(all) => all[all.len() - vocab..].to_vec(),
+            None => view.iter().skip(view.len() - vocab).copied().collect(),
+        };
         drop(view);
         drop(logits);
         let mut next = Vec::with_capacity(2 * l.present.len());
@@ -711,11 +715,7 @@ impl Generator {
             if i + 1 == forced.len() {
                 break;
             }
-            let input = match self.layout.tokens {
-                TokenInput::Ids(_) => tensor(&[1, 1], &[token as i64])?,
-                TokenInput::Embeds(_) => self.embed(&[token])?,
-            };
-            (logits, cache) = self.step(input, 1, ids.len() + i, cache)?;
+            (logits, cache) = self.step(self.token_input(token)?, 1, ids.len() + i, cache)?;
         }
         Ok(choices)
     }
@@ -744,6 +744,14 @@ impl Generator {
                     None => Ok(embeds),
                 }
             }
+        }
+    }
+
+    /// The decoder's token input for one generated token: its id, or its embedding.
+    fn token_input(&self, token: u32) -> Result<Tensor> {
+        match self.layout.tokens {
+            TokenInput::Ids(_) => tensor(&[1, 1], &[token as i64]),
+            TokenInput::Embeds(_) => self.embed(&[token]),
         }
     }
 
@@ -861,11 +869,7 @@ impl Generator {
             if last {
                 break;
             }
-            let tokens = match self.layout.tokens {
-                TokenInput::Ids(_) => tensor(&[1, 1], &[next as i64])?,
-                TokenInput::Embeds(_) => self.embed(&[next])?,
-            };
-            let (l, c) = self.step(tokens, 1, pos, cache)?;
+            let (l, c) = self.step(self.token_input(next)?, 1, pos, cache)?;
             logits = l;
             cache = c;
             pos += 1;

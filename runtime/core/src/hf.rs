@@ -64,48 +64,40 @@ impl JsonFile {
             .ok_or_else(|| self.err(key, "required key is missing"))
     }
 
-    /// An optional unsigned integer.
-    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+    /// The value at `key` converted by `read`, `None` when absent; `expected` says what a
+    /// value of the wrong type should have been.
+    fn typed<'a, T>(
+        &'a self,
+        key: &str,
+        read: impl FnOnce(&'a Value) -> Option<T>,
+        expected: &str,
+    ) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
+            Some(v) => read(v)
                 .map(Some)
-                .ok_or_else(|| self.err(key, format!("{v}: expected a non-negative integer"))),
+                .ok_or_else(|| self.err(key, format!("{v}: expected {expected}"))),
         }
+    }
+
+    /// An optional unsigned integer.
+    pub fn opt_u64(&self, key: &str) -> Result<Option<u64>> {
+        self.typed(key, Value::as_u64, "a non-negative integer")
     }
 
     /// An optional number.
     pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("{v}: expected a number"))),
-        }
+        self.typed(key, Value::as_f64, "a number")
     }
 
     /// An optional boolean.
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("{v}: expected true or false"))),
-        }
+        self.typed(key, Value::as_bool, "true or false")
     }
 
     /// An optional string.
     pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("{v}: expected a string"))),
-        }
+        self.typed(key, Value::as_str, "a string")
     }
 
     /// Token ids given as one integer or a list of integers (`eos_token_id` is either).
