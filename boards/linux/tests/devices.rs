@@ -9,8 +9,12 @@
 //! echo 1 > /sys/kernel/config/gpio-sim/edgevlm/live
 //! ```
 //!
-//! Where the devices are missing each test prints why it skipped and passes. Driving the
-//! simulated input (writing gpio-sim's sysfs `pull` attribute) needs root.
+//! Debian's arm64 kernel lacks gpio-sim: on the emulated board (`ci/emulated-board.sh`)
+//! `ci/gpio-sim-module.sh` builds it for that kernel and `insmod` loads it.
+//!
+//! Where the devices are missing each test prints why it skipped and passes; with
+//! `EDGEVLM_REQUIRE_DEVICES` set a skip is a failure instead, for machines that provide the
+//! devices. Driving the simulated input (writing gpio-sim's sysfs `pull` attribute) needs root.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,6 +51,14 @@ fn sim_attributes(name: &str) -> Option<PathBuf> {
         .find(|d| d.join("sim_gpio0").is_dir())
 }
 
+/// Reports why a test cannot run here, failing it where the devices are required.
+fn skip(why: &str) {
+    if std::env::var_os("EDGEVLM_REQUIRE_DEVICES").is_some() {
+        panic!("{why}, and EDGEVLM_REQUIRE_DEVICES is set");
+    }
+    eprintln!("skipping {why}");
+}
+
 fn read_attr(dir: &Path, line: u32, attr: &str) -> String {
     let path = dir.join(format!("sim_gpio{line}")).join(attr);
     std::fs::read_to_string(&path)
@@ -63,7 +75,7 @@ fn set_pull(dir: &Path, line: u32, pull: &str) -> std::io::Result<()> {
 fn gpio_sim_outputs_and_trigger_edges() {
     let chips = dev_nodes("gpiochip");
     if chips.is_empty() {
-        eprintln!("skipping: no /dev/gpiochip*");
+        skip("the gpio-sim test: no /dev/gpiochip*");
         return;
     }
     let found = chips.iter().find_map(|path| {
@@ -71,7 +83,9 @@ fn gpio_sim_outputs_and_trigger_edges() {
         (info.label.starts_with("gpio-sim") && info.num_lines >= 2).then(|| (path.clone(), info))
     });
     let Some((chip, info)) = found else {
-        eprintln!("skipping: no gpio-sim chip with 2 lines among {chips:?}");
+        skip(&format!(
+            "the gpio-sim test: no gpio-sim chip with 2 lines among {chips:?}"
+        ));
         return;
     };
     let attrs = sim_attributes(&info.name);
@@ -89,14 +103,16 @@ fn gpio_sim_outputs_and_trigger_edges() {
 
     // Trigger on line 0, driven through the simulated pull resistor.
     let Some(dir) = attrs else {
-        eprintln!(
-            "skipping the trigger part: no sim_gpio attributes for {}",
+        skip(&format!(
+            "the trigger part: no sim_gpio attributes for {}",
             info.name
-        );
+        ));
         return;
     };
     if let Err(e) = set_pull(&dir, 0, "pull-down") {
-        eprintln!("skipping the trigger part: cannot drive gpio-sim ({e}); needs root");
+        skip(&format!(
+            "the trigger part: cannot drive gpio-sim ({e}); needs root"
+        ));
         return;
     }
     let rising = TriggerConfig {
@@ -161,7 +177,7 @@ fn gpio_sim_outputs_and_trigger_edges() {
 fn vivid_captures_fresh_frames() {
     let videos = dev_nodes("video");
     if videos.is_empty() {
-        eprintln!("skipping: no /dev/video*");
+        skip("the vivid test: no /dev/video*");
         return;
     }
     let vivid = videos.iter().find(|p| {
@@ -174,7 +190,9 @@ fn vivid_captures_fresh_frames() {
             })
     });
     let Some(device) = vivid else {
-        eprintln!("skipping: no vivid capture device among {videos:?}");
+        skip(&format!(
+            "the vivid test: no vivid capture device among {videos:?}"
+        ));
         return;
     };
 
