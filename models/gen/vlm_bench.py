@@ -52,7 +52,10 @@ SEED_BENCH = 20250310
 PARTS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 
 
-def generate(out: Path, variants, log=print) -> None:
+SIZES = {"256m": vm.real_smolvlm2_256m_dims, "probe": vm.probe_dims}
+
+
+def generate(out: Path, variants, size: str = "256m", log=print) -> None:
     import logging
 
     import transformers
@@ -62,7 +65,7 @@ def generate(out: Path, variants, log=print) -> None:
     logging.getLogger().setLevel(logging.ERROR)
 
     t0 = time.time()
-    dims = vm.real_smolvlm2_256m_dims()
+    dims = SIZES[size]()
     tok = vm.build_smolvlm_tokenizer()
     assert tok.get_vocab_size(with_added_tokens=True) <= dims.text.vocab
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +184,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="generate the real-size snapshot into this directory")
     ap.add_argument("--variants", default="fp32,int8,q4", help="variants to generate (default: %(default)s)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="256m",
+                    help="graph dimensions: SmolVLM2-256M or the small probe (default: %(default)s)")
     ap.add_argument("--ort", metavar="SNAPSHOT", help="time onnxruntime on a generated snapshot")
     ap.add_argument("--variant", default="fp32", help="variant(s) to time, comma-separated")
     ap.add_argument("--prompt-tokens", type=int, default=80)
@@ -193,7 +198,7 @@ def main() -> int:
         variants = tuple(args.variants.split(","))
         if set(variants) - set(vm.VARIANTS) or "fp32" not in variants:
             ap.error(f"--variants must include fp32 and only name {sorted(vm.VARIANTS)}")
-        generate(Path(args.out), variants)
+        generate(Path(args.out), variants, args.size)
         return 0
     if not args.ort:
         ap.error("give --out DIR (generate) or --ort SNAPSHOT (time)")

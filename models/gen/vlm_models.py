@@ -156,6 +156,21 @@ def real_smolvlm2_256m_dims() -> VlmDims:
     )
 
 
+def probe_dims() -> VlmDims:
+    """The probe size of issue #7's table: a 4-layer ViT (hidden 768, ~28M params) and a
+    4-layer LLaMA-style decoder (hidden 768, 12 query / 4 KV heads, ~31M params with its
+    8192-entry lm_head). Small enough that every variant of all three graphs generates and
+    runs in seconds, big enough that matrix kernels, not overheads, dominate."""
+    return VlmDims(
+        text=TextDims(hidden=768, layers=4, heads=12, kv_heads=4, head_dim=64, intermediate=2048,
+                      vocab=8192, rope_theta=100000.0),
+        vision=VisionDims(hidden=768, layers=4, heads=12, intermediate=3072, image_size=512, patch_size=16),
+        scale_factor=4,
+        size_longest_edge=2048,
+        max_image_size=512,
+    )
+
+
 def tiny_mistral_dims(vocab: int) -> TextDims:
     return TextDims(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
                     vocab=vocab, rope_theta=1000000.0, max_position_embeddings=32768)

@@ -210,7 +210,10 @@ impl OnnxModel {
         }
         let dir = path.parent().and_then(|p| p.to_str());
         let typed = match build_typed(&onnx, &proto, dir, fixed, options) {
-            Ok(m) => m,
+            Ok((m, patched)) => {
+                notes.extend(patched);
+                m
+            }
             Err(first) => {
                 // Exporters often declare output shapes / value_info that contradict the graph
                 // ("Impossible to unify Sym(batch) with Val(1)"): the graph itself is the truth.
@@ -219,7 +222,8 @@ impl OnnxModel {
                     .with_ignore_output_shapes(true)
                     .with_ignore_value_info(true);
                 match build_typed(&lenient, &proto, dir, fixed, options) {
-                    Ok(m) => {
+                    Ok((m, patched)) => {
+                        notes.extend(patched);
                         notes.push(format!(
                             "declared output shapes / value_info contradict the graph and were ignored ({})",
                             first.1.root_cause()
@@ -370,7 +374,7 @@ fn build_typed(
     dir: Option<&str>,
     fixed: &[(&str, &[Option<usize>])],
     options: &LoadOptions,
-) -> Result<TypedModel, StageError> {
+) -> Result<(TypedModel, Vec<String>), StageError> {
     let parsed = onnx
         .parse(proto, dir)
         .map_err(|e| ("parsing the graph", e))?;
@@ -406,8 +410,32 @@ fn build_typed(
         crate::patches::protect_block_quant_products(&mut typed)
             .map_err(|e| ("protecting block-quantized products", e))?;
     }
+    let mut notes = vec![];
+    let gelus = crate::patches::fuse_gelu_approximations(&mut typed)
+        .map_err(|e| ("fusing GELU approximations", e))?;
+    if gelus > 0 {
+        notes.push(format!(
+            "gelu: {gelus} tanh-approximated GELU(s) fused before decluttering (tract {TRACT_VERSION} \
+             would run x^3 as powf and never fuse them)"
+        ));
+    }
     let typed = typed.into_decluttered().map_err(|e| ("decluttering", e))?;
-    typed.into_optimized().map_err(|e| ("optimizing", e))
+    let mut typed = typed.into_optimized().map_err(|e| ("optimizing", e))?;
+    let folds =
+        crate::patches::fold_shared_constants(&mut typed).map_err(|e| ("folding constants", e))?;
+    if folds > 0 {
+        // The weights those folds detached from their sums now feed their packing alone:
+        // tract's own constant propagation packs them once, here, instead of per run.
+        tract_onnx::tract_core::optim::Optimizer::prop_consts()
+            .optimize(&mut typed)
+            .map_err(|e| ("folding constants", e))?;
+        typed = typed.into_compact().map_err(|e| ("folding constants", e))?;
+        notes.push(format!(
+            "const-fold: {folds} computation(s) on constant weights folded at load (tract \
+             {TRACT_VERSION} repeats them every run when the weight is shared)"
+        ));
+    }
+    Ok((typed, notes))
 }
 
 fn facts(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {

@@ -73,3 +73,241 @@ pub fn protect_block_quant_products(model: &mut TypedModel) -> TractResult<usize
     }
     Ok(targets.len())
 }
+
+/// tract 0.23.9: constant folding (`PropConst`) evaluates a node of constant inputs only when
+/// each input feeds that node alone or is under a 4 MiB budget, and gives up when one step
+/// grows its input. A quantized product's codegen (`EinSumMatMul` with zero points) wires
+/// `Cast(weight -> i32) -> Reduce<Sum>` beside the product itself, so the weight has two
+/// consumers, the cast quadruples it, and the per-column sums of a constant weight are
+/// recomputed on every run: 89 % of a decode step of a dynamically quantized int8 decoder
+/// (the 8192 x 768 lm_head alone: 38 ms a token), and every weight is also re-packed per call.
+///
+/// This pass folds what PropConst left: a node whose inputs are all constants is evaluated,
+/// then its single successors while the result is larger than the node's inputs (the cast),
+/// and the last node becomes a constant once the result is no larger than those inputs (the
+/// sums, the packed weight). Shared constants stay for their other consumers. Returns the
+/// number of folds; the caller compacts the model afterwards.
+pub fn fold_shared_constants(model: &mut TypedModel) -> TractResult<usize> {
+    let mut folded = 0;
+    let mut skip = std::collections::HashSet::new();
+    loop {
+        let mut patch = None;
+        for id in model.eval_order()? {
+            if skip.contains(&id) {
+                continue;
+            }
+            if let Some(p) = const_chain_patch(model, id)? {
+                patch = Some(p);
+                break;
+            }
+            skip.insert(id);
+        }
+        let Some(patch) = patch else {
+            return Ok(folded);
+        };
+        patch.apply(model)?;
+        folded += 1;
+        // Node ids are unchanged by applying a patch (new nodes are appended), but a fold
+        // can make later nodes foldable, so only nodes that could not be folded stay skipped.
+    }
+}
+
+fn mem_of(values: &[TValue]) -> u64 {
+    values
+        .iter()
+        .map(|t| (t.datum_type().size_of() * t.volume()) as u64)
+        .sum()
+}
+
+/// The patch that replaces the chain starting at `id` by constants, if it qualifies.
+fn const_chain_patch(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
+    let node = model.node(id);
+    if node.inputs.is_empty() {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(id)?;
+    let Some(inputs) = facts
+        .iter()
+        .map(|f| f.konst.clone().map(|k| k.into_tvalue()))
+        .collect::<Option<TVec<TValue>>>()
+    else {
+        return Ok(None);
+    };
+    let input_mem = mem_of(&inputs).max(1);
+    let Ok(Some(mut values)) = node.op.eval_out_of_plan(inputs) else {
+        return Ok(None);
+    };
+    let mut last = node;
+    while mem_of(&values) > input_mem {
+        let Some(succ) = model.single_succ(last.id)? else {
+            return Ok(None);
+        };
+        let mut succ_inputs = tvec!();
+        for outlet in &succ.inputs {
+            if outlet.node == last.id {
+                succ_inputs.push(values[outlet.slot].clone());
+            } else if let Some(k) = &model.outlet_fact(*outlet)?.konst {
+                succ_inputs.push(k.clone().into_tvalue());
+            } else {
+                return Ok(None);
+            }
+        }
+        let Ok(Some(next)) = succ.op.eval_out_of_plan(succ_inputs) else {
+            return Ok(None);
+        };
+        values = next;
+        last = succ;
+    }
+    // Plain numbers only: a packed weight's fact is not interchangeable with a constant's.
+    if last
+        .outputs
+        .iter()
+        .any(|o| o.fact.exotic_fact.is_some() || !o.fact.datum_type.is_number())
+    {
+        return Ok(None);
+    }
+    let mut patch = TypedModelPatch::new(format!("edgevlm fold constant {}", last.name));
+    for (slot, value) in values.into_iter().enumerate() {
+        let name = if slot == 0 {
+            format!("{}.folded", last.name)
+        } else {
+            format!("{}.folded.{slot}", last.name)
+        };
+        let wire = patch.add_const(name, value.into_tensor())?;
+        patch.shunt_outside(model, OutletId::new(last.id, slot), wire)?;
+    }
+    Ok(Some(patch))
+}
+
+/// tract 0.23.9: `Pow`'s declutter turns a constant exponent into the unary `PowConst` (one
+/// `powf` per element) before it tries its GELU detector, so the tanh-approximated GELU that
+/// every ViT / SigLIP export spells out (`0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 *
+/// x^3)))`) is never fused: the `powf` alone was 18 % of a 4-layer fp32 vision encoder.
+/// Running the detector first (it is tract's own, public) gives its fused `GeluApproximate`.
+/// Returns how many GELUs were fused.
+pub fn fuse_gelu_approximations(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::math::Pow;
+    use tract_onnx::tract_core::ops::nn::gelu_approximate::detect_gelu_approx;
+    let mut fused = 0;
+    let pows: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|n| n.op_as::<TypedBinOp>().is_some_and(|op| op.0.is::<Pow>()))
+        .map(|n| n.id)
+        .collect();
+    for id in pows {
+        if let Some(patch) = detect_gelu_approx(&Pow, model, model.node(id))? {
+            patch.apply(model)?;
+            fused += 1;
+        }
+    }
+    Ok(fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::cast::cast;
+    use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
+
+    fn run(model: &TypedModel) -> TVec<TValue> {
+        model.clone().into_runnable().unwrap().run(tvec!()).unwrap()
+    }
+
+    /// A weight shared by two consumers, one of them `Cast -> Reduce<Sum>` as a quantized
+    /// product's codegen wires it: the sums become a constant, results unchanged.
+    #[test]
+    fn folds_the_sums_of_a_shared_weight() {
+        let mut model = TypedModel::default();
+        let values: Vec<i8> = (0..4096 * 64).map(|i| (i % 251) as i8).collect();
+        let w = model
+            .add_const("w", tensor1(&values).into_shape(&[4096, 64]).unwrap())
+            .unwrap();
+        let wide = model
+            .wire_node("wide", cast(i32::datum_type()), &[w])
+            .unwrap();
+        let sums = model
+            .wire_node("sums", Reduce::new(tvec!(0), Reducer::Sum), &wide)
+            .unwrap();
+        let other = model
+            .wire_node("other", cast(f32::datum_type()), &[w])
+            .unwrap();
+        model.select_output_outlets(&[sums[0], other[0]]).unwrap();
+        let before = run(&model);
+
+        assert_eq!(fold_shared_constants(&mut model).unwrap(), 1);
+        let producer = model.node(model.output_outlets().unwrap()[0].node);
+        assert!(
+            producer.op_is::<tract_onnx::tract_core::ops::konst::Const>(),
+            "{producer:?}"
+        );
+        let after = run(&model);
+        assert_eq!(before[0], after[0]);
+        assert_eq!(before[1], after[1]);
+        // The expanding cast of the second output is never materialised on its own.
+        assert_eq!(fold_shared_constants(&mut model).unwrap(), 0);
+    }
+
+    fn gelu_tanh(model: &mut TypedModel, x: OutletId) -> OutletId {
+        use tract_onnx::tract_core::ops::math::{add, mul, pow, tanh};
+        let scalar = |model: &mut TypedModel, name: &str, v: f32| {
+            model.add_const(name, tensor2(&[[v]])).unwrap()
+        };
+        let three = scalar(model, "three", 3.0);
+        let cube = model.wire_node("pow", pow(), &[x, three]).unwrap()[0];
+        let c = scalar(model, "c", 0.044715);
+        let cube_c = model.wire_node("mul_c", mul(), &[cube, c]).unwrap()[0];
+        let inner = model.wire_node("add_x", add(), &[x, cube_c]).unwrap()[0];
+        let k = scalar(model, "k", (2.0 / std::f32::consts::PI).sqrt());
+        let scaled = model.wire_node("mul_k", mul(), &[inner, k]).unwrap()[0];
+        let t = model.wire_node("tanh", tanh(), &[scaled]).unwrap()[0];
+        let one = scalar(model, "one", 1.0);
+        let t1 = model.wire_node("add_1", add(), &[t, one]).unwrap()[0];
+        let xt = model.wire_node("mul_x", mul(), &[x, t1]).unwrap()[0];
+        let half = scalar(model, "half", 0.5);
+        model.wire_node("mul_half", mul(), &[xt, half]).unwrap()[0]
+    }
+
+    #[test]
+    fn fuses_the_tanh_gelu_that_pow_const_would_hide() {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 8])).unwrap();
+        let y = gelu_tanh(&mut model, x);
+        model.select_output_outlets(&[y]).unwrap();
+        let input: Vec<f32> = (0..8).map(|i| i as f32 * 0.7 - 2.5).collect();
+        let run = |m: TypedModel| {
+            let m = m.into_optimized().unwrap();
+            let fused = m
+                .nodes()
+                .iter()
+                .any(|n| n.op.name().contains("GeluApproximate"));
+            let out = m
+                .into_runnable()
+                .unwrap()
+                .run(tvec!(tensor1(&input).into_shape(&[1, 8]).unwrap().into()))
+                .unwrap();
+            let values: Vec<f32> = out[0]
+                .to_plain_array_view::<f32>()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect();
+            (fused, values)
+        };
+        let (tract_fused, plain) = run(model.clone());
+        assert!(
+            !tract_fused,
+            "tract now fuses this GELU itself: the patch can go"
+        );
+        assert_eq!(fuse_gelu_approximations(&mut model).unwrap(), 1);
+        assert!(model
+            .nodes()
+            .iter()
+            .any(|n| n.op.name().contains("GeluApproximate")));
+        let (_, fused) = run(model);
+        for (a, b) in plain.iter().zip(&fused) {
+            assert!((a - b).abs() < 1e-4, "{plain:?} vs {fused:?}");
+        }
+    }
+}

@@ -164,9 +164,20 @@ fn run_writes_outputs_that_match_onnxruntime() {
         tmp.path().to_str().unwrap(),
         "--repeat",
         "3",
+        "--profile",
+        "2",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // --profile: the two slowest nodes of one profiled run, and every op kind that ran.
+    let profile = &summary["profile"];
+    let nodes = profile["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{profile}");
+    assert!(nodes[0]["ms"].as_f64().unwrap() >= nodes[1]["ms"].as_f64().unwrap());
+    let by_op = profile["by_op"].as_array().unwrap();
+    assert!(by_op.iter().any(|o| o["op"] == nodes[0]["op"]), "{profile}");
+    let shares: f64 = by_op.iter().map(|o| o["share"].as_f64().unwrap()).sum();
+    assert!((shares - 1.0).abs() < 0.01, "{profile}");
     assert_eq!(summary["outputs"][0]["name"], "logits");
     assert_eq!(summary["outputs"][0]["shape"], serde_json::json!([2, 4]));
     assert_eq!(summary["inputs"][0]["declared"], "[batch,3,32,32]");

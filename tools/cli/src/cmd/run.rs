@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use edgevlm_runtime::onnx::dtype_name;
 use edgevlm_runtime::synth::{random_input, SplitMix64};
+use edgevlm_runtime::trace::NodeProfile;
 use edgevlm_runtime::{npy, LoadOptions, Memory, OnnxModel, Tensor};
 use serde_json::json;
 
@@ -35,6 +36,10 @@ pub struct Cmd {
     /// After the first run, time N more runs and report min / median / max.
     #[arg(long, default_value_t = 0, value_name = "N")]
     repeat: usize,
+    /// After the timed runs, profile one more run per node and report the N slowest nodes
+    /// (`profile` in the JSON: node name, operator, milliseconds, share of the run).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    profile: usize,
     /// Keep QDQ Softmax as tract 0.23.9 folds it (wrong results; for reproducing the tract bug).
     #[arg(long)]
     keep_qdq_softmax: bool,
@@ -115,6 +120,25 @@ impl Cmd {
             times.push(ms(start));
         }
         let memory = Memory::sample();
+        let profile = if self.profile > 0 {
+            let mut p = NodeProfile::new();
+            model.run_profiled(inputs.clone(), &mut p)?;
+            let total = p.total().as_secs_f64().max(f64::MIN_POSITIVE);
+            let top: Vec<_> = p
+                .ranked()
+                .into_iter()
+                .take(self.profile)
+                .map(|n| {
+                    json!({
+                        "name": n.name, "op": n.op, "ms": round(n.total.as_secs_f64() * 1e3),
+                        "share": round(n.total.as_secs_f64() / total), "calls": n.calls,
+                    })
+                })
+                .collect();
+            json!({ "total_ms": round(total * 1e3), "nodes": top, "by_op": by_op(&p, total) })
+        } else {
+            serde_json::Value::Null
+        };
 
         let files = match &self.output_dir {
             Some(dir) => write_outputs(dir, &model, &outputs)?,
@@ -138,11 +162,32 @@ impl Cmd {
             "base_rss_kb": base.rss_kb,
             "rss_kb": memory.rss_kb,
             "peak_rss_kb": memory.peak_rss_kb,
+            "profile": profile,
         });
         let mut out = std::io::stdout().lock();
         writeln!(out, "{summary}")?;
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Node time summed per operator name, largest first: which kind of node a graph spends in.
+fn by_op(profile: &NodeProfile, total: f64) -> Vec<serde_json::Value> {
+    let mut ops: Vec<(String, f64, u64)> = vec![];
+    for n in profile.ranked() {
+        match ops.iter_mut().find(|(op, _, _)| *op == n.op) {
+            Some((_, t, c)) => {
+                *t += n.total.as_secs_f64();
+                *c += 1;
+            }
+            None => ops.push((n.op.clone(), n.total.as_secs_f64(), 1)),
+        }
+    }
+    ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ops.into_iter()
+        .map(|(op, t, nodes)| {
+            json!({ "op": op, "ms": round(t * 1e3), "share": round(t / total), "nodes": nodes })
+        })
+        .collect()
 }
 
 fn ms(start: Instant) -> f64 {
