@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""edgevlm vs ONNX Runtime on SmolVLM2-256M-sized graphs (random weights), per variant.
+"""edgevlm vs ONNX Runtime on SmolVLM-shaped graphs (random weights), per variant.
 
-    python3 ci/bench_vlm.py [--out target/bench-vlm] [--variants fp32,int8,q4]
+    python3 ci/bench_vlm.py [--size 256m|probe] [--out DIR] [--variants fp32,int8,uint8,q4]
                             [--new-tokens 32] [--threads 1]
 
-1. Generates the real-size snapshot once (models/gen/vlm_bench.py, ~1.6 GB, not committed)
-   and turns image splitting off in its preprocessor config, so both runtimes see one
-   512 x 512 tile (64 image tokens).
+1. Generates the snapshot once (models/gen/vlm_bench.py, not committed): `256m` has the real
+   SmolVLM2-256M dimensions (~2 GB for all variants, under target/bench-vlm), `probe` the
+   4-layer graphs of issue #7's table (~0.7 GB, under target/bench-probe). Image splitting is
+   turned off in its preprocessor config, so both runtimes see one 512 x 512 tile.
 2. Per variant: `edgevlm models import`, then `edgevlm generate --warmup 1 --json` on a
    sample image with a short question (greedy, EOS ignored, N new tokens), then ONNX Runtime
    on the same graphs with the same number of prompt and new tokens, in a fresh process.
 3. Prints one Markdown row per variant: vision-encode ms, time to first token, prefill and
-   decode tokens/s and peak RSS for both, and edgevlm / ORT ratios (for tokens/s the ratio is
-   ORT / edgevlm, so above 1 always means edgevlm is slower or bigger), then the worst ratio.
+   decode tokens/s, peak RSS and cold start for both, and edgevlm / ORT ratios (for tokens/s
+   the ratio is ORT / edgevlm, so above 1 always means edgevlm is slower or bigger), then the
+   worst ratio. Cold start is the wall time of a fresh process from its start to the first
+   generated token (load, image, prefill, one token; for ORT including the interpreter and
+   the onnxruntime import, as a deployment would pay them).
 
 Both sides run one thread and one warm-up generation before the measured one. edgevlm's TTFT
 also counts its image preprocessing and tokenization (a few ms); ORT's is vision + prefill.
@@ -26,6 +30,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,14 +44,22 @@ def run(cmd: list[str], **kw) -> str:
     return proc.stdout
 
 
+def wall_ms(cmd: list[str]) -> float:
+    """Wall time of one fresh process, start to exit: the cold-start figure."""
+    t0 = time.perf_counter()
+    run(cmd)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "target/bench-vlm"))
-    ap.add_argument("--variants", default="fp32,int8,q4")
+    ap.add_argument("--size", choices=("256m", "probe"), default="256m")
+    ap.add_argument("--out", help="default: target/bench-vlm (256m) or target/bench-probe (probe)")
+    ap.add_argument("--variants", default="fp32,int8,uint8,q4")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or ROOT / ("target/bench-vlm" if args.size == "256m" else "target/bench-probe"))
     snap = out / "snapshot"
     variants = args.variants.split(",")
 
@@ -56,7 +69,8 @@ def main() -> int:
     ):
         gen = sorted(set(variants) | {"fp32"})
         print(f"generating SmolVLM2-256M-sized graphs ({','.join(gen)}) in {snap} ...", file=sys.stderr)
-        run([sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--out", str(snap), "--variants", ",".join(gen)])
+        run([sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--out", str(snap), "--variants", ",".join(gen),
+             "--size", args.size])
     pre = snap / "preprocessor_config.json"
     config = json.loads(pre.read_text())
     if config.get("do_image_splitting", True):
@@ -75,19 +89,25 @@ def main() -> int:
             "--max-new-tokens", str(args.new_tokens), "--ignore-eos", "--warmup", "1", "--json",
             "--threads", str(args.threads)]))
         s = ours["stats"]
-        ort = json.loads(run([
-            sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--ort", str(snap), "--variant", v,
-            "--prompt-tokens", str(s["prompt_tokens"]), "--new-tokens", str(args.new_tokens), "--json"]))
+        ort_cmd = [sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--ort", str(snap), "--variant", v,
+                   "--prompt-tokens", str(s["prompt_tokens"]), "--json"]
+        ort = json.loads(run(ort_cmd + ["--new-tokens", str(args.new_tokens)]))
+        s["cold_ms"] = wall_ms([
+            str(EDGEVLM), "generate", "--model", str(pkg), "--image", str(IMAGE), "--prompt", QUESTION,
+            "--max-new-tokens", "1", "--ignore-eos", "--threads", str(args.threads)])
+        ort["cold_ms"] = wall_ms(ort_cmd + ["--new-tokens", "1", "--_measure", "--no-warmup"])
         rows.append((v, s, ort))
         print(f"{v}: edgevlm vision {s['vision_encode_ms']:.0f} ms, TTFT {s['ttft_ms']:.0f} ms, "
               f"decode {s['decode_tok_s']:.1f} tok/s | ORT vision {ort['vision_ms']:.0f} ms, "
               f"TTFT {ort['ttft_ms']:.0f} ms, decode {ort['decode_tok_s']:.1f} tok/s", file=sys.stderr)
 
-    print(f"\nSmolVLM2-256M dimensions, random weights, {args.threads} thread(s), one 512x512 tile, "
+    dims = "SmolVLM2-256M dimensions" if args.size == "256m" else "probe dimensions (4+4 layers, hidden 768)"
+    print(f"\n{dims}, random weights, {args.threads} thread(s), one 512x512 tile, "
           f"{rows[0][1]['prompt_tokens']} prompt tokens, {args.new_tokens} new tokens\n")
     print("| variant | vision ms edgevlm / ORT | TTFT ms edgevlm / ORT | prefill tok/s edgevlm / ORT "
-          "| decode tok/s edgevlm / ORT | peak RSS MiB edgevlm / ORT | ratios vision, TTFT, prefill, decode, RSS |")
-    print("|---|---|---|---|---|---|---|")
+          "| decode tok/s edgevlm / ORT | peak RSS MiB edgevlm / ORT | cold start ms edgevlm / ORT "
+          "| ratios vision, TTFT, prefill, decode, RSS, cold |")
+    print("|---|---|---|---|---|---|---|---|")
     worst = (0.0, "")
     for v, s, o in rows:
         ratios = {
@@ -96,6 +116,7 @@ def main() -> int:
             "prefill": o["prefill_tok_s"] / s["prefill_tok_s"],
             "decode": o["decode_tok_s"] / s["decode_tok_s"],
             "rss": s["peak_rss_kib"] / o["peak_rss_kib"],
+            "cold": s["cold_ms"] / o["cold_ms"],
         }
         for k, r in ratios.items():
             if r > worst[0]:
@@ -103,6 +124,7 @@ def main() -> int:
         print(f"| {v} | {s['vision_encode_ms']:.0f} / {o['vision_ms']:.0f} | {s['ttft_ms']:.0f} / {o['ttft_ms']:.0f} "
               f"| {s['prefill_tok_s']:.0f} / {o['prefill_tok_s']:.0f} | {s['decode_tok_s']:.1f} / {o['decode_tok_s']:.1f} "
               f"| {s['peak_rss_kib'] / 1024:.0f} / {o['peak_rss_kib'] / 1024:.0f} "
+              f"| {s['cold_ms']:.0f} / {o['cold_ms']:.0f} "
               f"| {', '.join(f'{r:.2f}' for r in ratios.values())} |")
     print(f"\nworst ratio: {worst[0]:.2f} ({worst[1]}); above 1 means edgevlm is slower or bigger")
     return 0

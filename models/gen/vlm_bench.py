@@ -88,7 +88,7 @@ def _file(snap: Path, part: str, variant: str) -> Path:
     return snap / "onnx" / (f"{part}.onnx" if variant == "fp32" else f"{part}_{variant}.onnx")
 
 
-def measure(snap: Path, variant: str, prompt_tokens: int, new_tokens: int) -> dict:
+def measure(snap: Path, variant: str, prompt_tokens: int, new_tokens: int, warmup: bool = True) -> dict:
     """One tile through the vision encoder, prefill, then greedy decode steps (one thread)."""
     import resource
 
@@ -125,7 +125,8 @@ def measure(snap: Path, variant: str, prompt_tokens: int, new_tokens: int) -> di
         return sess["vision_encoder"].run(["image_features"], {"pixel_values": pixel_values,
                                                                 "pixel_attention_mask": pixel_mask})[0]
 
-    run_vision()  # warm-up: first-run allocations and kernel selection are not steady state
+    if warmup:
+        run_vision()  # warm-up: first-run allocations and kernel selection are not steady state
     t0 = time.perf_counter()
     feats = run_vision()
     vision_ms = (time.perf_counter() - t0) * 1e3
@@ -145,7 +146,8 @@ def measure(snap: Path, variant: str, prompt_tokens: int, new_tokens: int) -> di
                 feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, kvh, 0, hd), dtype=np.float32)
         return dict(zip(out_names, sess["decoder_model_merged"].run(out_names, feed))), mask
 
-    prefill()  # warm-up
+    if warmup:
+        prefill()
     t0 = time.perf_counter()
     outs, mask = prefill()
     prefill_ms = (time.perf_counter() - t0) * 1e3
@@ -191,6 +193,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=80)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true", help="print JSON only")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="with --_measure: no warm-up runs (for cold-start timing from outside)")
     ap.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -205,7 +209,7 @@ def main() -> int:
 
     snap = Path(args.ort)
     if args._measure:
-        print(json.dumps(measure(snap, args.variant, args.prompt_tokens, args.new_tokens)))
+        print(json.dumps(measure(snap, args.variant, args.prompt_tokens, args.new_tokens, not args.no_warmup)))
         return 0
     results = []
     for variant in args.variant.split(","):

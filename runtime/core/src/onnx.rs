@@ -368,6 +368,10 @@ impl OnnxModel {
 
 type StageError = (&'static str, TractError);
 
+/// Rows from which a 4-bit product runs on expanded f32 weights (see
+/// [`crate::patches::expand_block_quant_for_many_rows`]).
+const BLOCK_QUANT_MIN_ROWS: usize = 16;
+
 fn build_typed(
     onnx: &tract_onnx::Onnx,
     proto: &pb::ModelProto,
@@ -406,11 +410,20 @@ fn build_typed(
         .into_typed()
         .map_err(|e| ("inferring types and shapes", e))?;
     let mut typed = typed;
+    let mut notes = vec![];
+    let expanded =
+        crate::patches::expand_block_quant_for_many_rows(&mut typed, BLOCK_QUANT_MIN_ROWS)
+            .map_err(|e| ("expanding block-quantized weights", e))?;
+    if expanded > 0 {
+        notes.push(format!(
+            "q4-many-rows: {expanded} 4-bit product(s) with >= {BLOCK_QUANT_MIN_ROWS} rows expand their \
+             weights to f32 per run (tract {TRACT_VERSION} runs them as matrix-vector products)"
+        ));
+    }
     if options.fix_block_quant_reshape {
         crate::patches::protect_block_quant_products(&mut typed)
             .map_err(|e| ("protecting block-quantized products", e))?;
     }
-    let mut notes = vec![];
     let gelus = crate::patches::fuse_gelu_approximations(&mut typed)
         .map_err(|e| ("fusing GELU approximations", e))?;
     if gelus > 0 {
