@@ -26,7 +26,7 @@ fn triggers_become_pulses_on_the_right_pins() {
         rec.pin("ok"),
         rec.pin("ng"),
         Some(rec.pin("error")),
-        PinMode::Pulse(width),
+        PinMode::Pulse { width, gap: width },
         ThreadDelay,
     )
     .unwrap();

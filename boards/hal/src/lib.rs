@@ -12,9 +12,13 @@ pub use embedded_hal::delay::DelayNs;
 pub use embedded_hal::digital::{InputPin, OutputPin};
 
 mod debounce;
+mod outputs;
 mod polled;
+mod pulse;
 pub use debounce::Debouncer;
+pub use outputs::VerdictOutputs;
 pub use polled::{PinReadError, PolledTrigger};
+pub use pulse::{PulseEdge, PulseQueueFull, PulseScheduler, DEFAULT_MAX_PENDING};
 
 /// Now on `CLOCK_MONOTONIC`, the clock of every timestamp in this crate: GPIO edge events
 /// (kernel timestamps), V4L2 buffers and the simulator all use it, so "was this frame taken
@@ -162,137 +166,12 @@ pub enum Signal {
 pub enum PinMode {
     /// The signalled pin stays high until the next result; the others go low.
     Level,
-    /// The signalled pin goes high for this long, then low (PLC input pulse).
-    Pulse(Duration),
-}
-
-/// OK / NG / ERROR result pins and an optional BUSY pin, generic over embedded-hal output
-/// pins and delay.
-#[derive(Debug)]
-pub struct VerdictOutputs<P: OutputPin, D: DelayNs> {
-    ok: P,
-    ng: P,
-    error: Option<P>,
-    busy: Option<P>,
-    mode: PinMode,
-    /// The pin of a running pulse and when it ends.
-    pulse: Option<(Signal, Duration)>,
-    delay: D,
-}
-
-impl<P: OutputPin, D: DelayNs> VerdictOutputs<P, D> {
-    /// Result pins; all are driven low first.
-    pub fn new(
-        mut ok: P,
-        mut ng: P,
-        mut error: Option<P>,
-        mode: PinMode,
-        delay: D,
-    ) -> Result<Self, P::Error> {
-        ok.set_low()?;
-        ng.set_low()?;
-        if let Some(e) = error.as_mut() {
-            e.set_low()?;
-        }
-        Ok(VerdictOutputs {
-            ok,
-            ng,
-            error,
-            busy: None,
-            pulse: None,
-            mode,
-            delay,
-        })
-    }
-
-    /// Adds a BUSY pin (high while a part is being judged; READY is its inverse in the PLC).
-    pub fn with_busy(mut self, mut busy: P) -> Result<Self, P::Error> {
-        busy.set_low()?;
-        self.busy = Some(busy);
-        Ok(self)
-    }
-
-    /// Drives the BUSY pin, if there is one.
-    pub fn set_busy(&mut self, busy: bool) -> Result<(), P::Error> {
-        match self.busy.as_mut() {
-            Some(pin) if busy => pin.set_high(),
-            Some(pin) => pin.set_low(),
-            None => Ok(()),
-        }
-    }
-
-    /// Drives the pins for one result and, in pulse mode, waits out the pulse (using the
-    /// delay). Without an ERROR pin, errors are signalled on NG, so a part the station could
-    /// not judge is never passed as good.
-    pub fn signal(&mut self, signal: Signal) -> Result<(), P::Error> {
-        if let Some(width) = self.set(signal, monotonic_now())? {
-            self.delay
-                .delay_us(width.as_micros().min(u32::MAX as u128) as u32);
-            self.end_pulse()?;
-        }
-        Ok(())
-    }
-
-    /// Starts a result without blocking: in pulse mode the pin goes high and `poll` lowers it
-    /// once the width has passed; returns the pulse width. A pulse still running is finished
-    /// first (a PLC cannot tell two merged pulses apart), so call `poll` often enough.
-    pub fn set(&mut self, signal: Signal, now: Duration) -> Result<Option<Duration>, P::Error> {
-        if self.pulse.is_some() {
-            self.end_pulse()?;
-        }
-        let target = match (signal, self.error.is_some()) {
-            (Signal::Ok, _) => Signal::Ok,
-            (Signal::Ng, _) | (Signal::Error, false) => Signal::Ng,
-            (Signal::Error, true) => Signal::Error,
-        };
-        if self.mode == PinMode::Level {
-            for s in [Signal::Ok, Signal::Ng, Signal::Error] {
-                if s != target {
-                    if let Some(pin) = self.pin(s) {
-                        pin.set_low()?;
-                    }
-                }
-            }
-        }
-        self.pin(target).expect("target pin exists").set_high()?;
-        match self.mode {
-            PinMode::Pulse(width) => {
-                self.pulse = Some((target, now + width));
-                Ok(Some(width))
-            }
-            PinMode::Level => Ok(None),
-        }
-    }
-
-    /// Ends a pulse whose width has passed at `now`; returns when the running pulse ends, if any.
-    pub fn poll(&mut self, now: Duration) -> Result<Option<Duration>, P::Error> {
-        match self.pulse {
-            Some((_, until)) if now >= until => {
-                self.end_pulse()?;
-                Ok(None)
-            }
-            Some((_, until)) => Ok(Some(until)),
-            None => Ok(None),
-        }
-    }
-
-    fn end_pulse(&mut self) -> Result<(), P::Error> {
-        if let Some((target, until)) = self.pulse.take() {
-            let now = monotonic_now();
-            if until > now {
-                self.delay
-                    .delay_us((until - now).as_micros().min(u32::MAX as u128) as u32);
-            }
-            self.pin(target).expect("target pin exists").set_low()?;
-        }
-        Ok(())
-    }
-
-    fn pin(&mut self, s: Signal) -> Option<&mut P> {
-        match s {
-            Signal::Ok => Some(&mut self.ok),
-            Signal::Ng => Some(&mut self.ng),
-            Signal::Error => self.error.as_mut(),
-        }
-    }
+    /// One pulse per result on the signalled pin (PLC counter inputs): high for `width`,
+    /// then low for at least `gap` before that pin's next pulse. See [`PulseScheduler`].
+    Pulse {
+        /// How long the pin is high.
+        width: Duration,
+        /// Least low time between two pulses on one pin.
+        gap: Duration,
+    },
 }

@@ -489,7 +489,10 @@ mod tests {
             rec.pin("ok"),
             rec.pin("ng"),
             None,
-            PinMode::Pulse(Duration::from_millis(3)),
+            PinMode::Pulse {
+                width: Duration::from_millis(3),
+                gap: Duration::from_millis(2),
+            },
             ThreadDelay,
         )
         .unwrap();
@@ -501,6 +504,12 @@ mod tests {
         assert_eq!(ng.len(), 2);
         assert!(
             ng.iter().all(|(_, w)| *w >= Duration::from_millis(3)),
+            "{ng:?}"
+        );
+        // Back-to-back NG results: two pulses with the low gap between them, not one.
+        let low = ng[1].0 - (ng[0].0 + ng[0].1);
+        assert!(
+            low + Duration::from_micros(500) >= Duration::from_millis(2),
             "{ng:?}"
         );
 

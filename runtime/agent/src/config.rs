@@ -17,6 +17,7 @@
 //! [outputs]
 //! mode = "pulse"                  # pulse | level
 //! pulse_ms = 50
+//! # gap_ms = 50                  # least low time between two pulses on one pin (default pulse_ms)
 //! on_error = "error-pin"          # error-pin | ng: where a part that could not be judged goes
 //!
 //! [queue]
@@ -154,9 +155,21 @@ pub struct OutputsSection {
     /// Pulse width in milliseconds.
     #[serde(default = "default_pulse_ms")]
     pub pulse_ms: u64,
+    /// Least low time between two pulses on one pin, in milliseconds; `None` means `pulse_ms`.
+    /// Results that come faster wait for their pulse (in order), so a PLC counter sees one
+    /// pulse per part, never two merged into one.
+    #[serde(default)]
+    pub gap_ms: Option<u64>,
     /// Where failures go.
     #[serde(default)]
     pub on_error: OnError,
+}
+
+impl OutputsSection {
+    /// The low gap between two pulses on one pin: `gap_ms`, or the pulse width.
+    pub fn gap_ms(&self) -> u64 {
+        self.gap_ms.unwrap_or(self.pulse_ms)
+    }
 }
 
 impl Default for OutputsSection {
@@ -164,6 +177,7 @@ impl Default for OutputsSection {
         OutputsSection {
             mode: OutputMode::Pulse,
             pulse_ms: default_pulse_ms(),
+            gap_ms: None,
             on_error: OnError::ErrorPin,
         }
     }
@@ -310,6 +324,13 @@ impl AgentConfig {
                 "expected 1..=10000 milliseconds for mode = \"pulse\"",
             );
         }
+        if self.outputs.mode == OutputMode::Pulse && !(1..=10_000).contains(&self.outputs.gap_ms())
+        {
+            return bad(
+                "outputs.gap_ms",
+                "expected 1..=10000 milliseconds for mode = \"pulse\" (a PLC cannot count pulses without low time between them)",
+            );
+        }
         if self.camera.retries > 100 || self.camera.backoff_ms > 10_000 {
             return bad("camera", "expected retries <= 100 and backoff_ms <= 10000");
         }
@@ -378,6 +399,9 @@ dir = "/tmp/ng"
         assert_eq!(c.model.package, PathBuf::from("pkg"));
         assert_eq!(c.outputs.mode, OutputMode::Pulse);
         assert_eq!(c.outputs.pulse_ms, 50);
+        assert_eq!((c.outputs.gap_ms, c.outputs.gap_ms()), (None, 50));
+        let c = load(&format!("{GOOD}\n[outputs]\npulse_ms = 200\ngap_ms = 80\n")).unwrap();
+        assert_eq!((c.outputs.pulse_ms, c.outputs.gap_ms()), (200, 80));
         assert_eq!(c.queue.when_full, WhenFull::DropOldest);
         assert_eq!(c.ng_images.unwrap().dir, PathBuf::from("/tmp/ng"));
     }
@@ -393,6 +417,9 @@ dir = "/tmp/ng"
             (GOOD.replace("package = \"pkg\"", ""), "field `model.package`: required field is missing"),
             (GOOD.replace("kind = \"sim\"", "kind = \"linux\""), "field `board.profile`: required when board.kind = \"linux\""),
             (GOOD.replace("[ng_images]\ndir = \"/tmp/ng\"", "[ng_images]\ndir = \"/tmp/ng\"\nkeep = 0"), "field `ng_images.keep`"),
+            (format!("{GOOD}\n[outputs]\ngap_ms = 0\n"), "field `outputs.gap_ms`: expected 1..=10000 milliseconds"),
+            (format!("{GOOD}\n[outputs]\npulse_ms = 20000\n"), "field `outputs.pulse_ms`: expected 1..=10000"),
+            (format!("{GOOD}\n[outputs]\ngap_ms = -1\n"), "field `outputs.gap_ms`: invalid value"),
         ];
         for (text, expected) in cases {
             let e = load(&text).unwrap_err().to_string();

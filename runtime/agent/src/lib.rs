@@ -11,6 +11,7 @@ pub mod config;
 pub mod linux;
 pub mod ngstore;
 pub mod notify;
+mod outputs;
 pub mod server;
 pub mod sim;
 pub mod station;

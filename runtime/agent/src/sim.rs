@@ -98,7 +98,10 @@ pub fn settings(config: &AgentConfig) -> StationSettings {
 /// Pin mode from a config.
 pub fn pin_mode(config: &AgentConfig) -> PinMode {
     match config.outputs.mode {
-        OutputMode::Pulse => PinMode::Pulse(Duration::from_millis(config.outputs.pulse_ms)),
+        OutputMode::Pulse => PinMode::Pulse {
+            width: Duration::from_millis(config.outputs.pulse_ms),
+            gap: Duration::from_millis(config.outputs.gap_ms()),
+        },
         OutputMode::Level => PinMode::Level,
     }
 }
@@ -123,8 +126,8 @@ pub fn with_ng_store<C, P, D>(
 ) -> Result<Station<C, P, D>, SetupError>
 where
     C: edgevlm_board::Camera,
-    P: edgevlm_board::OutputPin,
-    D: edgevlm_board::DelayNs,
+    P: edgevlm_board::OutputPin + Send + 'static,
+    D: edgevlm_board::DelayNs + Send + 'static,
 {
     match &config.ng_images {
         Some(ng) => NgStore::open(&ng.dir, ng.keep)

@@ -2,9 +2,12 @@
 //!
 //! A trigger thread turns edges into queue entries (bounded; drops are counted and reported,
 //! never silent); the worker (the caller's thread) takes them in order, captures with retries
-//! and backoff, inspects, drives the pins without blocking on pulses, saves NG frames, swaps
-//! in a new model between parts, keeps the systemd watchdog fed, and on stop drains what is
-//! queued before returning.
+//! and backoff, inspects, hands the verdict to the pins, saves NG frames, swaps in a new model
+//! between parts, keeps the systemd watchdog fed, and on stop drains what is queued before
+//! returning. A pin thread times the pulses (one per verdict, `pulse_ms` wide, `gap_ms` apart
+//! on one pin, in verdict order), so a long inference never stretches or merges them; when
+//! its bounded queue of pulses is full the worker waits, and the overload lands in the
+//! trigger queue, where drops are counted.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +25,7 @@ use serde::Serialize;
 use crate::config::WhenFull;
 use crate::ngstore::NgStore;
 use crate::notify::Notifier;
+use crate::outputs::SharedOutputs;
 
 /// Loop settings (from the `[queue]` and `[camera]` config sections).
 #[derive(Debug, Clone)]
@@ -34,7 +38,7 @@ pub struct StationSettings {
     pub camera_retries: u32,
     /// First retry backoff (doubles, at most 1 s).
     pub backoff: Duration,
-    /// Longest the loop sleeps between housekeeping (pulse ends, watchdog, model swaps).
+    /// Longest the loop sleeps between housekeeping (watchdog, model swaps, reports).
     pub tick: Duration,
 }
 
@@ -66,7 +70,8 @@ pub struct PartRecord {
     pub reason: Option<String>,
     /// Why ERROR.
     pub error: Option<String>,
-    /// Trigger edge to output pin, in microseconds.
+    /// Trigger edge to the verdict reaching the output pins, in microseconds (in pulse mode
+    /// its pulse starts then, or after the pulses queued before it).
     pub latency_us: u64,
     /// Time the trigger waited in the queue, in microseconds.
     pub queue_us: u64,
@@ -146,6 +151,10 @@ pub struct Report {
     pub capture_retries: u64,
     /// Models swapped in.
     pub model_switches: u64,
+    /// Times the worker waited for room in the pin thread's pulse queue before taking the next
+    /// trigger (results come faster than pulses plus gaps can show them). Pulses are never
+    /// dropped; a long wait shows up as dropped triggers.
+    pub pulse_waits: u64,
     /// Trigger-to-output latency per processed part, microseconds.
     pub latencies_us: Vec<u64>,
 }
@@ -224,7 +233,7 @@ pub fn runtime_frame(frame: &Frame) -> edgevlm_runtime::Frame<'_> {
 /// One inspection station: camera, result pins and the model.
 pub struct Station<C: Camera, P: OutputPin, D: DelayNs> {
     camera: C,
-    outputs: VerdictOutputs<P, D>,
+    outputs: Arc<SharedOutputs<P, D>>,
     inspector: Inspector,
     settings: StationSettings,
     ng_store: Option<NgStore>,
@@ -234,7 +243,12 @@ pub struct Station<C: Camera, P: OutputPin, D: DelayNs> {
     swap_rx: Receiver<Swap>,
 }
 
-impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
+impl<C, P, D> Station<C, P, D>
+where
+    C: Camera,
+    P: OutputPin + Send + 'static,
+    D: DelayNs + Send + 'static,
+{
     /// A station; nothing runs until [`Station::run`].
     pub fn new(
         camera: C,
@@ -245,7 +259,7 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
         let (swap_tx, swap_rx) = crossbeam_channel::unbounded();
         Station {
             camera,
-            outputs,
+            outputs: SharedOutputs::new(outputs),
             inspector,
             settings,
             ng_store: None,
@@ -310,21 +324,17 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
                 .expect("spawning the trigger thread")
         };
 
+        let (pin_error_tx, pin_error_rx) = crossbeam_channel::unbounded::<String>();
+        let pins = self.outputs.spawn(pin_error_tx);
+
         let mut report = Report::default();
         let mut reported_drops = 0;
         let mut draining = false;
+        let mut waiting_for_pins = false;
         let model = &self.inspector.package().manifest().model;
         self.notifier
             .ready(&format!("inspecting with {} {}", model.name, model.version));
         loop {
-            let now = monotonic_now();
-            let pulse_end = match self.outputs.poll(now) {
-                Ok(end) => end,
-                Err(e) => {
-                    observer(&Event::OutputFailed(format!("{e:?}")));
-                    None
-                }
-            };
             self.notifier.ping_if_due();
             while let Ok(swap) = self.swap_rx.try_recv() {
                 match swap {
@@ -345,6 +355,9 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
             while let Ok(e) = notice_rx.try_recv() {
                 observer(&Event::TriggerFailed(e));
             }
+            while let Ok(e) = pin_error_rx.try_recv() {
+                observer(&Event::OutputFailed(e));
+            }
             let total = dropped.load(Ordering::SeqCst);
             if total > reported_drops {
                 observer(&Event::Dropped {
@@ -359,12 +372,19 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
                 observer(&Event::Draining { queued: rx.len() });
             }
             let mut timeout = self.settings.tick;
-            if let Some(end) = pulse_end {
-                timeout = timeout.min(end.saturating_sub(now));
-            }
             if let Some(every) = self.notifier.ping_interval() {
                 timeout = timeout.min(every);
             }
+            if self.outputs.is_full() {
+                // Judging another part now would have nowhere to put its pulse.
+                if !waiting_for_pins {
+                    waiting_for_pins = true;
+                    report.pulse_waits += 1;
+                }
+                self.outputs.wait_for_room(timeout);
+                continue;
+            }
+            waiting_for_pins = false;
             match rx.recv_timeout(timeout) {
                 Ok(event) => {
                     let record = self.inspect_part(event, &mut report);
@@ -375,8 +395,11 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
             }
         }
         let _ = producer.join();
-        // Finish a running pulse before returning the pins to the caller's world.
-        let _ = self.outputs.poll(Duration::MAX);
+        // Every queued pulse is shown before the pins return to the caller's world.
+        self.outputs.finish(pins);
+        while let Ok(e) = pin_error_rx.try_recv() {
+            observer(&Event::OutputFailed(e));
+        }
         report.triggers = received.load(Ordering::SeqCst);
         report.dropped = dropped.load(Ordering::SeqCst);
         if report.dropped > reported_drops {
@@ -431,10 +454,10 @@ impl<C: Camera, P: OutputPin, D: DelayNs> Station<C, P, D> {
             }
             Err(e) => record.error = Some(e.clone()),
         }
-        if let Err(e) = self.outputs.set(record.signal, monotonic_now()) {
+        if let Err(e) = self.outputs.set(record.signal) {
             record
                 .error
-                .get_or_insert_with(|| format!("driving the output pins: {e:?}"));
+                .get_or_insert_with(|| format!("driving the output pins: {e}"));
         }
         record.latency_us = monotonic_now().saturating_sub(event.timestamp).as_micros() as u64;
         if busy.is_ok() {

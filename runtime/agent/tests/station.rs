@@ -4,8 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use edgevlm_agent::{sim, Event};
-use edgevlm_board::Signal;
+use edgevlm_agent::{sim, Event, Station};
+use edgevlm_board::{Camera, Frame, Signal, VerdictOutputs};
+use edgevlm_board_sim::{FolderCamera, PinRecorder, ScheduleTrigger, SimError, ThreadDelay};
 use edgevlm_runtime::{LoadOptions, Memory};
 
 #[test]
@@ -296,4 +297,121 @@ fn stop_drains_the_queued_triggers() {
         "every accepted trigger was finished: {report:?}"
     );
     assert_eq!(report.dropped, 0);
+}
+
+/// A camera that takes `delay` per capture: to the loop, the same as a slow model (the worker
+/// is busy for that long per part while the previous part's pulse runs).
+struct SlowCamera {
+    inner: FolderCamera,
+    delay: Duration,
+}
+
+impl Camera for SlowCamera {
+    type Error = SimError;
+
+    fn capture(&mut self) -> Result<Frame, SimError> {
+        std::thread::sleep(self.delay);
+        self.inner.capture()
+    }
+}
+
+/// A burst of 12 triggers 1 ms apart (all queued behind the first part) over the demo
+/// samples, which sort as 4 NG, 4 OK, 4 NG: back-to-back verdicts of one kind. Checks, from the
+/// recorded pin edges, one pulse per verdict on the right pin, each `pulse_ms` wide, at least
+/// `gap_ms` apart on one pin, rising in verdict order. Time bounds are one-sided or generous:
+/// the bug they catch is pulses merged or stretched by a whole judgement.
+fn burst(judge: Duration, max_pending: usize) -> (edgevlm_agent::Report, PinRecorder) {
+    let (pulse, gap) = (Duration::from_millis(50), Duration::from_millis(30));
+    let tmp = tempfile::tempdir().unwrap();
+    let samples = common::models().join("demo/samples");
+    let cfg = common::config(
+        tmp.path(),
+        &samples,
+        12,
+        1,
+        "[outputs]\npulse_ms = 50\ngap_ms = 30\n\n[queue]\ncapacity = 16\n",
+    );
+    let pins = PinRecorder::default();
+    let outputs = VerdictOutputs::new(
+        pins.pin("ok"),
+        pins.pin("ng"),
+        Some(pins.pin("error")),
+        sim::pin_mode(&cfg),
+        ThreadDelay,
+    )
+    .unwrap()
+    .with_max_pending(max_pending);
+    let camera = SlowCamera {
+        inner: FolderCamera::open(&samples).unwrap(),
+        delay: judge,
+    };
+    let station = Station::new(
+        camera,
+        outputs,
+        sim::load_inspector(&cfg).unwrap(),
+        sim::settings(&cfg),
+    );
+    let mut events = vec![];
+    let report = station.run(
+        ScheduleTrigger::periodic(12, Duration::from_millis(1)),
+        |e| events.push(e.clone()),
+    );
+    assert_eq!(
+        (report.triggers, report.processed, report.dropped),
+        (12, 12, 0),
+        "{report:?}"
+    );
+    let verdicts: Vec<&str> = common::parts(&events)
+        .iter()
+        .map(|p| match p.signal {
+            Signal::Ok => "ok",
+            Signal::Ng => "ng",
+            Signal::Error => "error",
+        })
+        .collect();
+    assert_eq!(verdicts, [["ng"; 4], ["ok"; 4], ["ng"; 4]].concat());
+
+    let tolerance = Duration::from_millis(1);
+    for pin in ["ok", "ng", "error"] {
+        let p = pins.pulses(pin);
+        let count = verdicts.iter().filter(|v| **v == pin).count();
+        assert_eq!(p.len(), count, "{pin}: {count} verdicts, pulses {p:?}");
+        for (_, width) in &p {
+            assert!(
+                *width + tolerance >= pulse && *width < pulse + Duration::from_millis(150),
+                "{pin}: pulse of {width:?}, expected {pulse:?}: {p:?}"
+            );
+        }
+        for pair in p.windows(2) {
+            let low = pair[1].0 - (pair[0].0 + pair[0].1);
+            assert!(
+                low + tolerance >= gap,
+                "{pin}: {low:?} low, expected {gap:?}: {p:?}"
+            );
+        }
+    }
+    // The log is in the order the pins changed.
+    let rises: Vec<String> = pins
+        .changes()
+        .into_iter()
+        .filter(|c| c.high && c.pin != "busy")
+        .map(|c| c.pin)
+        .collect();
+    assert_eq!(rises, verdicts);
+    (report, pins)
+}
+
+#[test]
+fn a_slow_model_does_not_stretch_pulses() {
+    // Each judgement (300 ms) outlasts a pulse (50 ms): pulses end while the worker is busy.
+    let (report, _) = burst(Duration::from_millis(300), 16);
+    assert_eq!(report.pulse_waits, 0);
+}
+
+#[test]
+fn verdicts_faster_than_pulses_queue_in_order_and_none_is_lost() {
+    // Judged in milliseconds, shown at 80 ms per pulse on a pin: pulses queue. With room for
+    // only 2, the worker waits for the pins instead of dropping or merging a pulse.
+    let (report, _) = burst(Duration::ZERO, 2);
+    assert!(report.pulse_waits > 0, "{report:?}");
 }
