@@ -151,6 +151,7 @@ pub struct OnnxModel {
     outputs: Vec<TensorSpec>,
     notes: Vec<String>,
     load_ms: f64,
+    load_stages: Vec<(&'static str, f64)>,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -209,10 +210,12 @@ impl OnnxModel {
             }
         }
         let dir = path.parent().and_then(|p| p.to_str());
+        let mut load_stages = vec![("read and decode", start.elapsed().as_secs_f64() * 1e3)];
         let typed = match build_typed(&onnx, &proto, dir, fixed, options) {
-            Ok((m, patched)) => {
-                notes.extend(patched);
-                m
+            Ok(built) => {
+                notes.extend(built.notes);
+                load_stages.extend(built.stages);
+                built.model
             }
             Err(first) => {
                 // Exporters often declare output shapes / value_info that contradict the graph
@@ -222,8 +225,10 @@ impl OnnxModel {
                     .with_ignore_output_shapes(true)
                     .with_ignore_value_info(true);
                 match build_typed(&lenient, &proto, dir, fixed, options) {
-                    Ok((m, patched)) => {
-                        notes.extend(patched);
+                    Ok(built) => {
+                        notes.extend(built.notes);
+                        load_stages.extend(built.stages);
+                        let m = built.model;
                         notes.push(format!(
                             "declared output shapes / value_info contradict the graph and were ignored ({})",
                             first.1.root_cause()
@@ -257,9 +262,11 @@ impl OnnxModel {
                 .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
             ..Default::default()
         };
+        let planning = Instant::now();
         let plan = typed
             .into_runnable_with_options(&run_options)
             .map_err(|e| Error::model(path, "building the execution plan", e))?;
+        load_stages.push(("plan", planning.elapsed().as_secs_f64() * 1e3));
         Ok(OnnxModel {
             path: path.to_owned(),
             plan,
@@ -267,6 +274,7 @@ impl OnnxModel {
             outputs,
             notes,
             load_ms: start.elapsed().as_secs_f64() * 1e3,
+            load_stages,
         })
     }
 
@@ -293,6 +301,14 @@ impl OnnxModel {
     /// Milliseconds from file to runnable plan.
     pub fn load_ms(&self) -> f64 {
         self.load_ms
+    }
+
+    /// Where [`OnnxModel::load_ms`] went: (stage, milliseconds) in order: read and decode,
+    /// parse, types and shapes, patches, declutter, optimize, constant folds, plan. Cold start
+    /// is the sum; the stages before `optimize` are what a cached decluttered model would
+    /// skip.
+    pub fn load_stages(&self) -> &[(&'static str, f64)] {
+        &self.load_stages
     }
 
     /// Index of the input or output called `name`.
@@ -368,6 +384,37 @@ impl OnnxModel {
 
 type StageError = (&'static str, TractError);
 
+/// A typed, optimized model with what the load changed and how long each stage took.
+struct Built {
+    model: TypedModel,
+    notes: Vec<String>,
+    stages: Vec<(&'static str, f64)>,
+}
+
+/// Milliseconds per load stage, in order.
+#[derive(Debug, Default)]
+struct Stages {
+    at: Option<Instant>,
+    done: Vec<(&'static str, f64)>,
+}
+
+impl Stages {
+    fn start() -> Stages {
+        Stages {
+            at: Some(Instant::now()),
+            done: vec![],
+        }
+    }
+
+    /// Ends stage `name` now and starts the next one.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        if let Some(at) = self.at.replace(now) {
+            self.done.push((name, (now - at).as_secs_f64() * 1e3));
+        }
+    }
+}
+
 /// Rows from which a 4-bit product runs on expanded f32 weights (see
 /// [`crate::patches::expand_block_quant_for_many_rows`]).
 const BLOCK_QUANT_MIN_ROWS: usize = 16;
@@ -378,10 +425,12 @@ fn build_typed(
     dir: Option<&str>,
     fixed: &[(&str, &[Option<usize>])],
     options: &LoadOptions,
-) -> Result<(TypedModel, Vec<String>), StageError> {
+) -> Result<Built, StageError> {
+    let mut stages = Stages::start();
     let parsed = onnx
         .parse(proto, dir)
         .map_err(|e| ("parsing the graph", e))?;
+    stages.mark("parse");
     if !parsed.unresolved_inputs.is_empty() {
         return Err((
             "parsing the graph",
@@ -409,6 +458,7 @@ fn build_typed(
     let typed = model
         .into_typed()
         .map_err(|e| ("inferring types and shapes", e))?;
+    stages.mark("types and shapes");
     let mut typed = typed;
     let mut notes = vec![];
     let expanded =
@@ -432,8 +482,21 @@ fn build_typed(
              would run x^3 as powf and never fuse them)"
         ));
     }
-    let typed = typed.into_decluttered().map_err(|e| ("decluttering", e))?;
+    stages.mark("patches");
+    let mut typed = typed.into_decluttered().map_err(|e| ("decluttering", e))?;
+    stages.mark("declutter");
+    // After decluttering: the weights' constants have reached the products by then.
+    let int8 = crate::patches::int8_products_on_f32_kernels(&mut typed, BLOCK_QUANT_MIN_ROWS)
+        .map_err(|e| ("moving int8 products to f32 kernels", e))?;
+    if int8 > 0 {
+        notes.push(format!(
+            "int8-many-rows: {int8} 8-bit product(s) with >= {BLOCK_QUANT_MIN_ROWS} rows computed \
+             exactly on f32 kernels (tract {TRACT_VERSION}'s int8 kernel is slower there)"
+        ));
+    }
+
     let mut typed = typed.into_optimized().map_err(|e| ("optimizing", e))?;
+    stages.mark("optimize");
     let folds =
         crate::patches::fold_shared_constants(&mut typed).map_err(|e| ("folding constants", e))?;
     if folds > 0 {
@@ -448,7 +511,12 @@ fn build_typed(
              {TRACT_VERSION} repeats them every run when the weight is shared)"
         ));
     }
-    Ok((typed, notes))
+    stages.mark("constant folds");
+    Ok(Built {
+        model: typed,
+        notes,
+        stages: stages.done,
+    })
 }
 
 fn facts(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {

@@ -1,5 +1,5 @@
 //! Load-time patches for tract bugs, through tract's public extension points (a custom op and
-//! model edits). Each names the bug it works around; `docs/tract-issues.md` has the
+//! model edits). Each names the bug it works around; `docs/tract-*.md` has the
 //! upstream-ready description and a reproducer.
 
 use tract_linalg::block_quant::BlockQuantStorage;
@@ -296,6 +296,157 @@ pub fn expand_block_quant_for_many_rows(
         model.add_edge(expanded, InletId::new(*node, *slot))?;
     }
     Ok(targets.len())
+}
+
+/// `weight - zero_point` as f32, computed on every run from an 8-bit constant weight and its
+/// scalar zero point. See [`int8_products_on_f32_kernels`].
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
+pub struct ExpandInt8;
+
+impl Op for ExpandInt8 {
+    fn name(&self) -> StaticName {
+        "EdgevlmExpandInt8".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ExpandInt8 {
+    // Never constant-folded: the f32 copy must not become part of the model.
+    fn eval_out_of_plan(&self, _inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(None)
+    }
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (weight, zero) = (&inputs[0], &inputs[1]);
+        let zero = zero.cast_to_scalar::<f32>()?;
+        let weight = weight.cast_to::<f32>()?.into_owned();
+        let mut weight = weight;
+        weight
+            .try_as_plain_ram_mut()?
+            .as_slice_mut::<f32>()?
+            .iter_mut()
+            .for_each(|w| *w -= zero);
+        Ok(tvec!(weight.into_tvalue()))
+    }
+}
+
+impl TypedOp for ExpandInt8 {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// Is `outlet` a constant whose every value is `value`?
+fn is_uniform(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bool> {
+    let fact = model.outlet_fact(outlet)?;
+    Ok(match &fact.konst {
+        Some(k) => k
+            .cast_to::<f32>()?
+            .try_as_plain_ram()?
+            .as_slice::<f32>()?
+            .iter()
+            .all(|v| *v == value),
+        None => false,
+    })
+}
+
+/// Rows of the activation of a product with a constant weight whose last axis is `k`: the
+/// product of the activation's known axes over `k` (symbolic axes count as 1).
+fn known_rows(act: &TypedFact, k: usize) -> usize {
+    let volume: usize = act.shape.iter().filter_map(|d| d.to_usize().ok()).product();
+    volume / k.max(1)
+}
+
+/// tract 0.23.9's int8 matrix-matrix kernel is slower than its f32 kernel on many rows (on
+/// this project's AVX-512 VNNI machine: a 1024 x 768 x 3072 product ~140 ms in
+/// `avx512vnni_mmm_i32_8x8` against ~67 ms in `avx512_mmm_f32_32x6`), and its zero-point
+/// compensation adds elementwise passes over the output. For an ONNX `MatMulInteger` (an
+/// `EinSum` with `q_params` i32, unit scales, zero bias) with a constant weight, a scalar
+/// weight zero point and at least `min_rows` known activation rows (a vision encoder), this
+/// computes the same integer product in f32: `(a - a0)` as f32 times `(b - b0)` expanded to f32
+/// on each run ([`ExpandInt8`], never stored), cast back to i32. Integer products and their
+/// sums are exact in f32 up to 2^24, so the result is the int8 product (up to the rounding
+/// of sums beyond 2^24, which the following cast to float has anyway): the activations stay
+/// quantized exactly as ONNX Runtime quantizes them. Returns how many products were changed.
+pub fn int8_products_on_f32_kernels(model: &mut TypedModel, min_rows: usize) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::cast::cast;
+    use tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast;
+    use tract_onnx::tract_core::ops::math::sub;
+    let mut candidates = vec![];
+    for node in model.nodes() {
+        let Some(op) = node.op_as::<EinSum>() else {
+            continue;
+        };
+        if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
+            continue;
+        }
+        let facts = model.node_input_facts(node.id)?;
+        let (act, weight, a0, b0) = (facts[0], facts[1], facts[3], facts[5]);
+        let Some(k) = weight
+            .shape
+            .iter()
+            .rev()
+            .nth(1)
+            .and_then(|d| d.to_usize().ok())
+        else {
+            continue;
+        };
+        if weight.konst.is_none()
+            || b0.konst.is_none()
+            || b0.shape.volume() != 1.to_dim()
+            || a0.shape.volume() != 1.to_dim()
+            || known_rows(act, k) < min_rows
+            || !is_uniform(model, node.inputs[2], 0.0)?
+            || !is_uniform(model, node.inputs[7], 0.0)?
+            || ![4, 6, 8].iter().try_fold(true, |ok, &i| {
+                Ok::<_, TractError>(ok && is_uniform(model, node.inputs[i], 1.0)?)
+            })?
+        {
+            continue;
+        }
+        candidates.push(node.id);
+    }
+    for id in &candidates {
+        let node = model.node(*id).clone();
+        let op = node.op_as::<EinSum>().unwrap().clone();
+        let name = &node.name;
+        let mut patch = TypedModelPatch::new(format!("edgevlm int8 product on f32 kernels {name}"));
+        let taps = patch.taps(model, &node.inputs)?;
+        let a = patch.wire_node(
+            format!("{name}.edgevlm_a_f32"),
+            cast(f32::datum_type()),
+            &[taps[0]],
+        )?[0];
+        let a0 = patch.wire_node(
+            format!("{name}.edgevlm_a0_f32"),
+            cast(f32::datum_type()),
+            &[taps[3]],
+        )?[0];
+        let a = wire_with_rank_broadcast(
+            format!("{name}.edgevlm_a_centered"),
+            &mut patch,
+            sub(),
+            &[a, a0],
+        )?[0];
+        let b = patch.wire_node(
+            format!("{name}.edgevlm_b_f32"),
+            ExpandInt8,
+            &[taps[1], taps[5]],
+        )?[0];
+        let product = EinSum {
+            axes: op.axes.extract_sub_mapping(&[0, 1], &[0])?,
+            operating_dt: f32::datum_type(),
+            q_params: None,
+        };
+        let c = patch.wire_node(format!("{name}.edgevlm_f32"), product, &[a, b])?[0];
+        let c = patch.wire_node(format!("{name}.edgevlm_i32"), cast(i32::datum_type()), &[c])?[0];
+        patch.shunt_outside(model, OutletId::new(*id, 0), c)?;
+        patch.apply(model)?;
+    }
+    Ok(candidates.len())
 }
 
 #[cfg(test)]

@@ -242,6 +242,10 @@ fn smolvlm_quantized_greedy_tokens_agree_with_onnx_runtime() {
             if variant == "q4" {
                 assert!(notes.contains("q4-many-rows: "), "{notes}");
             }
+            // Its int8 products run exactly on f32 kernels (same integers, faster in tract).
+            if variant == "int8" {
+                assert!(notes.contains("int8-many-rows: "), "{notes}");
+            }
             apply_overrides(&mut g, case);
             let (s, t) = forced_agreement(
                 &mut g,

@@ -178,6 +178,18 @@ fn run_writes_outputs_that_match_onnxruntime() {
     assert!(by_op.iter().any(|o| o["op"] == nodes[0]["op"]), "{profile}");
     let shares: f64 = by_op.iter().map(|o| o["share"].as_f64().unwrap()).sum();
     assert!((shares - 1.0).abs() < 0.01, "{profile}");
+    // The load stages account for the load time (the rest is bookkeeping between them).
+    let stages = summary["load_stages_ms"].as_array().unwrap();
+    let names: Vec<&str> = stages
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.first(), Some(&"read and decode"), "{names:?}");
+    assert_eq!(names.last(), Some(&"plan"), "{names:?}");
+    assert!(names.contains(&"optimize"), "{names:?}");
+    let sum: f64 = stages.iter().map(|s| s["ms"].as_f64().unwrap()).sum();
+    let load = summary["load_ms"].as_f64().unwrap();
+    assert!(sum <= load + 0.01 && sum >= load * 0.5, "{sum} of {load}");
     assert_eq!(summary["outputs"][0]["name"], "logits");
     assert_eq!(summary["outputs"][0]["shape"], serde_json::json!([2, 4]));
     assert_eq!(summary["inputs"][0]["declared"], "[batch,3,32,32]");
@@ -198,6 +210,25 @@ fn run_writes_outputs_that_match_onnxruntime() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn run_with_fixed_shapes_loads_the_graph_for_the_given_input_sizes() {
+    let fx = models().join("fixtures/fp32");
+    let input = format!("input={}", fx.join("input.npy").display());
+    let model = fx.join("model.onnx");
+    let out = edgevlm(&[
+        "run",
+        "--onnx",
+        model.to_str().unwrap(),
+        "--input",
+        &input,
+        "--fixed-shapes",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["inputs"][0]["declared"], "[2,3,32,32]");
+    assert_eq!(summary["outputs"][0]["shape"], serde_json::json!([2, 4]));
 }
 
 #[test]

@@ -36,6 +36,11 @@ pub struct Cmd {
     /// After the first run, time N more runs and report min / median / max.
     #[arg(long, default_value_t = 0, value_name = "N")]
     repeat: usize,
+    /// Load the graph with the shapes of the --input tensors fixed (symbolic dims become
+    /// those sizes), as the runtime loads a vision encoder for its tile size. Without it,
+    /// shapes are fixed only when the graph does not load with symbolic ones.
+    #[arg(long)]
+    fixed_shapes: bool,
     /// After the timed runs, profile one more run per node and report the N slowest nodes
     /// (`profile` in the JSON: node name, operator, milliseconds, share of the run).
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -65,24 +70,18 @@ impl Cmd {
                 .with_context(|| format!("--input {arg:?}: expected NAME=FILE.npy"))?;
             files.push((name, file, None));
         }
-        let model = match OnnxModel::load(&self.onnx, &options) {
-            Ok(m) => m,
-            // Some graphs only type-check with concrete input sizes (reshapes by expressions
-            // of symbolic sides): the given inputs provide them.
-            Err(first) if !files.is_empty() => {
-                let mut shapes: Vec<(&str, Vec<Option<usize>>)> = vec![];
-                for (name, file, tensor) in &mut files {
-                    let t = npy::read(Path::new(file))?;
-                    shapes.push((*name, t.shape().iter().map(|d| Some(*d)).collect()));
-                    *tensor = Some(t);
-                }
-                let fixed: Vec<(&str, &[Option<usize>])> =
-                    shapes.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-                OnnxModel::load_with_dims(&self.onnx, &options, &fixed)
+        let model = if self.fixed_shapes && !files.is_empty() {
+            load_fixed(&self.onnx, &options, &mut files).context("loading the model")?
+        } else {
+            match OnnxModel::load(&self.onnx, &options) {
+                Ok(m) => m,
+                // Some graphs only type-check with concrete input sizes (reshapes by
+                // expressions of symbolic sides): the given inputs provide them.
+                Err(first) if !files.is_empty() => load_fixed(&self.onnx, &options, &mut files)
                     .map_err(|_| first)
-                    .context("loading the model")?
+                    .context("loading the model")?,
+                Err(e) => return Err(anyhow::Error::new(e).context("loading the model")),
             }
-            Err(e) => return Err(anyhow::Error::new(e).context("loading the model")),
         };
         let mut given: Vec<Option<Tensor>> = vec![None; model.inputs().len()];
         let mut sources = vec!["seed".to_string(); model.inputs().len()];
@@ -149,6 +148,7 @@ impl Cmd {
             "tract": edgevlm_runtime::TRACT_VERSION,
             "threads": self.threads,
             "load_ms": round(model.load_ms()),
+            "load_stages_ms": model.load_stages().iter().map(|(stage, ms)| json!({ "stage": stage, "ms": round(*ms) })).collect::<Vec<_>>(),
             "notes": model.notes(),
             "inputs": model.inputs().iter().zip(&inputs).zip(&sources).map(|((spec, t), src)| json!({
                 "name": spec.name, "dtype": dtype_name(t.datum_type()), "shape": t.shape(),
@@ -168,6 +168,24 @@ impl Cmd {
         writeln!(out, "{summary}")?;
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Loads `onnx` with the shapes of the given input files fixed, reading each file once (the
+/// tensors are kept in `files` for the run).
+fn load_fixed(
+    onnx: &Path,
+    options: &LoadOptions,
+    files: &mut [(&str, &str, Option<Tensor>)],
+) -> anyhow::Result<OnnxModel> {
+    let mut shapes: Vec<(&str, Vec<Option<usize>>)> = vec![];
+    for (name, file, tensor) in files.iter_mut() {
+        let t = npy::read(Path::new(file))?;
+        shapes.push((*name, t.shape().iter().map(|d| Some(*d)).collect()));
+        *tensor = Some(t);
+    }
+    let fixed: Vec<(&str, &[Option<usize>])> =
+        shapes.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+    Ok(OnnxModel::load_with_dims(onnx, options, &fixed)?)
 }
 
 /// Node time summed per operator name, largest first: which kind of node a graph spends in.
