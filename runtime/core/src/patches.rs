@@ -212,35 +212,49 @@ pub fn fuse_gelu_approximations(model: &mut TypedModel) -> TractResult<usize> {
     Ok(fused)
 }
 
-/// Expands a block-quantized constant (4-bit `Q4_0`, what ONNX `MatMulNBits` loads as) to a
-/// plain f32 tensor of the same shape, on every run. See [`expand_block_quant_for_many_rows`].
+/// A compact constant weight expanded to plain f32 on every run, for products that run
+/// faster on tract's f32 kernels ([`expand_block_quant_for_many_rows`],
+/// [`int8_products_on_f32_kernels`]). Inputs: a block-quantized weight (4-bit `Q4_0`, what
+/// ONNX `MatMulNBits` loads as), or an integer weight and its scalar zero point (giving
+/// `weight - zero_point`). It refuses constant folding: the f32 copy exists only while its
+/// product runs, so resident memory stays that of the compact weight.
 #[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
-pub struct ExpandBlockQuant;
+pub struct ExpandWeight;
 
-impl Op for ExpandBlockQuant {
+impl Op for ExpandWeight {
     fn name(&self) -> StaticName {
-        "EdgevlmExpandBlockQuant".into()
+        "EdgevlmExpandWeight".into()
     }
 
     op_as_typed_op!();
 }
 
-impl EvalOp for ExpandBlockQuant {
-    // Never evaluated by constant folding: the point is to keep the f32 copy out of the
-    // model (tract's PropConst would otherwise store it, 8x the 4-bit weight).
+impl EvalOp for ExpandWeight {
     fn eval_out_of_plan(&self, _inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
         Ok(None)
     }
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = &inputs[0];
-        let bqs = input.try_storage_as::<BlockQuantStorage>()?;
-        let values = bqs.format().dequant_f32(bqs.value())?;
-        Ok(tvec!(values.into_shape(input.shape())?.into_tvalue()))
+        let weight = &inputs[0];
+        if let Some(bqs) = weight.storage_as::<BlockQuantStorage>() {
+            let values = bqs.format().dequant_f32(bqs.value())?;
+            return Ok(tvec!(values.into_shape(weight.shape())?.into_tvalue()));
+        }
+        let zero = match inputs.get(1) {
+            Some(z) => z.cast_to_scalar::<f32>()?,
+            None => 0.0,
+        };
+        let mut values = weight.cast_to::<f32>()?.into_owned();
+        values
+            .try_as_plain_ram_mut()?
+            .as_slice_mut::<f32>()?
+            .iter_mut()
+            .for_each(|w| *w -= zero);
+        Ok(tvec!(values.into_tvalue()))
     }
 }
 
-impl TypedOp for ExpandBlockQuant {
+impl TypedOp for ExpandWeight {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
     }
@@ -292,51 +306,10 @@ pub fn expand_block_quant_for_many_rows(
     }
     for (node, slot, input) in &targets {
         let name = format!("{}.edgevlm_expand_bq_{slot}", model.node(*node).name);
-        let expanded = model.wire_node(name, ExpandBlockQuant, &[*input])?[0];
+        let expanded = model.wire_node(name, ExpandWeight, &[*input])?[0];
         model.add_edge(expanded, InletId::new(*node, *slot))?;
     }
     Ok(targets.len())
-}
-
-/// `weight - zero_point` as f32, computed on every run from an 8-bit constant weight and its
-/// scalar zero point. See [`int8_products_on_f32_kernels`].
-#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
-pub struct ExpandInt8;
-
-impl Op for ExpandInt8 {
-    fn name(&self) -> StaticName {
-        "EdgevlmExpandInt8".into()
-    }
-
-    op_as_typed_op!();
-}
-
-impl EvalOp for ExpandInt8 {
-    // Never constant-folded: the f32 copy must not become part of the model.
-    fn eval_out_of_plan(&self, _inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
-        Ok(None)
-    }
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (weight, zero) = (&inputs[0], &inputs[1]);
-        let zero = zero.cast_to_scalar::<f32>()?;
-        let weight = weight.cast_to::<f32>()?.into_owned();
-        let mut weight = weight;
-        weight
-            .try_as_plain_ram_mut()?
-            .as_slice_mut::<f32>()?
-            .iter_mut()
-            .for_each(|w| *w -= zero);
-        Ok(tvec!(weight.into_tvalue()))
-    }
-}
-
-impl TypedOp for ExpandInt8 {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
-    }
-
-    as_op!();
 }
 
 /// Is `outlet` a constant whose every value is `value`?
@@ -367,7 +340,7 @@ fn known_rows(act: &TypedFact, k: usize) -> usize {
 /// `EinSum` with `q_params` i32, unit scales, zero bias) with a constant weight, a scalar
 /// weight zero point and at least `min_rows` known activation rows (a vision encoder), this
 /// computes the same integer product in f32: `(a - a0)` as f32 times `(b - b0)` expanded to f32
-/// on each run ([`ExpandInt8`], never stored), cast back to i32. Integer products and their
+/// on each run ([`ExpandWeight`], never stored), cast back to i32. Integer products and their
 /// sums are exact in f32 up to 2^24, so the result is the int8 product (up to the rounding
 /// of sums beyond 2^24, which the following cast to float has anyway): the activations stay
 /// quantized exactly as ONNX Runtime quantizes them. Returns how many products were changed.
@@ -433,7 +406,7 @@ pub fn int8_products_on_f32_kernels(model: &mut TypedModel, min_rows: usize) -> 
         )?[0];
         let b = patch.wire_node(
             format!("{name}.edgevlm_b_f32"),
-            ExpandInt8,
+            ExpandWeight,
             &[taps[1], taps[5]],
         )?[0];
         let product = EinSum {
