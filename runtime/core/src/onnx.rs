@@ -486,6 +486,8 @@ fn build_typed(
     let mut typed = typed.into_decluttered().map_err(|e| ("decluttering", e))?;
     stages.mark("declutter");
     // After decluttering: the weights' constants have reached the products by then.
+    crate::patches::faster_dynamic_quantize(&mut typed)
+        .map_err(|e| ("replacing DynamicQuantizeLinear", e))?;
     let int8 = crate::patches::int8_products_on_f32_kernels(&mut typed, BLOCK_QUANT_MIN_ROWS)
         .map_err(|e| ("moving int8 products to f32 kernels", e))?;
     if int8 > 0 {

@@ -345,7 +345,7 @@ fn known_rows(act: &TypedFact, k: usize) -> usize {
 /// of sums beyond 2^24, which the following cast to float has anyway): the activations stay
 /// quantized exactly as ONNX Runtime quantizes them. Returns how many products were changed.
 pub fn int8_products_on_f32_kernels(model: &mut TypedModel, min_rows: usize) -> TractResult<usize> {
-    use tract_onnx::tract_core::ops::cast::cast;
+    use tract_onnx::tract_core::ops::cast::{cast, Cast};
     use tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast;
     use tract_onnx::tract_core::ops::math::sub;
     let mut candidates = vec![];
@@ -415,11 +415,121 @@ pub fn int8_products_on_f32_kernels(model: &mut TypedModel, min_rows: usize) -> 
             q_params: None,
         };
         let c = patch.wire_node(format!("{name}.edgevlm_f32"), product, &[a, b])?[0];
-        let c = patch.wire_node(format!("{name}.edgevlm_i32"), cast(i32::datum_type()), &[c])?[0];
-        patch.shunt_outside(model, OutletId::new(*id, 0), c)?;
+        // ONNX Runtime's pattern casts the i32 product straight to float: the f32 product
+        // is that float already (an integral f32 survives f32 -> i32 -> f32 unchanged), so
+        // both passes over the output are skipped.
+        let to_float = model
+            .single_succ(*id)?
+            .filter(|s| s.op_as::<Cast>().is_some_and(|c| c.to == f32::datum_type()));
+        match to_float {
+            Some(succ) => patch.shunt_outside(model, OutletId::new(succ.id, 0), c)?,
+            None => {
+                let c = patch.wire_node(
+                    format!("{name}.edgevlm_i32"),
+                    cast(i32::datum_type()),
+                    &[c],
+                )?[0];
+                patch.shunt_outside(model, OutletId::new(*id, 0), c)?
+            }
+        }
         patch.apply(model)?;
     }
     Ok(candidates.len())
+}
+
+/// ONNX `DynamicQuantizeLinear` (x: f32 -> y: u8, y_scale, y_zero_point) with the arithmetic
+/// of the ONNX spec and of tract-onnx's `DynamicQuantizeLinearU8`, in two tight passes over
+/// a slice. tract's version folds the range over an ndarray iterator and rounds through
+/// `rintf`: 9 % of a dynamic-int8 vision encoder's time.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
+pub struct DynamicQuantizeU8;
+
+impl DynamicQuantizeU8 {
+    /// `(scale, zero_point)` for values in `xs`: the range widened to include 0, over 255; an
+    /// empty range (all zeros) gets scale 1 as in ONNX Runtime (tract's 0 gives the same
+    /// outputs through a NaN).
+    fn params(xs: &[f32]) -> (f32, u8) {
+        let (mut lo, mut hi) = (0f32, 0f32);
+        for &x in xs {
+            lo = if x < lo { x } else { lo };
+            hi = if x > hi { x } else { hi };
+        }
+        let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        let zero = (-lo / scale).round_ties_even().clamp(0.0, 255.0);
+        (scale, zero as u8)
+    }
+
+    /// `saturate(round_half_even(x / scale) + zero_point)`. `|x / scale| <= 255`, so adding
+    /// and subtracting 1.5 * 2^23 rounds half to even exactly (and vectorizes).
+    fn quantize(xs: &[f32], scale: f32, zero: u8, ys: &mut [u8]) {
+        const ROUND: f32 = 12_582_912.0;
+        let zero = zero as i32;
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            let r = (x / scale + ROUND) - ROUND;
+            *y = (r as i32 + zero).clamp(0, 255) as u8;
+        }
+    }
+}
+
+impl Op for DynamicQuantizeU8 {
+    fn name(&self) -> StaticName {
+        "EdgevlmDynamicQuantizeU8".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for DynamicQuantizeU8 {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = inputs[0].cast_to::<f32>()?;
+        let plain = input.try_as_plain_ram()?;
+        let xs = plain.as_slice::<f32>()?;
+        let (scale, zero) = Self::params(xs);
+        let mut output = Tensor::zero::<u8>(input.shape())?;
+        Self::quantize(
+            xs,
+            scale,
+            zero,
+            output.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?,
+        );
+        Ok(tvec!(
+            output.into_tvalue(),
+            tensor0(scale).into_tvalue(),
+            tensor0(zero).into_tvalue()
+        ))
+    }
+}
+
+impl TypedOp for DynamicQuantizeU8 {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(
+            u8::fact(inputs[0].shape.clone()),
+            f32::fact([0usize; 0]),
+            u8::fact([0usize; 0])
+        ))
+    }
+
+    as_op!();
+}
+
+/// Replaces tract-onnx's `DynamicQuantizeLinearU8` nodes by [`DynamicQuantizeU8`] (same
+/// results, faster). Returns how many were replaced.
+pub fn faster_dynamic_quantize(model: &mut TypedModel) -> TractResult<usize> {
+    let ids: Vec<usize> = model
+        .nodes()
+        .iter()
+        .filter(|n| n.op.name() == "DynamicQuantizeLinearU8" && n.outputs.len() == 3)
+        .map(|n| n.id)
+        .collect();
+    for &id in &ids {
+        let node = model.node(id);
+        let patch =
+            TypedModelPatch::replace_single_op(model, node, &node.inputs, DynamicQuantizeU8)?;
+        patch.apply(model)?;
+    }
+    Ok(ids.len())
 }
 
 #[cfg(test)]
@@ -427,6 +537,56 @@ mod tests {
     use super::*;
     use tract_onnx::tract_core::ops::cast::cast;
     use tract_onnx::tract_core::ops::nn::{Reduce, Reducer};
+
+    /// The three examples of the ONNX operator documentation for DynamicQuantizeLinear and an
+    /// all-zero input, with ONNX Runtime 1.22's outputs (scale 1 for an empty range).
+    #[test]
+    fn dynamic_quantize_matches_the_onnx_spec() {
+        let cases: [(&[f32], f32, u8, &[u8]); 4] = [
+            (
+                &[0., 2., -3., -2.5, 1.34, 0.5],
+                0.019_607_844,
+                153,
+                &[153, 255, 0, 26, 221, 179],
+            ),
+            (
+                &[-1., -2.1, -1.3, -2.5, -3.34, -4.],
+                0.015_686_275,
+                255,
+                &[191, 121, 172, 96, 42, 0],
+            ),
+            (
+                &[1., 2.1, 1.3, 2.5, 3.34, 4., 1.5, 2.6, 3.9, 4., 3., 2.345],
+                0.015_686_275,
+                0,
+                &[64, 134, 83, 159, 213, 255, 96, 166, 249, 255, 191, 149],
+            ),
+            (&[0., 0., 0.], 1.0, 0, &[0, 0, 0]),
+        ];
+        for (xs, scale, zero, ys) in cases {
+            let out = DynamicQuantizeU8
+                .eval(
+                    &EvalContext::out_of_plan(),
+                    tvec!(tensor1(xs).into_tvalue()),
+                )
+                .unwrap();
+            let s = out[1].cast_to_scalar::<f32>().unwrap();
+            assert!((s - scale).abs() < 1e-8, "{xs:?}: scale {s}");
+            assert_eq!(out[2].cast_to_scalar::<u8>().unwrap(), zero, "{xs:?}");
+            let y: Vec<u8> = out[0]
+                .to_plain_array_view::<u8>()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect();
+            assert_eq!(y, ys, "{xs:?}");
+        }
+        // Halves round to even, as ONNX asks.
+        let (scale, zero) = (1.0, 0);
+        let mut ys = [0u8; 4];
+        DynamicQuantizeU8::quantize(&[2.5, 3.5, 0.5, 254.5], scale, zero, &mut ys);
+        assert_eq!(ys, [2, 4, 0, 254]);
+    }
 
     fn run(model: &TypedModel) -> TVec<TValue> {
         model.clone().into_runnable().unwrap().run(tvec!()).unwrap()

@@ -195,13 +195,14 @@ fn handle_signals(
 /// The end-of-run line shared with `inspect --board sim`.
 pub fn summary(r: &Report) -> String {
     format!(
-        "event=summary triggers={} judged={} ok={} ng={} error={} dropped={} capture_retries={} model_switches={} latency_p50_ms={:.2} latency_p99_ms={:.2}",
+        "event=summary triggers={} judged={} ok={} ng={} error={} dropped={} pulse_waits={} capture_retries={} model_switches={} latency_p50_ms={:.2} latency_p99_ms={:.2}",
         r.triggers,
         r.processed,
         r.ok,
         r.ng,
         r.errors,
         r.dropped,
+        r.pulse_waits,
         r.capture_retries,
         r.model_switches,
         r.latency_ms(50.0),
