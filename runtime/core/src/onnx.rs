@@ -499,6 +499,14 @@ fn build_typed(
 
     let mut typed = typed.into_optimized().map_err(|e| ("optimizing", e))?;
     stages.mark("optimize");
+    let broadcasts = crate::patches::faster_broadcast_binaries(&mut typed)
+        .map_err(|e| ("replacing broadcast binaries", e))?;
+    if broadcasts > 0 {
+        notes.push(format!(
+            "broadcast: {broadcasts} Add/Mul with a block-repeated operand run block by block \
+             (tract {TRACT_VERSION} leaves them on its generic broadcast)"
+        ));
+    }
     let folds =
         crate::patches::fold_shared_constants(&mut typed).map_err(|e| ("folding constants", e))?;
     if folds > 0 {
