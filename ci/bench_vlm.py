@@ -18,7 +18,8 @@
    generated token (load, image, prefill, one token; for ORT including the interpreter and
    the onnxruntime import, as a deployment would pay them).
 
-Both sides run one thread and one warm-up generation before the measured one. edgevlm's TTFT
+Both sides run --threads intra-op threads (default 1) and one warm-up generation before the
+measured one. edgevlm's TTFT
 also counts its image preprocessing and tokenization (a few ms); ORT's is vision + prefill.
 """
 
@@ -90,7 +91,7 @@ def main() -> int:
             "--threads", str(args.threads)]))
         s = ours["stats"]
         ort_cmd = [sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--ort", str(snap), "--variant", v,
-                   "--prompt-tokens", str(s["prompt_tokens"]), "--json"]
+                   "--prompt-tokens", str(s["prompt_tokens"]), "--json", "--threads", str(args.threads)]
         ort = json.loads(run(ort_cmd + ["--new-tokens", str(args.new_tokens)]))
         s["cold_ms"] = wall_ms([
             str(EDGEVLM), "generate", "--model", str(pkg), "--image", str(IMAGE), "--prompt", QUESTION,

@@ -88,7 +88,8 @@ def _file(snap: Path, part: str, variant: str) -> Path:
     return snap / "onnx" / (f"{part}.onnx" if variant == "fp32" else f"{part}_{variant}.onnx")
 
 
-def measure(snap: Path, variant: str, prompt_tokens: int, new_tokens: int, warmup: bool = True) -> dict:
+def measure(snap: Path, variant: str, prompt_tokens: int, new_tokens: int, warmup: bool = True,
+            threads: int = 1) -> dict:
     """One tile through the vision encoder, prefill, then greedy decode steps (one thread)."""
     import resource
 
@@ -104,7 +105,7 @@ def measure(snap: Path, variant: str, prompt_tokens: int, new_tokens: int, warmu
         raise SystemExit(f"--prompt-tokens must be >= {image_seq_len + 4} (one tile is {image_seq_len} tokens)")
 
     t0 = time.perf_counter()
-    sess = {p: vm.ort_session(_file(snap, p, variant)) for p in PARTS}
+    sess = {p: vm.ort_session(_file(snap, p, variant), threads) for p in PARTS}
     load_ms = (time.perf_counter() - t0) * 1e3
 
     # <fake><global-img><image>*N<fake> + text tokens, like a single-tile prompt.
@@ -176,7 +177,7 @@ def measure(snap: Path, variant: str, prompt_tokens: int, new_tokens: int, warmu
         "prompt_tokens": prompt_tokens,
         "image_tokens": image_seq_len,
         "new_tokens": new_tokens,
-        "threads": 1,
+        "threads": threads,
         "onnxruntime": onnxruntime.__version__,
         "ttft_definition": "vision encoder (1 tile, after one warm-up) + embed/merge/prefill of prompt_tokens",
     }
@@ -193,6 +194,7 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=80)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true", help="print JSON only")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (default 1)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="with --_measure: no warm-up runs (for cold-start timing from outside)")
     ap.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
@@ -209,7 +211,8 @@ def main() -> int:
 
     snap = Path(args.ort)
     if args._measure:
-        print(json.dumps(measure(snap, args.variant, args.prompt_tokens, args.new_tokens, not args.no_warmup)))
+        print(json.dumps(measure(snap, args.variant, args.prompt_tokens, args.new_tokens, not args.no_warmup,
+                                 args.threads)))
         return 0
     results = []
     for variant in args.variant.split(","):
@@ -217,7 +220,8 @@ def main() -> int:
             ap.error(f"{snap} has no {variant} graphs")
         # A fresh interpreter per variant: ru_maxrss is a high-water mark.
         cmd = [sys.executable, str(Path(__file__).resolve()), "--ort", str(snap), "--variant", variant,
-               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--_measure"]
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--_measure",
+               "--threads", str(args.threads)]
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(res)
