@@ -289,18 +289,8 @@ pub fn expand_block_quant_for_many_rows(
                 .as_ref()
                 .is_some_and(|k| k.storage_as::<BlockQuantStorage>().is_some());
             let k = weight.shape.last().and_then(|d| d.to_usize().ok());
-            // Symbolic axes count as 1: a vision encoder's batch stays symbolic (its
-            // flattening reshape makes a fresh symbol) while its patch axis is known.
-            let volume = Some(
-                act.shape
-                    .iter()
-                    .filter_map(|d| d.to_usize().ok())
-                    .product::<usize>(),
-            );
-            if let (true, Some(k), Some(volume)) = (is_block_quant, k, volume) {
-                if k > 0 && volume / k >= min_rows {
-                    targets.push((node.id, slot, node.inputs[slot]));
-                }
+            if is_block_quant && k.is_some_and(|k| known_rows(act, k) >= min_rows) {
+                targets.push((node.id, slot, node.inputs[slot]));
             }
         }
     }
@@ -326,8 +316,9 @@ fn is_uniform(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<b
     })
 }
 
-/// Rows of the activation of a product with a constant weight whose last axis is `k`: the
-/// product of the activation's known axes over `k` (symbolic axes count as 1).
+/// Rows of the activation of a product whose contraction has `k` elements: the product of
+/// the activation's known axes over `k`. Symbolic axes count as 1: a vision encoder's batch
+/// stays symbolic (its flattening reshape makes a fresh symbol) while its patch axis is known.
 fn known_rows(act: &TypedFact, k: usize) -> usize {
     let volume: usize = act.shape.iter().filter_map(|d| d.to_usize().ok()).product();
     volume / k.max(1)
@@ -374,9 +365,9 @@ pub fn int8_products_on_f32_kernels(model: &mut TypedModel, min_rows: usize) -> 
             || known_rows(act, k) < min_rows
             || !is_uniform(model, node.inputs[2], 0.0)?
             || !is_uniform(model, node.inputs[7], 0.0)?
-            || ![4, 6, 8].iter().try_fold(true, |ok, &i| {
-                Ok::<_, TractError>(ok && is_uniform(model, node.inputs[i], 1.0)?)
-            })?
+            || !is_uniform(model, node.inputs[4], 1.0)?
+            || !is_uniform(model, node.inputs[6], 1.0)?
+            || !is_uniform(model, node.inputs[8], 1.0)?
         {
             continue;
         }
