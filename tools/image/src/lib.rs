@@ -1,7 +1,8 @@
 //! Flashable Raspberry Pi images for edgevlm, built without loop mounts.
 //!
 //! [`build`] takes an arm64 Debian bookworm root filesystem (a tarball made once by `mmdebstrap`
-//! with qemu-user-static and cached, see [`base_rootfs`]), adds the edgevlm binary, the agent's
+//! with qemu-user-static and cached, see [`base_rootfs`]; a Raspberry Pi 5's has the kernel from
+//! trixie-backports, see [`PI5_KERNEL_SUITE`]), adds the edgevlm binary, the agent's
 //! systemd unit and config, a preinstalled and active model package, a login user with the
 //! given ssh keys, the hostname, optional Wi-Fi, networking by DHCP, and a first-boot unit
 //! (fresh ssh host keys and machine id, root partition grown to the card). The boot partition
@@ -86,6 +87,27 @@ impl Board {
     }
 }
 
+/// The suite a Raspberry Pi 5 image takes its kernel from. Bookworm's 6.1 has no BCM2712
+/// device tree; the 6.12 kernels of bookworm-backports and trixie have one, but build neither
+/// the SD card controller's driver (`MMC_SDHCI_BRCMSTB`) nor RP1's (the south bridge behind
+/// the GPIO header, Ethernet and USB), so the root filesystem would not even be found.
+/// trixie-backports' 7.x kernels have both, and a device tree with RP1's GPIO, Ethernet and
+/// USB nodes. Only the kernel packages come from it (apt pinning, [`PI5_KERNEL_PIN`]).
+pub const PI5_KERNEL_SUITE: &str = "trixie-backports";
+
+/// apt preferences of a Raspberry Pi 5 rootfs: the kernel and linux-base from
+/// [`PI5_KERNEL_SUITE`], everything else from bookworm.
+pub const PI5_KERNEL_PIN: &str = include_str!("rpi5/kernel.pref");
+
+/// Runs the kernel's hook directories through bookworm's one-directory run-parts (installed
+/// over linux-base's `linux-run-hooks`, which is diverted).
+const PI5_RUN_HOOKS: &str = include_str!("rpi5/linux-run-hooks");
+
+/// Kernel and initramfs hook that keeps the boot partition's kernel, initrd and device trees
+/// current on the board, in place of raspi-firmware's (diverted), which rewrites config.txt
+/// for a Pi 4.
+const PI5_BOOT_HOOK: &str = include_str!("rpi5/update-boot-firmware");
+
 /// Wi-Fi credentials written to the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wifi {
@@ -141,6 +163,8 @@ pub struct Report {
     pub kernel: String,
     /// The preinstalled model, `name version`.
     pub model: Option<String>,
+    /// What will not work on the board with this kernel (also logged as `warning: ...`).
+    pub warnings: Vec<String>,
 }
 
 /// Why an image could not be built.
@@ -274,22 +298,56 @@ pub fn check_tools() -> Result<()> {
     Ok(())
 }
 
-/// The cached base rootfs tarball in `cache`, made by `mmdebstrap` (arm64, bookworm, minbase
-/// plus [`BASE_PACKAGES`], from `mirror`) when it is not there yet. The name carries a digest
-/// of the package list, so changing the list makes a new tarball. The first run downloads
-/// about 250 MB and configures the packages under qemu-user-static (mkinitramfs is the slow
-/// step).
-pub fn base_rootfs(cache: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
-    let key = fnv1a(BASE_PACKAGES.join(",").as_bytes());
-    let tar = cache.join(format!("rootfs-bookworm-arm64-{key:016x}.tar"));
+/// The cached base rootfs tarball for `board` in `cache`, made by `mmdebstrap` (arm64,
+/// bookworm, minbase plus [`BASE_PACKAGES`], from `mirror`) when it is not there yet. The name
+/// carries a digest of what goes in, so changing the list makes a new tarball. The first run
+/// downloads about 250 MB and configures the packages under qemu-user-static (mkinitramfs is
+/// the slow step).
+///
+/// A Raspberry Pi 5's rootfs also has [`PI5_KERNEL_SUITE`] as an apt source, pinned to the
+/// kernel packages, and two changes that make that kernel install and update on bookworm:
+/// linux-base's `linux-run-hooks` diverted to a version for bookworm's run-parts, and
+/// raspi-firmware's kernel hooks diverted to one that leaves the Pi 5's config.txt alone.
+pub fn base_rootfs(
+    board: Board,
+    cache: &Path,
+    mirror: &str,
+    log: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let base = BASE_PACKAGES.join(",");
+    let (name, packages) = match board {
+        Board::Rpi4 => (
+            format!("rootfs-bookworm-arm64-{:016x}", fnv1a(base.as_bytes())),
+            base,
+        ),
+        Board::Rpi5 => {
+            // The 7.x kernel asks for `dracut | initramfs-tools`, and apt would take dracut,
+            // which runs no /etc/initramfs/post-update.d hooks: initramfs-tools, as on a Pi 4.
+            let packages = format!("{base},initramfs-tools");
+            let inputs = [
+                packages.as_str(),
+                PI5_KERNEL_SUITE,
+                PI5_KERNEL_PIN,
+                PI5_RUN_HOOKS,
+                PI5_BOOT_HOOK,
+            ];
+            let name = format!(
+                "rootfs-bookworm-arm64-rpi5-{:016x}",
+                fnv1a(inputs.join("\0").as_bytes())
+            );
+            (name, packages)
+        }
+    };
+    let tar = cache.join(format!("{name}.tar"));
     if tar.is_file() {
         log(&format!("base rootfs: cached {}", tar.display()));
         return Ok(tar);
     }
     fs::create_dir_all(cache).map_err(io_err("creating", cache))?;
     // mmdebstrap picks its output format from the name: it must end in .tar.
-    let tmp = cache.join(format!("rootfs-bookworm-arm64-{key:016x}.partial.tar"));
-    for stale in [&tar, &tmp] {
+    let tmp = cache.join(format!("{name}.partial.tar"));
+    let hooks = cache.join(format!("{name}.hooks"));
+    for stale in [&tar, &tmp, &hooks] {
         // A partial file from an interrupted run, or anything else in the way.
         if fs::symlink_metadata(stale).is_ok_and(|m| m.is_dir()) {
             fs::remove_dir_all(stale).map_err(io_err("removing", stale))?;
@@ -298,7 +356,11 @@ pub fn base_rootfs(cache: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Res
         }
     }
     log(&format!(
-        "base rootfs: mmdebstrap arm64 bookworm into {} (several minutes)",
+        "base rootfs: mmdebstrap arm64 bookworm{} into {} (several minutes)",
+        match board {
+            Board::Rpi4 => String::new(),
+            Board::Rpi5 => format!(", kernel from {PI5_KERNEL_SUITE}"),
+        },
         tar.display()
     ));
     let mut cmd = Command::new("mmdebstrap");
@@ -307,17 +369,76 @@ pub fn base_rootfs(cache: &Path, mirror: &str, log: &mut dyn FnMut(&str)) -> Res
         "--variant=minbase",
         "--components=main,contrib,non-free-firmware",
     ])
-    .arg(format!("--include={}", BASE_PACKAGES.join(",")))
-    .arg("bookworm")
-    .arg(&tmp)
-    .arg(mirror);
-    run(
+    .arg(format!("--include={packages}"));
+    if board == Board::Rpi5 {
+        cmd.args(pi5_hooks(&hooks)?);
+    }
+    cmd.arg("bookworm").arg(&tmp).arg(mirror);
+    if board == Board::Rpi5 {
+        cmd.arg(format!("deb {mirror} {PI5_KERNEL_SUITE} main"));
+    }
+    let made = run(
         cmd,
         "mmdebstrap (needs mmdebstrap, qemu-user-static, binfmt-support)",
         None,
-    )?;
+    );
+    if hooks.exists() {
+        fs::remove_dir_all(&hooks).map_err(io_err("removing", &hooks))?;
+    }
+    made?;
     fs::rename(&tmp, &tar).map_err(io_err("renaming", &tmp))?;
     Ok(tar)
+}
+
+/// mmdebstrap hook options for a Raspberry Pi 5 rootfs, with their files written to `dir`.
+/// The pin is in place before apt resolves anything; the diversions and scripts before the
+/// kernel, linux-base and raspi-firmware are unpacked (after the essential packages, which
+/// bring dpkg-divert).
+fn pi5_hooks(dir: &Path) -> Result<Vec<String>> {
+    let pin = dir.join("kernel.pref");
+    let run_hooks = dir.join("linux-run-hooks");
+    let boot_hook = dir.join("update-boot-firmware");
+    write(&pin, PI5_KERNEL_PIN, 0o644)?;
+    write(&run_hooks, PI5_RUN_HOOKS, 0o755)?;
+    write(&boot_hook, PI5_BOOT_HOOK, 0o755)?;
+    let divert = |path: &str| {
+        format!(
+            "--essential-hook=chroot \"$1\" dpkg-divert --quiet --local --rename \
+             --divert {path}.distrib --add {path}"
+        )
+    };
+    let mut hooks = vec![
+        format!(
+            "--setup-hook=install -D -m 644 {} \"$1/etc/apt/preferences.d/edgevlm-kernel.pref\"",
+            sh_quote(&pin)
+        ),
+        divert("/usr/bin/linux-run-hooks"),
+        format!(
+            "--essential-hook=install -D -m 755 {} \"$1/usr/bin/linux-run-hooks\"",
+            sh_quote(&run_hooks)
+        ),
+        format!(
+            "--essential-hook=install -D -m 755 {} \"$1/usr/lib/edgevlm/update-boot-firmware\"",
+            sh_quote(&boot_hook)
+        ),
+    ];
+    for hook_dir in [
+        "/etc/kernel/postinst.d",
+        "/etc/kernel/postrm.d",
+        "/etc/initramfs/post-update.d",
+    ] {
+        hooks.push(divert(&format!("{hook_dir}/z50-raspi-firmware")));
+        hooks.push(format!(
+            "--essential-hook=mkdir -p \"$1{hook_dir}\" && \
+             ln -sf /usr/lib/edgevlm/update-boot-firmware \"$1{hook_dir}/z50-edgevlm-boot\""
+        ));
+    }
+    Ok(hooks)
+}
+
+/// `path` as one word for sh.
+fn sh_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -352,6 +473,13 @@ pub fn build(spec: &ImageSpec, log: &mut dyn FnMut(&str)) -> Result<Report> {
 
     let kernel = find_kernel(&root)?;
     log(&format!("kernel {kernel}"));
+    let warnings = match spec.board {
+        Board::Rpi4 => Vec::new(),
+        Board::Rpi5 => pi5_support(&root, &kernel, spec.serial_agent.as_ref())?,
+    };
+    for warning in &warnings {
+        log(&format!("warning: {warning}"));
+    }
     let model = configure_root(spec, &root, log)?;
 
     log("boot partition (FAT32)");
@@ -380,6 +508,7 @@ pub fn build(spec: &ImageSpec, log: &mut dyn FnMut(&str)) -> Result<Report> {
         root_bytes,
         kernel,
         model,
+        warnings,
     })
 }
 
@@ -467,6 +596,146 @@ fn validate(spec: &ImageSpec) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A part of the Raspberry Pi 5 and what the kernel needs to drive it: driver modules
+/// (built in or as files) and a device tree node, found by one of `nodes` (a compatible
+/// string or a node name) in the board's tree.
+struct Pi5Part {
+    what: &'static str,
+    modules: &'static [&'static str],
+    nodes: &'static [&'static str],
+}
+
+/// The SD card, without which nothing boots.
+const PI5_SD: Pi5Part = Pi5Part {
+    what: "the SD card",
+    modules: &["sdhci-brcmstb"],
+    nodes: &["brcm,bcm2712-sdhci"],
+};
+
+/// The parts behind RP1 (the south bridge on PCIe) and the fan: an image boots without them.
+const PI5_PARTS: &[Pi5Part] = &[
+    Pi5Part {
+        what: "the 40-pin GPIO header (trigger and result pins)",
+        modules: &["rp1_pci", "clk-rp1", "pinctrl-rp1"],
+        nodes: &["raspberrypi,rp1-gpio"],
+    },
+    Pi5Part {
+        what: "Ethernet",
+        modules: &["rp1_pci", "clk-rp1", "macb"],
+        nodes: &["raspberrypi,rp1-gem"],
+    },
+    Pi5Part {
+        what: "the USB ports (USB cameras)",
+        modules: &["rp1_pci", "clk-rp1", "dwc3"],
+        nodes: &["snps,dwc3"],
+    },
+    Pi5Part {
+        what: "the 40-pin header's UART (ttyAMA0)",
+        modules: &["rp1_pci"],
+        nodes: &["serial@40030000", "arm,pl011-axi"],
+    },
+    Pi5Part {
+        what: "the fan connector (the active cooler stays off)",
+        modules: &["pwm-fan"],
+        nodes: &["pwm-fan"],
+    },
+];
+
+/// Checks the rootfs kernel against the Raspberry Pi 5's parts: an error when it cannot boot
+/// from the SD card, and one warning per part it will not drive.
+fn pi5_support(
+    root: &Path,
+    kernel: &str,
+    serial_agent: Option<&SerialAgent>,
+) -> Result<Vec<String>> {
+    let dtb_path = root.join(format!(
+        "usr/lib/linux-image-{kernel}/broadcom/{}",
+        Board::Rpi5.dtb()
+    ));
+    let dtb = fs::read(&dtb_path).map_err(|_| {
+        bad(
+            "base rootfs",
+            format!(
+                "the kernel {kernel} has no device tree {} (a Raspberry Pi 5 needs the kernel \
+                 from {PI5_KERNEL_SUITE}: leave out --base to build that rootfs)",
+                Board::Rpi5.dtb()
+            ),
+        )
+    })?;
+    let modules = kernel_modules(root, kernel);
+    let missing = |part: &Pi5Part| -> Option<String> {
+        let mut why: Vec<String> = part
+            .modules
+            .iter()
+            .filter(|m| !modules.contains(&m.replace('-', "_")))
+            .map(|m| format!("no {m} driver"))
+            .collect();
+        if !part.nodes.iter().any(|n| contains(&dtb, n.as_bytes())) {
+            why.push(format!(
+                "no {} node in {}",
+                part.nodes[0],
+                Board::Rpi5.dtb()
+            ));
+        }
+        (!why.is_empty()).then(|| {
+            format!(
+                "{} will not work on a Raspberry Pi 5 with Linux {kernel}: {}",
+                part.what,
+                why.join(", ")
+            )
+        })
+    };
+    if let Some(why) = missing(&PI5_SD) {
+        return Err(bad(
+            "base rootfs",
+            format!("{why} (the board would not find its root filesystem)"),
+        ));
+    }
+    let mut warnings: Vec<String> = PI5_PARTS.iter().filter_map(missing).collect();
+    if let Some(serial) = serial_agent {
+        if serial.device == "ttyAMA0" && missing(&PI5_PARTS[3]).is_some() {
+            warnings.push(
+                "--serial-agent ttyAMA0: the agent will not start on a Raspberry Pi 5 with \
+                 this kernel; ttyAMA10 is the 3-pin debug UART connector"
+                    .to_owned(),
+            );
+        }
+    }
+    Ok(warnings)
+}
+
+/// Names of the kernel's modules, built in or as files (`-` written `_`, as modprobe does).
+fn kernel_modules(root: &Path, kernel: &str) -> std::collections::BTreeSet<String> {
+    fn walk(dir: &Path, names: &mut std::collections::BTreeSet<String>) {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, names);
+            } else if let Some(name) = module_name(&entry.file_name().to_string_lossy()) {
+                names.insert(name);
+            }
+        }
+    }
+    fn module_name(file: &str) -> Option<String> {
+        let (stem, _) = file.split_once(".ko")?;
+        Some(stem.replace('-', "_"))
+    }
+    let dir = root.join(format!("usr/lib/modules/{kernel}"));
+    let mut names = std::collections::BTreeSet::new();
+    walk(&dir.join("kernel"), &mut names);
+    let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
+    names.extend(
+        builtin
+            .lines()
+            .filter_map(|l| module_name(l.rsplit('/').next().unwrap_or(l))),
+    );
+    names
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The newest `boot/vmlinuz-VERSION` with its `boot/initrd.img-VERSION`.
@@ -802,7 +1071,8 @@ fn agent_config(board: Board, package: &str) -> String {
         + "\n"
 }
 
-/// Boot partition contents: Pi firmware, kernel, initrd, device trees, config.txt, cmdline.txt.
+/// Boot partition contents: Pi firmware (a Pi 4's; a Pi 5 has its own in EEPROM), kernel,
+/// initrd, device trees, config.txt, cmdline.txt.
 fn stage_boot(
     board: Board,
     serial_agent: Option<&SerialAgent>,
@@ -811,24 +1081,26 @@ fn stage_boot(
     boot: &Path,
 ) -> Result<()> {
     fs::create_dir_all(boot).map_err(io_err("creating", boot))?;
-    let firmware = root.join("usr/lib/raspi-firmware");
-    let mut copied = 0;
-    for entry in fs::read_dir(&firmware).map_err(io_err(
-        "listing the Pi firmware (raspi-firmware) in",
-        &firmware,
-    ))? {
-        let entry = entry.map_err(io_err("listing", &firmware))?;
-        if entry.path().is_file() {
-            fs::copy(entry.path(), boot.join(entry.file_name()))
-                .map_err(io_err("copying", &entry.path()))?;
-            copied += 1;
+    if board == Board::Rpi4 {
+        let firmware = root.join("usr/lib/raspi-firmware");
+        let mut copied = 0;
+        for entry in fs::read_dir(&firmware).map_err(io_err(
+            "listing the Pi firmware (raspi-firmware) in",
+            &firmware,
+        ))? {
+            let entry = entry.map_err(io_err("listing", &firmware))?;
+            if entry.path().is_file() {
+                fs::copy(entry.path(), boot.join(entry.file_name()))
+                    .map_err(io_err("copying", &entry.path()))?;
+                copied += 1;
+            }
         }
-    }
-    if copied == 0 {
-        return Err(bad(
-            "base rootfs",
-            "usr/lib/raspi-firmware holds no firmware",
-        ));
+        if copied == 0 {
+            return Err(bad(
+                "base rootfs",
+                "usr/lib/raspi-firmware holds no firmware",
+            ));
+        }
     }
     for (from, to) in [
         (format!("boot/vmlinuz-{kernel}"), "vmlinuz"),
@@ -839,6 +1111,10 @@ fn stage_boot(
     }
     let dtbs = root.join(format!("usr/lib/linux-image-{kernel}/broadcom"));
     let wanted = board.dtb();
+    let family = match board {
+        Board::Rpi4 => "bcm27",
+        Board::Rpi5 => "bcm2712",
+    };
     let mut found = false;
     for entry in fs::read_dir(&dtbs)
         .map_err(io_err("listing device trees in", &dtbs))?
@@ -846,7 +1122,7 @@ fn stage_boot(
     {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("bcm27") && name.ends_with(".dtb") {
+        if name.starts_with(family) && name.ends_with(".dtb") {
             found |= name == wanted;
             fs::copy(entry.path(), boot.join(&*name)).map_err(io_err("copying", &entry.path()))?;
         }
@@ -860,17 +1136,34 @@ fn stage_boot(
             ),
         ));
     }
-    write(
-        &boot.join("config.txt"),
-        "# edgevlm image: Debian's arm64 kernel with the upstream device trees\n\
-         arm_64bit=1\nupstream_kernel=1\nenable_uart=1\n\
-         kernel=vmlinuz\ninitramfs initrd.img followkernel\n",
-        0o644,
-    )?;
-    // The kernel console stays off the UART when the protocol agent has it.
-    let uart_console = match serial_agent {
-        Some(s) if matches!(s.device.as_str(), "ttyAMA0" | "ttyS0" | "serial0") => "",
-        _ => "console=serial0,115200 ",
+    match board {
+        Board::Rpi4 => write(
+            &boot.join("config.txt"),
+            "# edgevlm image: Debian's arm64 kernel with the upstream device trees\n\
+             arm_64bit=1\nupstream_kernel=1\nenable_uart=1\n\
+             kernel=vmlinuz\ninitramfs initrd.img followkernel\n",
+            0o644,
+        )?,
+        Board::Rpi5 => {
+            // Boards with the D0 stepping of BCM2712 (2 GB, 16 GB, later 4 and 8 GB) need
+            // its own tree; the firmware looks for it under Raspberry Pi OS's name.
+            let d0 = dtbs.join("bcm2712-d-rpi-5-b.dtb");
+            if d0.is_file() {
+                fs::copy(&d0, boot.join("bcm2712d0-rpi-5-b.dtb"))
+                    .map_err(io_err("copying", &d0))?;
+            }
+            write(&boot.join("config.txt"), PI5_CONFIG_TXT, 0o644)?;
+        }
+    }
+    // The kernel console stays off the UART when the protocol agent has it. A Pi 5's
+    // console UART is the 3-pin debug connector (ttyAMA10, serial10 in its device tree).
+    let uart_console = match (board, serial_agent) {
+        (Board::Rpi4, Some(s)) if matches!(s.device.as_str(), "ttyAMA0" | "ttyS0" | "serial0") => {
+            ""
+        }
+        (Board::Rpi4, _) => "console=serial0,115200 ",
+        (Board::Rpi5, Some(s)) if s.device == "ttyAMA10" => "",
+        (Board::Rpi5, _) => "console=ttyAMA10,115200 ",
     };
     write(
         &boot.join("cmdline.txt"),
@@ -881,6 +1174,21 @@ fn stage_boot(
         0o644,
     )
 }
+
+/// A Raspberry Pi 5's config.txt. The bootloader in the board's EEPROM reads it (a Pi 5 needs
+/// no start*.elf) and picks the device tree by the board: bcm2712-rpi-5-b.dtb, or
+/// bcm2712d0-rpi-5-b.dtb on D0-stepping boards. The image's kernel hook
+/// (`/usr/lib/edgevlm/update-boot-firmware`) keeps the file names current and leaves this
+/// file alone.
+const PI5_CONFIG_TXT: &str = "\
+# edgevlm image for a Raspberry Pi 5: Debian's arm64 kernel (from trixie-backports) with the
+# upstream device trees. Kernel upgrades replace vmlinuz, initrd.img and the .dtb files only.
+arm_64bit=1
+upstream_kernel=1
+enable_uart=1
+kernel=vmlinuz
+initramfs initrd.img followkernel
+";
 
 fn make_vfat(dir: &Path, img: &Path) -> Result<()> {
     let mut mkfs = Command::new("mkfs.vfat");

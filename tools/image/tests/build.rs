@@ -56,24 +56,7 @@ fn write(path: &Path, bytes: &[u8]) {
 /// A tarball with what the builder needs from the real rootfs.
 fn base_tar(dir: &Path, with_kernel: bool) -> PathBuf {
     let root = dir.join("base");
-    write(
-        &root.join("etc/passwd"),
-        b"root:x:0:0:root:/root:/bin/bash\n",
-    );
-    write(&root.join("etc/shadow"), b"root:*:19700:0:99999:7:::\n");
-    write(
-        &root.join("etc/group"),
-        b"root:x:0:\nsudo:x:27:\nvideo:x:44:\n",
-    );
-    write(
-        &root.join("etc/ssh/ssh_host_ed25519_key"),
-        b"a host key every board must not share\n",
-    );
-    write(&root.join("etc/ssh/sshd_config"), b"# sshd\n");
-    write(
-        &root.join("etc/machine-id"),
-        b"0123456789abcdef0123456789abcdef\n",
-    );
+    common_root(&root);
     write(
         &root.join("usr/lib/raspi-firmware/start4.elf"),
         &[0x5a; 4096],
@@ -104,17 +87,119 @@ fn base_tar(dir: &Path, with_kernel: bool) -> PathBuf {
     } else {
         "nokernel.tar"
     });
+    pack(&root, &tar)
+}
+
+/// What every stand-in rootfs has: the files of /etc the builder edits, ssh host keys and a
+/// machine id it must remove.
+fn common_root(root: &Path) {
+    write(
+        &root.join("etc/passwd"),
+        b"root:x:0:0:root:/root:/bin/bash\n",
+    );
+    write(&root.join("etc/shadow"), b"root:*:19700:0:99999:7:::\n");
+    write(
+        &root.join("etc/group"),
+        b"root:x:0:\nsudo:x:27:\nvideo:x:44:\n",
+    );
+    write(
+        &root.join("etc/ssh/ssh_host_ed25519_key"),
+        b"a host key every board must not share\n",
+    );
+    write(&root.join("etc/ssh/sshd_config"), b"# sshd\n");
+    write(
+        &root.join("etc/machine-id"),
+        b"0123456789abcdef0123456789abcdef\n",
+    );
+}
+
+/// `root` as a tarball at `tar` (the directory is removed).
+fn pack(root: &Path, tar: &Path) -> PathBuf {
     let ok = Command::new("tar")
         .arg("-cf")
-        .arg(&tar)
+        .arg(tar)
         .args(["--numeric-owner", "-C"])
-        .arg(&root)
+        .arg(root)
         .arg(".")
         .status()
         .unwrap();
     assert!(ok.success());
-    std::fs::remove_dir_all(&root).unwrap();
-    tar
+    std::fs::remove_dir_all(root).unwrap();
+    tar.to_owned()
+}
+
+/// A Raspberry Pi 5 kernel's version, laid out as trixie-backports' 7.x packages lay it out
+/// (dtbs under /usr/lib/modules/V/dtb, /usr/lib/linux-image-V a link to them).
+const PI5_KERNEL: &str = "7.3.4+deb13-arm64";
+/// Every module the builder looks for on a Pi 5.
+const PI5_MODULES: &[&str] = &[
+    "mmc/host/sdhci-brcmstb",
+    "misc/rp1/rp1_pci",
+    "clk/clk-rp1",
+    "pinctrl/pinctrl-rp1",
+    "net/ethernet/cadence/macb",
+    "usb/dwc3/dwc3",
+    "hwmon/pwm-fan",
+];
+/// Every device tree node the builder looks for on a Pi 5 (compatible strings, a node name).
+const PI5_NODES: &[&str] = &[
+    "brcm,bcm2712-sdhci",
+    "raspberrypi,rp1-gpio",
+    "raspberrypi,rp1-gem",
+    "snps,dwc3",
+    "serial@40030000",
+    "pwm-fan",
+];
+
+/// A stand-in Pi 5 rootfs (no raspi-firmware blobs: a Pi 5 boots from its EEPROM) whose
+/// kernel has the given modules and whose device tree has the given nodes.
+fn pi5_base_tar(dir: &Path, name: &str, modules: &[&str], nodes: &[&str]) -> PathBuf {
+    let root = dir.join(name);
+    common_root(&root);
+    write(
+        &root.join(format!("boot/vmlinuz-{PI5_KERNEL}")),
+        &[0x35; 8192],
+    );
+    write(
+        &root.join(format!("boot/initrd.img-{PI5_KERNEL}")),
+        &[0x49; 4096],
+    );
+    let modules_dir = root.join(format!("usr/lib/modules/{PI5_KERNEL}"));
+    // One driver built in, the others as compressed module files.
+    let (builtin, files) = modules
+        .split_first()
+        .map_or((None, modules), |(b, f)| (Some(b), f));
+    write(
+        &modules_dir.join("modules.builtin"),
+        builtin
+            .map(|b| format!("kernel/drivers/{b}.ko\n"))
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    for m in files {
+        write(
+            &modules_dir.join(format!("kernel/drivers/{m}.ko.xz")),
+            b"xz",
+        );
+    }
+    let mut tree = b"\xd0\x0d\xfe\xed model Raspberry Pi 5\0".to_vec();
+    for n in nodes {
+        tree.extend_from_slice(n.as_bytes());
+        tree.push(0);
+    }
+    for (dtb, bytes) in [
+        ("bcm2712-rpi-5-b.dtb", tree.clone()),
+        ("bcm2712-d-rpi-5-b.dtb", [&tree[..], b"d0"].concat()),
+        ("bcm2711-rpi-4-b.dtb", b"pi4".to_vec()),
+    ] {
+        write(&modules_dir.join(format!("dtb/broadcom/{dtb}")), &bytes);
+    }
+    std::os::unix::fs::symlink(
+        format!("modules/{PI5_KERNEL}/dtb"),
+        root.join(format!("usr/lib/linux-image-{PI5_KERNEL}")),
+    )
+    .unwrap();
+    pack(&root, &dir.join(format!("{name}.tar")))
 }
 
 /// The first 64 bytes of an aarch64 ELF executable: all the builder checks.
@@ -384,4 +469,171 @@ fn bad_inputs_are_named_and_leave_nothing() {
     // The work directory beside --out is gone too.
     let left = std::fs::read_dir(tmp.path().join("out")).map_or(0, |d| d.count());
     assert_eq!(left, 0);
+}
+
+/// The boot partition of `image` as an mtools image spec.
+fn boot_of(image: &Path) -> String {
+    format!("{}@@{}", image.display(), 8192 * 512)
+}
+
+#[test]
+fn rpi5_image_boots_the_pi5_kernel_from_its_eeprom_bootloader() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = spec(tmp.path());
+    spec.board = Board::Rpi5;
+    spec.base = pi5_base_tar(tmp.path(), "pi5", PI5_MODULES, PI5_NODES);
+    spec.serial_agent = None;
+    spec.out = tmp.path().join("out/edgevlm-rpi5.img");
+    let mut lines = Vec::new();
+    let report = build(&spec, &mut |l| lines.push(l.to_owned())).unwrap();
+    assert_eq!(report.kernel, PI5_KERNEL);
+    // Every part is there: nothing to warn about.
+    assert_eq!(report.warnings, Vec::<String>::new(), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.starts_with("warning")), "{lines:?}");
+
+    let boot = boot_of(&report.image);
+    let listing = output(Command::new("mdir").args(["-b", "-i", &boot, "::/"]));
+    let mut names: Vec<&str> = listing
+        .lines()
+        .map(|l| l.trim_start_matches("::/").trim())
+        .collect();
+    names.sort();
+    // Kernel, initrd, the Pi 5 trees (the D0 stepping's also under Raspberry Pi OS's name),
+    // the two text files; no Pi 4 firmware or trees.
+    assert_eq!(
+        names,
+        [
+            "bcm2712-d-rpi-5-b.dtb",
+            "bcm2712-rpi-5-b.dtb",
+            "bcm2712d0-rpi-5-b.dtb",
+            "cmdline.txt",
+            "config.txt",
+            "initrd.img",
+            "vmlinuz"
+        ],
+        "{listing}"
+    );
+    let d0 = output(Command::new("mtype").args(["-i", &boot, "::/bcm2712d0-rpi-5-b.dtb"]));
+    assert!(
+        d0.ends_with("d0") && d0.contains("raspberrypi,rp1-gpio"),
+        "{d0}"
+    );
+    let config = output(Command::new("mtype").args(["-i", &boot, "::/config.txt"]));
+    let settings: Vec<&str> = config
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .collect();
+    assert_eq!(
+        settings,
+        [
+            "arm_64bit=1",
+            "upstream_kernel=1",
+            "enable_uart=1",
+            "kernel=vmlinuz",
+            "initramfs initrd.img followkernel"
+        ],
+        "{config}"
+    );
+    let cmdline = output(Command::new("mtype").args(["-i", &boot, "::/cmdline.txt"]));
+    assert!(
+        cmdline.starts_with("console=ttyAMA10,115200 console=tty1 root=LABEL=EDGEVLM_ROOT ")
+            && cmdline.contains("rootwait"),
+        "{cmdline}"
+    );
+    let kernel = output(Command::new("mtype").args(["-i", &boot, "::/vmlinuz"]));
+    assert_eq!(kernel.len(), 8192);
+
+    // The agent runs with the Pi 5's board profile.
+    let img = std::fs::read(&report.image).unwrap();
+    let root_img = tmp.path().join("root.ext4");
+    std::fs::write(&root_img, &img[((8192 + 256 * 2048) * 512) as usize..]).unwrap();
+    let agent = output(
+        Command::new("debugfs")
+            .args(["-R", "cat /etc/edgevlm/agent.toml"])
+            .arg(&root_img),
+    );
+    assert!(agent.contains("profile = \"rpi5\""), "{agent}");
+
+    // The protocol agent on the debug UART: the kernel console leaves it.
+    spec.serial_agent = Some(SerialAgent {
+        device: "ttyAMA10".to_owned(),
+        baud: 115_200,
+    });
+    std::fs::remove_file(&report.image).unwrap();
+    let report = build(&spec, &mut |_| {}).unwrap();
+    let cmdline =
+        output(Command::new("mtype").args(["-i", &boot_of(&report.image), "::/cmdline.txt"]));
+    assert!(
+        cmdline.starts_with("console=tty1 root=LABEL=EDGEVLM_ROOT "),
+        "{cmdline}"
+    );
+}
+
+#[test]
+fn rpi5_image_names_what_its_kernel_cannot_drive() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = spec(tmp.path());
+    spec.board = Board::Rpi5;
+    spec.out = tmp.path().join("out/edgevlm-rpi5.img");
+
+    // A kernel with the SD card and USB but no RP1 GPIO or Ethernet, and a tree without the
+    // header UART or the fan: the image is built, with one warning per part.
+    spec.base = pi5_base_tar(
+        tmp.path(),
+        "no-rp1-gpio",
+        &[
+            "mmc/host/sdhci-brcmstb",
+            "misc/rp1/rp1_pci",
+            "clk/clk-rp1",
+            "usb/dwc3/dwc3",
+        ],
+        &["brcm,bcm2712-sdhci", "snps,dwc3", "raspberrypi,rp1-gem"],
+    );
+    let mut lines = Vec::new();
+    let report = build(&spec, &mut |l| lines.push(l.to_owned())).unwrap();
+    let w = &report.warnings;
+    assert_eq!(w.len(), 5, "{w:#?}");
+    assert!(
+        w[0].starts_with("the 40-pin GPIO header")
+            && w[0].contains(&format!("Linux {PI5_KERNEL}"))
+            && w[0].contains("no pinctrl-rp1 driver")
+            && w[0].contains("no raspberrypi,rp1-gpio node"),
+        "{w:#?}"
+    );
+    assert!(
+        w[1].starts_with("Ethernet") && w[1].contains("no macb driver") && !w[1].contains("node"),
+        "{w:#?}"
+    );
+    assert!(
+        w[2].starts_with("the 40-pin header's UART (ttyAMA0)"),
+        "{w:#?}"
+    );
+    assert!(w[3].starts_with("the fan connector"), "{w:#?}");
+    // The spec's serial agent is on ttyAMA0, which this kernel does not make on a Pi 5.
+    assert!(w[4].starts_with("--serial-agent ttyAMA0"), "{w:#?}");
+    for warning in w {
+        assert!(lines.contains(&format!("warning: {warning}")), "{lines:?}");
+    }
+    assert!(spec.out.exists());
+    std::fs::remove_file(&spec.out).unwrap();
+
+    // Without the SD card's driver the board would not find its root: no image.
+    spec.base = pi5_base_tar(tmp.path(), "no-sd", &["misc/rp1/rp1_pci"], PI5_NODES);
+    let err = build(&spec, &mut |_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("the SD card will not work") && err.contains("no sdhci-brcmstb driver"),
+        "{err}"
+    );
+    assert!(!spec.out.exists());
+
+    // A rootfs like bookworm's (6.1, none of the Pi 5's drivers) is refused too.
+    spec.base = base_tar(tmp.path(), true);
+    let err = build(&spec, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("sdhci-brcmstb"), "{err}");
 }

@@ -28,10 +28,12 @@ enum Action {
 }
 
 /// Build a flashable image for a Raspberry Pi 4 or 5: Debian bookworm arm64 with Debian's
-/// kernel and Pi firmware, the edgevlm agent as a systemd service, an optional preinstalled
-/// model package, ssh login as user edgevlm with your key, optional Wi-Fi; the first boot makes
-/// fresh ssh host keys and grows the root partition to the card. Needs root. The base root
-/// filesystem is made once with mmdebstrap (arm64, under qemu-user-static) and cached.
+/// kernel (a Pi 5's from trixie-backports) and Pi firmware, the edgevlm agent as a systemd
+/// service, an optional preinstalled model package, ssh login as user edgevlm with your key,
+/// optional Wi-Fi; the first boot makes fresh ssh host keys and grows the root partition to
+/// the card. Needs root. The base root filesystem is made once per board with mmdebstrap
+/// (arm64, under qemu-user-static) and cached. Parts of the board the kernel will not drive
+/// are printed as warnings.
 #[derive(Debug, clap::Args)]
 #[command(after_help = FAILURES)]
 struct Build {
@@ -127,7 +129,7 @@ impl Cmd {
                     Some(dir) => dir,
                     None => edgevlm_host::inventory::data_dir()?.join("image-cache"),
                 };
-                edgevlm_image::base_rootfs(&cache, &b.mirror, &mut log)?
+                edgevlm_image::base_rootfs(b.board, &cache, &b.mirror, &mut log)?
             }
         };
         let spec = ImageSpec {
