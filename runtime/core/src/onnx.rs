@@ -27,6 +27,10 @@ pub struct LoadOptions {
     /// [`crate::patches::protect_block_quant_products`]). Only tests turn this off, to show
     /// the tract bug it works around is still there.
     pub fix_block_quant_reshape: bool,
+    /// Compile 4-bit products whose row count is only known at run time (a decoder's) a
+    /// second time for many rows (see [`crate::patches::switch_products_on_rows`]): faster
+    /// prefill, and those weights are held twice.
+    pub prefill_plans: bool,
 }
 
 impl Default for LoadOptions {
@@ -35,6 +39,7 @@ impl Default for LoadOptions {
             threads: 1,
             fix_qdq_softmax: true,
             fix_block_quant_reshape: true,
+            prefill_plans: true,
         }
     }
 }
@@ -257,14 +262,9 @@ impl OnnxModel {
                 .output_outlets()
                 .map_err(|e| Error::model(path, "reading outputs", e))?,
         )?;
-        let run_options = RunOptions {
-            executor: (options.threads > 1)
-                .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
-            ..Default::default()
-        };
         let planning = Instant::now();
         let plan = typed
-            .into_runnable_with_options(&run_options)
+            .into_runnable_with_options(&run_options(options))
             .map_err(|e| Error::model(path, "building the execution plan", e))?;
         load_stages.push(("plan", planning.elapsed().as_secs_f64() * 1e3));
         Ok(OnnxModel {
@@ -488,16 +488,63 @@ fn build_typed(
     // After decluttering: the weights' constants have reached the products by then.
     crate::patches::faster_dynamic_quantize(&mut typed)
         .map_err(|e| ("replacing DynamicQuantizeLinear", e))?;
-    let int8 = crate::patches::int8_products_on_f32_kernels(&mut typed, BLOCK_QUANT_MIN_ROWS)
-        .map_err(|e| ("moving int8 products to f32 kernels", e))?;
-    if int8 > 0 {
+
+    if options.prefill_plans {
+        let compile = |single: TypedModel| {
+            let (mut notes, mut stages) = (vec![], Stages::start());
+            optimize(single, &mut notes, &mut stages)
+                .map_err(|(_, e)| e)?
+                .into_runnable_with_options(&run_options(options))
+        };
+        let switched =
+            crate::patches::switch_products_on_rows(&mut typed, BLOCK_QUANT_MIN_ROWS, &compile)
+                .map_err(|e| ("compiling prefill plans", e))?;
+        if switched > 0 {
+            notes.push(format!(
+                "prefill-plans: {switched} 4-bit product(s) with a run-time row count also \
+                 compiled for f32 kernels, taken from {BLOCK_QUANT_MIN_ROWS} rows (their \
+                 weights are held twice; tract {TRACT_VERSION} runs them as matrix-vector \
+                 products)"
+            ));
+        }
+        stages.mark("prefill plans");
+    }
+    let typed = optimize(typed, &mut notes, &mut stages)?;
+    Ok(Built {
+        model: typed,
+        notes,
+        stages: stages.done,
+    })
+}
+
+/// Executor settings for plans built with `options`.
+fn run_options(options: &LoadOptions) -> RunOptions {
+    RunOptions {
+        executor: (options.threads > 1)
+            .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
+        ..Default::default()
+    }
+}
+
+/// tract's optimization, then the rewrites that need an optimized model; what they changed
+/// goes to `notes`.
+fn optimize(
+    typed: TypedModel,
+    notes: &mut Vec<String>,
+    stages: &mut Stages,
+) -> Result<TypedModel, StageError> {
+    let mut typed = typed;
+    typed.declutter().map_err(|e| ("optimizing", e))?;
+    // After tract's last declutter, which would fold the reshapes back into the products.
+    let merged = crate::patches::merge_int8_product_rows(&mut typed)
+        .map_err(|e| ("merging int8 product rows", e))?;
+    if merged > 0 {
         notes.push(format!(
-            "int8-many-rows: {int8} 8-bit product(s) with >= {BLOCK_QUANT_MIN_ROWS} rows computed \
-             exactly on f32 kernels (tract {TRACT_VERSION}'s int8 kernel is slower there)"
+            "int8-rows: {merged} 8-bit product(s) get their outer axes merged into one row axis \
+             (tract {TRACT_VERSION} would loop over them around matrix-vector products)"
         ));
     }
-
-    let mut typed = typed.into_optimized().map_err(|e| ("optimizing", e))?;
+    typed.optimize().map_err(|e| ("optimizing", e))?;
     stages.mark("optimize");
     let broadcasts = crate::patches::faster_broadcast_binaries(&mut typed)
         .map_err(|e| ("replacing broadcast binaries", e))?;
@@ -522,11 +569,7 @@ fn build_typed(
         ));
     }
     stages.mark("constant folds");
-    Ok(Built {
-        model: typed,
-        notes,
-        stages: stages.done,
-    })
+    Ok(typed)
 }
 
 fn facts(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {

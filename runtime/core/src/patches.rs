@@ -2,7 +2,7 @@
 //! model edits). Each names the bug it works around; `docs/tract-*.md` has the
 //! upstream-ready description and a reproducer.
 
-use tract_linalg::block_quant::BlockQuantStorage;
+use tract_linalg::block_quant::{BlockQuantStorage, Q4_0};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
@@ -212,12 +212,10 @@ pub fn fuse_gelu_approximations(model: &mut TypedModel) -> TractResult<usize> {
     Ok(fused)
 }
 
-/// A compact constant weight expanded to plain f32 on every run, for products that run
-/// faster on tract's f32 kernels ([`expand_block_quant_for_many_rows`],
-/// [`int8_products_on_f32_kernels`]). Inputs: a block-quantized weight (4-bit `Q4_0`, what
-/// ONNX `MatMulNBits` loads as), or an integer weight and its scalar zero point (giving
-/// `weight - zero_point`). It refuses constant folding: the f32 copy exists only while its
-/// product runs, so resident memory stays that of the compact weight.
+/// A 4-bit block-quantized constant weight (`Q4_0`, what ONNX `MatMulNBits` loads as)
+/// expanded to plain f32 on every run, for products that run faster on tract's f32 kernels
+/// ([`expand_block_quant_for_many_rows`]). It refuses constant folding: the f32 copy exists
+/// only while its product runs, so resident memory stays that of the compact weight.
 #[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
 pub struct ExpandWeight;
 
@@ -237,21 +235,44 @@ impl EvalOp for ExpandWeight {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let weight = &inputs[0];
         if let Some(bqs) = weight.storage_as::<BlockQuantStorage>() {
-            let values = bqs.format().dequant_f32(bqs.value())?;
-            return Ok(tvec!(values.into_shape(weight.shape())?.into_tvalue()));
+            let format = bqs.format();
+            let is_q4_0 = format.block_len() == 32
+                && format.block_bytes() == 18
+                && format!("{format:?}") == format!("{Q4_0:?}");
+            let values = if is_q4_0 {
+                let values = dequant_q4_0(bqs.value());
+                tract_ndarray::ArrayD::from_shape_vec(weight.shape(), values)?.into_tensor()
+            } else {
+                format
+                    .dequant_f32(bqs.value())?
+                    .into_shape(weight.shape())?
+            };
+            return Ok(tvec!(values.into_tvalue()));
         }
-        let zero = match inputs.get(1) {
-            Some(z) => z.cast_to_scalar::<f32>()?,
-            None => 0.0,
-        };
-        let mut values = weight.cast_to::<f32>()?.into_owned();
-        values
-            .try_as_plain_ram_mut()?
-            .as_slice_mut::<f32>()?
-            .iter_mut()
-            .for_each(|w| *w -= zero);
-        Ok(tvec!(values.into_tvalue()))
+        bail!(
+            "EdgevlmExpandWeight: {:?} is not block-quantized",
+            weight.datum_type()
+        )
     }
+}
+
+/// GGML's `Q4_0` blocks (an f16 scale, then 16 bytes: value `i` in the low nibble of byte
+/// `i`, value `16 + i` in its high nibble, each minus 8) as f32, in one pass. tract's generic
+/// `dequant_f32` reads nibble by nibble through a reader: ~1.6 ns per value, 50 ms of a
+/// 130 ms probe q4 prefill.
+fn dequant_q4_0(bytes: &[u8]) -> Vec<f32> {
+    let mut values = Vec::with_capacity(bytes.len() / 18 * 32);
+    for block in bytes.chunks_exact(18) {
+        let scale = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+        let nibbles = &block[2..];
+        values.extend(
+            nibbles
+                .iter()
+                .map(|b| ((b & 0x0f) as i32 - 8) as f32 * scale),
+        );
+        values.extend(nibbles.iter().map(|b| ((b >> 4) as i32 - 8) as f32 * scale));
+    }
+    values
 }
 
 impl TypedOp for ExpandWeight {
@@ -278,18 +299,9 @@ pub fn expand_block_quant_for_many_rows(
 ) -> TractResult<usize> {
     let mut targets = vec![];
     for node in model.nodes() {
-        if node.op_as::<EinSum>().is_none() || node.inputs.len() != 2 {
-            continue;
-        }
-        let facts = model.node_input_facts(node.id)?;
-        for slot in 0..2 {
-            let (weight, act) = (facts[slot], facts[1 - slot]);
-            let is_block_quant = weight
-                .konst
-                .as_ref()
-                .is_some_and(|k| k.storage_as::<BlockQuantStorage>().is_some());
-            let k = weight.shape.last().and_then(|d| d.to_usize().ok());
-            if is_block_quant && k.is_some_and(|k| known_rows(act, k) >= min_rows) {
+        if let Some((slot, k)) = block_quant_product(model, node)? {
+            let act = model.outlet_fact(node.inputs[1 - slot])?;
+            if known_rows(act, k) >= min_rows {
                 targets.push((node.id, slot, node.inputs[slot]));
             }
         }
@@ -300,6 +312,66 @@ pub fn expand_block_quant_for_many_rows(
         model.add_edge(expanded, InletId::new(*node, *slot))?;
     }
     Ok(targets.len())
+}
+
+/// If `node` is a product with a constant block-quantized (4-bit) weight: the weight's input
+/// slot and the contraction size.
+fn block_quant_product(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(usize, usize)>> {
+    if node.op_as::<EinSum>().is_none() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    for slot in 0..2 {
+        let weight = model.outlet_fact(node.inputs[slot])?;
+        let is_block_quant = weight
+            .konst
+            .as_ref()
+            .is_some_and(|k| k.storage_as::<BlockQuantStorage>().is_some());
+        if let Some(k) = weight.shape.last().and_then(|d| d.to_usize().ok()) {
+            if is_block_quant && model.outlet_fact(node.inputs[1 - slot])?.konst.is_none() {
+                return Ok(Some((slot, k)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// If `node` is an ONNX `MatMulInteger` as tract loads it (an `EinSum` with `q_params` i32 and
+/// nine inputs) with a constant weight, scalar zero points, zero bias and unit scales: the
+/// contraction size. The activation is input 0, its zero point input 3.
+fn int8_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<usize>> {
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(node.id)?;
+    let (weight, a0, b0) = (facts[1], facts[3], facts[5]);
+    let Some(k) = weight
+        .shape
+        .iter()
+        .rev()
+        .nth(1)
+        .and_then(|d| d.to_usize().ok())
+    else {
+        return Ok(None);
+    };
+    if weight.konst.is_none()
+        || b0.konst.is_none()
+        || b0.shape.volume() != 1.to_dim()
+        || a0.shape.volume() != 1.to_dim()
+        || !is_uniform(model, node.inputs[2], 0.0)?
+        || !is_uniform(model, node.inputs[7], 0.0)?
+        || !is_uniform(model, node.inputs[4], 1.0)?
+        || !is_uniform(model, node.inputs[6], 1.0)?
+        || !is_uniform(model, node.inputs[8], 1.0)?
+    {
+        return Ok(None);
+    }
+    Ok(Some(k))
 }
 
 /// Is `outlet` a constant whose every value is `value`?
@@ -324,108 +396,215 @@ fn known_rows(act: &TypedFact, k: usize) -> usize {
     volume / k.max(1)
 }
 
-/// tract 0.23.9's int8 matrix-matrix kernel is slower than its f32 kernel on many rows (on
-/// this project's AVX-512 VNNI machine: a 1024 x 768 x 3072 product ~140 ms in
-/// `avx512vnni_mmm_i32_8x8` against ~67 ms in `avx512_mmm_f32_32x6`), and its zero-point
-/// compensation adds elementwise passes over the output. For an ONNX `MatMulInteger` (an
-/// `EinSum` with `q_params` i32, unit scales, zero bias) with a constant weight, a scalar
-/// weight zero point and at least `min_rows` known activation rows (a vision encoder), this
-/// computes the same integer product in f32: `(a - a0)` as f32 times `(b - b0)` expanded to f32
-/// on each run ([`ExpandWeight`], never stored), cast back to i32. Integer products and their
-/// sums are exact in f32 up to 2^24, so the result is the int8 product (up to the rounding
-/// of sums beyond 2^24, which the following cast to float has anyway): the activations stay
-/// quantized exactly as ONNX Runtime quantizes them. Returns how many products were changed.
-pub fn int8_products_on_f32_kernels(model: &mut TypedModel, min_rows: usize) -> TractResult<usize> {
-    use tract_onnx::tract_core::ops::cast::{cast, Cast};
-    use tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast;
-    use tract_onnx::tract_core::ops::math::sub;
-    let mut candidates = vec![];
-    for node in model.nodes() {
-        let Some(op) = node.op_as::<EinSum>() else {
-            continue;
-        };
-        if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
-            continue;
-        }
-        let facts = model.node_input_facts(node.id)?;
-        let (act, weight, a0, b0) = (facts[0], facts[1], facts[3], facts[5]);
-        let Some(k) = weight
-            .shape
-            .iter()
-            .rev()
-            .nth(1)
-            .and_then(|d| d.to_usize().ok())
-        else {
-            continue;
-        };
-        if weight.konst.is_none()
-            || b0.konst.is_none()
-            || b0.shape.volume() != 1.to_dim()
-            || a0.shape.volume() != 1.to_dim()
-            || known_rows(act, k) < min_rows
-            || !is_uniform(model, node.inputs[2], 0.0)?
-            || !is_uniform(model, node.inputs[7], 0.0)?
-            || !is_uniform(model, node.inputs[4], 1.0)?
-            || !is_uniform(model, node.inputs[6], 1.0)?
-            || !is_uniform(model, node.inputs[8], 1.0)?
-        {
-            continue;
-        }
-        candidates.push(node.id);
+/// A 4-bit product whose row count is only known at run time (a decoder's prefill and
+/// decode steps share one plan), compiled twice: `few` is tract's own plan, at ONNX Runtime's
+/// speed for one row (a decode step) but a series of matrix-vector products for many, and
+/// `many` runs the product on tract's f32 matrix-matrix kernels with the weight expanded per
+/// run ([`ExpandWeight`]): 1.4x faster at 80 rows on the probe decoder, more for longer
+/// prompts. Each run takes the plan for its row count. The 4-bit weight is held twice
+/// (tract's packed copy and the original), the price of the faster prefill.
+///
+/// Not done for int8 products: on a decoder's prompt lengths (80 rows) tract's int8 kernel
+/// is faster than its f32 one with the weight expansion (probe int8 prefill 52 ms, 126 ms
+/// switched); it only loses on a vision encoder's 1024 rows.
+#[derive(Clone)]
+pub struct RowSwitch {
+    few: Arc<TypedRunnableModel>,
+    many: Arc<TypedRunnableModel>,
+    /// The activation's position among the inputs.
+    act: usize,
+    /// Contraction size: rows are the activation's volume over it.
+    k: usize,
+    min_rows: usize,
+    output: TypedFact,
+}
+
+impl std::fmt::Debug for RowSwitch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RowSwitch(k={}, min_rows={})", self.k, self.min_rows)
     }
-    for id in &candidates {
-        let node = model.node(*id).clone();
-        let op = node.op_as::<EinSum>().unwrap().clone();
-        let name = &node.name;
-        let mut patch = TypedModelPatch::new(format!("edgevlm int8 product on f32 kernels {name}"));
-        let taps = patch.taps(model, &node.inputs)?;
-        let a = patch.wire_node(
-            format!("{name}.edgevlm_a_f32"),
-            cast(f32::datum_type()),
-            &[taps[0]],
-        )?[0];
-        let a0 = patch.wire_node(
-            format!("{name}.edgevlm_a0_f32"),
-            cast(f32::datum_type()),
-            &[taps[3]],
-        )?[0];
-        let a = wire_with_rank_broadcast(
-            format!("{name}.edgevlm_a_centered"),
-            &mut patch,
-            sub(),
-            &[a, a0],
-        )?[0];
-        let b = patch.wire_node(
-            format!("{name}.edgevlm_b_f32"),
-            ExpandWeight,
-            &[taps[1], taps[5]],
-        )?[0];
-        let product = EinSum {
-            axes: op.axes.extract_sub_mapping(&[0, 1], &[0])?,
-            operating_dt: f32::datum_type(),
-            q_params: None,
+}
+
+impl PartialEq for RowSwitch {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.few, &other.few) && Arc::ptr_eq(&self.many, &other.many)
+    }
+}
+
+impl Eq for RowSwitch {}
+
+impl RowSwitch {
+    /// The plan that serves an activation of `shape`.
+    fn plan_for(&self, shape: &[usize]) -> &Arc<TypedRunnableModel> {
+        let rows = shape.iter().product::<usize>() / self.k.max(1);
+        if rows >= self.min_rows {
+            &self.many
+        } else {
+            &self.few
+        }
+    }
+}
+
+impl Op for RowSwitch {
+    fn name(&self) -> StaticName {
+        "EdgevlmRowSwitch".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "k={}, f32 kernels from {} rows",
+            self.k, self.min_rows
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for RowSwitch {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.plan_for(inputs[self.act].shape()).run(inputs)
+    }
+}
+
+impl TypedOp for RowSwitch {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.output.clone()))
+    }
+
+    as_op!();
+}
+
+/// Gives every 4-bit product with a run-time row count (as
+/// [`expand_block_quant_for_many_rows`] takes them when the rows are known) a [`RowSwitch`]:
+/// the product becomes a one-node model, compiled by `compile` as it is and with the
+/// many-rows rewrite, and each run picks by its row count. Run after decluttering, when the
+/// weights' constants have reached the products. Returns how many products were switched.
+pub fn switch_products_on_rows(
+    model: &mut TypedModel,
+    min_rows: usize,
+    compile: &dyn Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>>,
+) -> TractResult<usize> {
+    let mut targets = vec![];
+    for node in model.nodes() {
+        let Some((slot, k)) = block_quant_product(model, node)? else {
+            continue;
         };
-        let c = patch.wire_node(format!("{name}.edgevlm_f32"), product, &[a, b])?[0];
-        // ONNX Runtime's pattern casts the i32 product straight to float: the f32 product
-        // is that float already (an integral f32 survives f32 -> i32 -> f32 unchanged), so
-        // both passes over the output are skipped.
-        let to_float = model
-            .single_succ(*id)?
-            .filter(|s| s.op_as::<Cast>().is_some_and(|c| c.to == f32::datum_type()));
-        match to_float {
-            Some(succ) => patch.shunt_outside(model, OutletId::new(succ.id, 0), c)?,
-            None => {
-                let c = patch.wire_node(
-                    format!("{name}.edgevlm_i32"),
-                    cast(i32::datum_type()),
-                    &[c],
-                )?[0];
-                patch.shunt_outside(model, OutletId::new(*id, 0), c)?
+        let act = 1 - slot;
+        let fact = model.outlet_fact(node.inputs[act])?;
+        if fact.shape.iter().any(|d| d.to_usize().is_err()) && known_rows(fact, k) < min_rows {
+            targets.push((node.id, act, k));
+        }
+    }
+    for (id, act, k) in &targets {
+        let node = model.node(*id).clone();
+        let mut single = TypedModel {
+            symbols: model.symbols.clone(),
+            ..TypedModel::default()
+        };
+        let (mut wires, mut taps, mut act_pos) = (tvec![], tvec![], 0);
+        for (slot, input) in node.inputs.iter().enumerate() {
+            let fact = model.outlet_fact(*input)?;
+            if let Some(k) = &fact.konst {
+                wires.push(single.add_const(format!("{}.input_{slot}", node.name), k.clone())?);
+            } else {
+                if slot == *act {
+                    act_pos = taps.len();
+                }
+                let name = format!("{}.input_{slot}", node.name);
+                wires.push(single.add_source(name, fact.without_value())?);
+                taps.push(*input);
             }
         }
+        let out = single.wire_node(&node.name, node.op.clone(), &wires)?[0];
+        let replaced = OutletId::new(*id, 0);
+        single.select_output_outlets(&[out])?;
+        let mut many = single.clone();
+        let rewritten = expand_block_quant_for_many_rows(&mut many, 0)?;
+        ensure!(
+            rewritten == 1,
+            "{}: the many-rows rewrite does not apply",
+            node.name
+        );
+        let op = RowSwitch {
+            few: compile(single)?,
+            many: compile(many)?,
+            act: act_pos,
+            k: *k,
+            min_rows,
+            output: model.outlet_fact(replaced)?.without_value(),
+        };
+        let mut patch = TypedModelPatch::new(format!("edgevlm row switch {}", node.name));
+        let taps = patch.taps(model, &taps)?;
+        let switched = patch.wire_node(format!("{}.edgevlm_row_switch", node.name), op, &taps)?[0];
+        patch.shunt_outside(model, replaced, switched)?;
         patch.apply(model)?;
     }
-    Ok(candidates.len())
+    Ok(targets.len())
+}
+
+/// tract 0.23.9 lowers an int8 product (`MatMulInteger`) whose activation has several outer
+/// axes, a vision encoder's `[batch, patches, k]`, with its *batch* axis as the kernel's `n`
+/// and the patches as a loop around it: with `batch` = 1, 1024 matrix-vector products on the
+/// 8x8 VNNI kernel, which pads each to 8 columns (the f32 product of the same graph merges
+/// the outer axes into `n`). This merges the activation's outer axes into one before such
+/// products, and splits the output back after, so the kernel gets all the rows as `n`.
+/// Returns how many products were changed.
+pub fn merge_int8_product_rows(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    let mut targets = vec![];
+    for node in model.nodes() {
+        if int8_product(model, node)?.is_none() {
+            continue;
+        }
+        let op = node.op_as::<EinSum>().unwrap();
+        let (inputs, outputs) = op.axes.to_strs();
+        let act = &inputs[0];
+        let outer = act.len().saturating_sub(1);
+        let merged_free = outer >= 2
+            && outputs[0].starts_with(&act[..outer])
+            && inputs[1..]
+                .iter()
+                .all(|other| !other.chars().any(|c| act[..outer].contains(c)));
+        if merged_free {
+            targets.push(node.id);
+        }
+    }
+    for id in &targets {
+        let node = model.node(*id).clone();
+        let op = node.op_as::<EinSum>().unwrap().clone();
+        let (mut inputs, mut outputs) = op.axes.to_strs();
+        let outer = inputs[0].len() - 1;
+        let kept: String = inputs[0][..1].to_string();
+        inputs[0] = format!("{kept}{}", &inputs[0][outer..]);
+        outputs[0] = format!("{kept}{}", &outputs[0][outer..]);
+        let axes = AxesMapping::from_strs(&inputs, &outputs)?;
+        let act_shape = model.outlet_fact(node.inputs[0])?.shape.to_tvec();
+        let dims: TVec<TDim> = act_shape[..outer].into();
+        let rows: TDim = dims.iter().product();
+        let name = &node.name;
+        let mut patch = TypedModelPatch::new(format!("edgevlm merge int8 product rows {name}"));
+        let mut taps = patch.taps(model, &node.inputs)?;
+        taps[0] = patch.wire_node(
+            format!("{name}.edgevlm_rows"),
+            AxisOp::Reshape(0, dims.clone(), tvec![rows.clone()]),
+            &[taps[0]],
+        )?[0];
+        let c = patch.wire_node(
+            format!("{name}.edgevlm_merged"),
+            EinSum { axes, ..op },
+            &taps,
+        )?[0];
+        let c = patch.wire_node(
+            format!("{name}.edgevlm_split"),
+            AxisOp::Reshape(0, tvec![rows], dims),
+            &[c],
+        )?[0];
+        patch.shunt_outside(model, OutletId::new(*id, 0), c)?;
+        patch.apply(model)?;
+    }
+    Ok(targets.len())
 }
 
 /// ONNX `DynamicQuantizeLinear` (x: f32 -> y: u8, y_scale, y_zero_point) with the arithmetic
@@ -556,25 +735,41 @@ impl EvalOp for BlockBroadcast {
         let b = inputs.pop().unwrap();
         let mut out = inputs.pop().unwrap().into_tensor();
         let a_shape = out.shape().to_vec();
-        let b_shape = b.shape().to_vec();
         ensure!(
-            a_shape.len() == b_shape.len(),
-            "block broadcast: ranks {a_shape:?} {b_shape:?}"
+            b.rank() <= a_shape.len(),
+            "block broadcast: {:?} has more axes than {a_shape:?}",
+            b.shape()
         );
-        let mut split = a_shape.len();
-        let mut block = 1;
-        while split > 0 && a_shape[split - 1] == b_shape[split - 1] {
-            split -= 1;
-            block *= a_shape[split];
+        // ONNX broadcasting: missing leading axes are 1.
+        let mut b_shape = vec![1; a_shape.len() - b.rank()];
+        b_shape.extend_from_slice(b.shape());
+        for (axis, (&bn, &an)) in b_shape.iter().zip(&a_shape).enumerate() {
+            ensure!(
+                bn == an || bn == 1,
+                "block broadcast: {:?} does not broadcast to {a_shape:?} (axis {axis})",
+                b.shape()
+            );
         }
+        // The trailing axes form one run: either b matches a there (each chunk of the output
+        // takes a block of b) or b is 1 there (each chunk takes one value of b).
+        let matching = |axis: usize| b_shape[axis] == a_shape[axis];
+        let repeating = |axis: usize| b_shape[axis] == 1;
+        let blockwise = a_shape.last().is_none_or(|_| matching(a_shape.len() - 1));
+        let mut split = a_shape.len();
+        while split > 0
+            && if blockwise {
+                matching(split - 1)
+            } else {
+                repeating(split - 1)
+            }
+        {
+            split -= 1;
+        }
+        let chunk: usize = a_shape[split..].iter().product();
         // b's stride for each outer axis of a (0 where b repeats).
         let mut b_strides = vec![0; split];
-        let mut stride = block;
+        let mut stride = if blockwise { chunk } else { 1 };
         for axis in (0..split).rev() {
-            ensure!(
-                b_shape[axis] == a_shape[axis] || b_shape[axis] == 1,
-                "block broadcast: {b_shape:?} does not broadcast to {a_shape:?}"
-            );
             if b_shape[axis] != 1 {
                 b_strides[axis] = stride;
             }
@@ -585,17 +780,23 @@ impl EvalOp for BlockBroadcast {
         {
             let mut out_plain = out.try_as_plain_ram_mut()?;
             let xs = out_plain.as_slice_mut::<f32>()?;
-            for (i, chunk) in xs.chunks_exact_mut(block.max(1)).enumerate() {
-                let (mut rest, mut offset) = (i, 0);
+            for (i, chunk) in xs.chunks_exact_mut(chunk.max(1)).enumerate() {
+                let (mut rest, mut offset, len) = (i, 0, chunk.len());
                 for axis in (0..split).rev() {
                     offset += (rest % a_shape[axis]) * b_strides[axis];
                     rest /= a_shape[axis];
                 }
-                let src = &bs[offset..offset + chunk.len()];
-                if self.mul {
-                    chunk.iter_mut().zip(src).for_each(|(x, y)| *x *= y);
-                } else {
-                    chunk.iter_mut().zip(src).for_each(|(x, y)| *x += y);
+                match (blockwise, self.mul) {
+                    (true, true) => chunk
+                        .iter_mut()
+                        .zip(&bs[offset..offset + len])
+                        .for_each(|(x, y)| *x *= y),
+                    (true, false) => chunk
+                        .iter_mut()
+                        .zip(&bs[offset..offset + len])
+                        .for_each(|(x, y)| *x += y),
+                    (false, true) => chunk.iter_mut().for_each(|x| *x *= bs[offset]),
+                    (false, false) => chunk.iter_mut().for_each(|x| *x += bs[offset]),
                 }
             }
         }
@@ -612,14 +813,14 @@ impl TypedOp for BlockBroadcast {
     as_op!();
 }
 
-/// Elements in the trailing block a [`BlockBroadcast`] must have to be worth it.
-const MIN_BROADCAST_BLOCK: i64 = 256;
-
-/// tract 0.23.9 optimizes a binary op only when the broadcast operand is a scalar per row
-/// or matches a suffix after leading 1s; anything else (a ViT's attention mask `[batch, 1, N,
-/// N]` added to the scores `[batch, heads, N, N]`, with `batch` symbolic) stays on the
-/// generic ndarray broadcast at ~4 ns per element: 230 ms of a 1.2 s probe vision encoder.
-/// This gives such f32 `Add` / `Mul` nodes a [`BlockBroadcast`]. Returns how many.
+/// tract 0.23.9 optimizes a binary op only when it can prove at load how the operands
+/// broadcast: a per-row scalar, or a suffix after leading 1s, with known sizes. Anything else
+/// stays on the generic ndarray broadcast at ~2.5-4 ns per element: a ViT's attention mask
+/// `[batch, 1, N, N]` added to the scores `[batch, heads, N, N]` (230 ms of a 1.2 s probe
+/// vision encoder), and in a decoder, whose sequence axis is symbolic, even the
+/// same-shape `gate * up` and the scaling of each int8 product by its scalar scale (16 of the
+/// 52 ms of a probe int8 prefill). This gives every f32 `Add` / `Mul` tract left generic, one
+/// of whose operands has the output's shape, a [`BlockBroadcast`]. Returns how many.
 pub fn faster_broadcast_binaries(model: &mut TypedModel) -> TractResult<usize> {
     use tract_onnx::tract_core::ops::binary::TypedBinOp;
     use tract_onnx::tract_core::ops::math::{Add, Mul};
@@ -633,32 +834,22 @@ pub fn faster_broadcast_binaries(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         }
         let facts = model.node_input_facts(node.id)?;
+        let out = &node.outputs[0].fact.shape;
         if facts
             .iter()
-            .any(|f| f.datum_type != f32::datum_type() || f.rank() != node.outputs[0].fact.rank())
+            .any(|f| f.datum_type != f32::datum_type() || f.rank() > out.rank())
         {
             continue;
         }
-        let out = &node.outputs[0].fact.shape;
         for swapped in [false, true] {
             let (full, part) = (facts[swapped as usize], facts[1 - swapped as usize]);
-            if full.shape != *out || part.shape == *out {
-                continue;
-            }
+            let padding = out.rank() - part.rank();
             let broadcasts = part
                 .shape
                 .iter()
-                .zip(out.iter())
+                .zip(out.iter().skip(padding))
                 .all(|(p, o)| p == o || p.is_one());
-            let block: TDim = part
-                .shape
-                .iter()
-                .zip(out.iter())
-                .rev()
-                .take_while(|(p, o)| p == o)
-                .map(|(p, _)| p.clone())
-                .product();
-            if broadcasts && block.to_i64().is_ok_and(|b| b >= MIN_BROADCAST_BLOCK) {
+            if full.shape == *out && broadcasts {
                 targets.push((node.id, BlockBroadcast { mul, swapped }));
                 break;
             }
@@ -738,8 +929,21 @@ mod tests {
             tensor1(&values).into_shape(shape).unwrap()
         };
         let a_shape = [2, 3, 4, 64];
-        for b_shape in [[2, 1, 4, 64], [1, 3, 4, 64], [1, 1, 4, 64], [2, 1, 1, 64]] {
-            let (a, b) = (make(&a_shape, 1), make(&b_shape, 5));
+        let b_shapes: [&[usize]; 11] = [
+            &[2, 1, 4, 64],
+            &[1, 3, 4, 64],
+            &[1, 1, 4, 64],
+            &[2, 1, 1, 64],
+            &[2, 3, 4, 64],
+            &[1, 1, 1, 1],
+            &[2, 3, 4, 1],
+            &[1, 3, 1, 1],
+            &[2, 1, 4, 1],
+            &[4, 64],
+            &[],
+        ];
+        for b_shape in b_shapes {
+            let (a, b) = (make(&a_shape, 1), make(b_shape, 5));
             for mul in [false, true] {
                 let av = a.to_plain_array_view::<f32>().unwrap();
                 let bv = b.to_plain_array_view::<f32>().unwrap();
@@ -757,6 +961,29 @@ mod tests {
                     assert_eq!(got, want.view().into_dyn(), "{b_shape:?} mul {mul}");
                 }
             }
+        }
+    }
+
+    /// The one-pass Q4_0 expansion gives tract's own dequantization, bit for bit.
+    #[test]
+    fn q4_0_expansion_equals_tracts() {
+        use tract_linalg::block_quant::BlockQuant;
+        let values: Vec<f32> = (0..32 * 40)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013 * (1 + i / 32) as f32)
+            .collect();
+        let bytes = Q4_0.quant_f32(&values).unwrap();
+        let want = Q4_0.dequant_f32(&bytes).unwrap();
+        let want = want.try_as_plain_ram().unwrap();
+        let got = dequant_q4_0(&bytes);
+        assert_eq!(got.as_slice(), want.as_slice::<f32>().unwrap());
+        for (got, values) in got.chunks(32).zip(values.chunks(32)) {
+            // Q4_0 steps by max / 8 (an f16 scale) and clamps the far end of the range to 7 steps.
+            let step = values.iter().fold(0f32, |m, v| m.max(v.abs())) / 8.0 * 1.01;
+            let worst = got
+                .iter()
+                .zip(values)
+                .fold(0f32, |m, (g, v)| m.max((g - v).abs()));
+            assert!(worst <= step, "{worst} > {step}: {got:?} {values:?}");
         }
     }
 

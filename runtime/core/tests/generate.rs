@@ -238,13 +238,14 @@ fn smolvlm_quantized_greedy_tokens_agree_with_onnx_runtime() {
             let notes = g.notes().join("\n");
             assert!(notes.contains("gelu: 2 "), "{notes}");
             // The vision encoder's 4-bit products (16 patch rows) run on expanded weights;
-            // the decoder's (symbolic rows) keep the 4-bit kernels.
+            // the decoder's (symbolic rows) switch between both by row count.
             if variant == "q4" {
                 assert!(notes.contains("q4-many-rows: "), "{notes}");
+                assert!(notes.contains("prefill-plans: "), "{notes}");
             }
-            // Its int8 products run exactly on f32 kernels (same integers, faster in tract).
+            // Its int8 products take all their rows as the kernel's columns.
             if variant == "int8" {
-                assert!(notes.contains("int8-many-rows: "), "{notes}");
+                assert!(notes.contains("int8-rows: "), "{notes}");
             }
             apply_overrides(&mut g, case);
             let (s, t) = forced_agreement(
@@ -338,8 +339,11 @@ fn q4_reshape_fold_is_wrong_without_the_patch() {
     let case = &reference["cases"][0];
     let image = reference_rgb(case);
     let logits = |fix: bool| {
+        // The decoder's products on their own plans (prefill plans) are out of the fold's
+        // reach: keep them in the graph, where the bug shows.
         let options = LoadOptions {
             fix_block_quant_reshape: fix,
+            prefill_plans: false,
             ..Default::default()
         };
         let mut g = Generator::load(&dir, &graphs(&dir, "q4"), &options).unwrap();

@@ -68,6 +68,10 @@ pub struct Cmd {
     /// One JSON object at the end (text, token ids, timings) instead of streamed text.
     #[arg(long)]
     json: bool,
+    /// Do not compile 4-bit products a second time for prompts (prefill): less memory
+    /// (the weights of those products are held once), slower prefill.
+    #[arg(long)]
+    no_prefill_plans: bool,
 }
 
 impl Cmd {
@@ -80,6 +84,7 @@ impl Cmd {
         }
         let options = LoadOptions {
             threads: self.threads as usize,
+            prefill_plans: !self.no_prefill_plans,
             ..Default::default()
         };
         let (package, mut generator) = Generator::open(&self.model, &options)

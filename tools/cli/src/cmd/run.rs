@@ -52,6 +52,10 @@ pub struct Cmd {
     /// results; for reproducing the tract bug).
     #[arg(long)]
     keep_bq_reshape_fold: bool,
+    /// Do not compile 4-bit products a second time for prompts (prefill): less memory
+    /// (the weights of those products are held once), slower prefill.
+    #[arg(long)]
+    no_prefill_plans: bool,
 }
 
 impl Cmd {
@@ -62,6 +66,7 @@ impl Cmd {
             threads: self.threads as usize,
             fix_qdq_softmax: !self.keep_qdq_softmax,
             fix_block_quant_reshape: !self.keep_bq_reshape_fold,
+            prefill_plans: !self.no_prefill_plans,
         };
         let mut files = vec![];
         for arg in &self.inputs {
