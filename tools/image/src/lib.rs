@@ -427,10 +427,11 @@ fn pi5_hooks(dir: &Path) -> Result<Vec<String>> {
         "/etc/kernel/postrm.d",
         "/etc/initramfs/post-update.d",
     ] {
+        // Under the diverted hook's own name: raspi-firmware's postinst runs it by that path.
         hooks.push(divert(&format!("{hook_dir}/z50-raspi-firmware")));
         hooks.push(format!(
             "--essential-hook=mkdir -p \"$1{hook_dir}\" && \
-             ln -sf /usr/lib/edgevlm/update-boot-firmware \"$1{hook_dir}/z50-edgevlm-boot\""
+             ln -sf /usr/lib/edgevlm/update-boot-firmware \"$1{hook_dir}/z50-raspi-firmware\""
         ));
     }
     Ok(hooks)
