@@ -496,9 +496,13 @@ fn build_typed(
                 .map_err(|(_, e)| e)?
                 .into_runnable_with_options(&run_options(options))
         };
-        let switched =
-            crate::patches::switch_products_on_rows(&mut typed, BLOCK_QUANT_MIN_ROWS, &compile)
-                .map_err(|e| ("compiling prefill plans", e))?;
+        let switched = crate::patches::switch_products_on_rows(
+            &mut typed,
+            BLOCK_QUANT_MIN_ROWS,
+            crate::patches::WEIGHT_CHUNK_BYTES,
+            &compile,
+        )
+        .map_err(|e| ("compiling prefill plans", e))?;
         if switched > 0 {
             notes.push(format!(
                 "prefill-plans: {switched} 4-bit product(s) with a run-time row count also \

@@ -236,10 +236,7 @@ impl EvalOp for ExpandWeight {
         let weight = &inputs[0];
         if let Some(bqs) = weight.storage_as::<BlockQuantStorage>() {
             let format = bqs.format();
-            let is_q4_0 = format.block_len() == 32
-                && format.block_bytes() == 18
-                && format!("{format:?}") == format!("{Q4_0:?}");
-            let values = if is_q4_0 {
+            let values = if is_q4_0(format) {
                 let values = dequant_q4_0(bqs.value());
                 tract_ndarray::ArrayD::from_shape_vec(weight.shape(), values)?.into_tensor()
             } else {
@@ -254,6 +251,13 @@ impl EvalOp for ExpandWeight {
             weight.datum_type()
         )
     }
+}
+
+/// Is `format` GGML's `Q4_0` (32 values in 18 bytes)?
+fn is_q4_0(format: &dyn tract_linalg::block_quant::BlockQuant) -> bool {
+    format.block_len() == 32
+        && format.block_bytes() == 18
+        && format!("{format:?}") == format!("{Q4_0:?}")
 }
 
 /// GGML's `Q4_0` blocks (an f16 scale, then 16 bytes: value `i` in the low nibble of byte
@@ -397,20 +401,23 @@ fn known_rows(act: &TypedFact, k: usize) -> usize {
 }
 
 /// A 4-bit product whose row count is only known at run time (a decoder's prefill and
-/// decode steps share one plan), compiled twice: `few` is tract's own plan, at ONNX Runtime's
-/// speed for one row (a decode step) but a series of matrix-vector products for many, and
-/// `many` runs the product on tract's f32 matrix-matrix kernels with the weight expanded per
-/// run ([`ExpandWeight`]): 1.4x faster at 80 rows on the probe decoder, more for longer
-/// prompts. Each run takes the plan for its row count. The 4-bit weight is held twice
-/// (tract's packed copy and the original), the price of the faster prefill.
-///
-/// Not done for int8 products: on a decoder's prompt lengths (80 rows) tract's int8 kernel
-/// is faster than its f32 one with the weight expansion (probe int8 prefill 52 ms, 126 ms
-/// switched); it only loses on a vision encoder's 1024 rows.
+/// decode steps share one plan), compiled twice. `few` is tract's own plan: at ONNX Runtime's
+/// speed for one row (a decode step) but a series of matrix-vector products for many. `many`
+/// is the same product with a plain f32 weight input, on tract's matrix-matrix kernels: a run
+/// with at least `min_rows` rows (a prompt) expands the 4-bit weight chunk by chunk (about
+/// [`WEIGHT_CHUNK_BYTES`] of f32, so the expanded copy stays in cache and its transient
+/// memory small even for a 49k-row `lm_head`), runs `many` on each chunk and joins the
+/// outputs. The 4-bit weight is held twice (tract's packed copy for `few`, and the original).
 #[derive(Clone)]
 pub struct RowSwitch {
     few: Arc<TypedRunnableModel>,
     many: Arc<TypedRunnableModel>,
+    /// The block-quantized weight, `[n, k]`.
+    weight: Arc<Tensor>,
+    /// The output axis the weight's rows become.
+    n_axis: usize,
+    /// Weight rows per chunk, what `many` is compiled for.
+    chunk_rows: usize,
     /// The activation's position among the inputs.
     act: usize,
     /// Contraction size: rows are the activation's volume over it.
@@ -418,6 +425,10 @@ pub struct RowSwitch {
     min_rows: usize,
     output: TypedFact,
 }
+
+/// f32 bytes of one weight chunk a [`RowSwitch`] expands at a time (the loader's choice: a
+/// few times a Raspberry Pi's 1-2 MiB L2, small against the weights).
+pub const WEIGHT_CHUNK_BYTES: usize = 4 << 20;
 
 impl std::fmt::Debug for RowSwitch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -434,14 +445,35 @@ impl PartialEq for RowSwitch {
 impl Eq for RowSwitch {}
 
 impl RowSwitch {
-    /// The plan that serves an activation of `shape`.
-    fn plan_for(&self, shape: &[usize]) -> &Arc<TypedRunnableModel> {
-        let rows = shape.iter().product::<usize>() / self.k.max(1);
-        if rows >= self.min_rows {
-            &self.many
-        } else {
-            &self.few
+    /// The product on f32 kernels, the weight expanded `WEIGHT_CHUNK_BYTES` at a time.
+    fn eval_many(&self, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let bqs = self
+            .weight
+            .storage_as::<BlockQuantStorage>()
+            .context("RowSwitch weight is not block-quantized")?;
+        let (n, k, chunk_rows) = (self.weight.shape()[0], self.k, self.chunk_rows);
+        let row_bytes = k / 32 * 18;
+        let bytes: &[u8] = bqs.value();
+        let act = inputs.remove(self.act);
+        let mut outputs = vec![];
+        for first in (0..n).step_by(chunk_rows) {
+            let rows = chunk_rows.min(n - first);
+            let mut chunk = dequant_q4_0(&bytes[first * row_bytes..(first + rows) * row_bytes]);
+            // `many` is compiled for whole chunks: the last one is padded with zero rows.
+            chunk.resize(chunk_rows * k, 0.0);
+            let chunk = tract_ndarray::ArrayD::from_shape_vec(vec![chunk_rows, k], chunk)?;
+            let out = self
+                .many
+                .run(tvec!(act.clone(), chunk.into_tensor().into_tvalue()))?;
+            let mut out = out.into_iter().next().context("no output")?.into_tensor();
+            if rows < chunk_rows {
+                out = out.slice(self.n_axis, 0, rows)?;
+            }
+            outputs.push(out);
         }
+        Ok(tvec!(
+            Tensor::stack_tensors(self.n_axis, &outputs)?.into_tvalue()
+        ))
     }
 }
 
@@ -464,7 +496,12 @@ impl EvalOp for RowSwitch {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        self.plan_for(inputs[self.act].shape()).run(inputs)
+        let rows = inputs[self.act].volume() / self.k.max(1);
+        if rows >= self.min_rows {
+            self.eval_many(inputs)
+        } else {
+            self.few.run(inputs)
+        }
     }
 }
 
@@ -477,13 +514,15 @@ impl TypedOp for RowSwitch {
 }
 
 /// Gives every 4-bit product with a run-time row count (as
-/// [`expand_block_quant_for_many_rows`] takes them when the rows are known) a [`RowSwitch`]:
-/// the product becomes a one-node model, compiled by `compile` as it is and with the
-/// many-rows rewrite, and each run picks by its row count. Run after decluttering, when the
-/// weights' constants have reached the products. Returns how many products were switched.
+/// [`expand_block_quant_for_many_rows`] takes them when the rows are known) and a `Q4_0`
+/// `[n, k]` weight a [`RowSwitch`]: the product becomes a one-node model compiled by `compile`
+/// as it is, and again with the weight as a plain f32 input of about `chunk_bytes`, and each
+/// run picks by its row count. Run after decluttering, when the weights' constants have reached the products.
+/// Returns how many products were switched.
 pub fn switch_products_on_rows(
     model: &mut TypedModel,
     min_rows: usize,
+    chunk_bytes: usize,
     compile: &dyn Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>>,
 ) -> TractResult<usize> {
     let mut targets = vec![];
@@ -492,53 +531,75 @@ pub fn switch_products_on_rows(
             continue;
         };
         let act = 1 - slot;
+        let weight = model.outlet_fact(node.inputs[slot])?;
+        let q4_0 = weight
+            .konst
+            .as_ref()
+            .and_then(|w| w.storage_as::<BlockQuantStorage>())
+            .is_some_and(|bqs| is_q4_0(bqs.format()));
         let fact = model.outlet_fact(node.inputs[act])?;
-        if fact.shape.iter().any(|d| d.to_usize().is_err()) && known_rows(fact, k) < min_rows {
-            targets.push((node.id, act, k));
+        if q4_0
+            && weight.rank() == 2
+            && fact.shape.iter().any(|d| d.to_usize().is_err())
+            && known_rows(fact, k) < min_rows
+        {
+            targets.push((node.id, slot, k));
         }
     }
-    for (id, act, k) in &targets {
+    for (id, slot, k) in &targets {
         let node = model.node(*id).clone();
-        let mut single = TypedModel {
-            symbols: model.symbols.clone(),
-            ..TypedModel::default()
+        let op = node.op_as::<EinSum>().unwrap();
+        let weight = model
+            .outlet_fact(node.inputs[*slot])?
+            .konst
+            .clone()
+            .unwrap();
+        let act_fact = model.outlet_fact(node.inputs[1 - slot])?.without_value();
+        // The output axis of the weight's first (row) axis.
+        let (inputs, outputs) = op.axes.to_strs();
+        let row_axis = inputs[*slot].chars().next().unwrap();
+        let n_axis = outputs[0]
+            .chars()
+            .position(|c| c == row_axis)
+            .context("the weight's rows are not an output axis")?;
+        let one_node = |weight_input: Option<TypedFact>| -> TractResult<TypedModel> {
+            let mut single = TypedModel {
+                symbols: model.symbols.clone(),
+                ..TypedModel::default()
+            };
+            let act = single.add_source(format!("{}.input", node.name), act_fact.clone())?;
+            let w = match weight_input {
+                Some(fact) => single.add_source(format!("{}.weight", node.name), fact)?,
+                None => single.add_const(format!("{}.weight", node.name), weight.clone())?,
+            };
+            let wires = if *slot == 1 { [act, w] } else { [w, act] };
+            let out = single.wire_node(&node.name, node.op.clone(), &wires)?[0];
+            single.select_output_outlets(&[out])?;
+            Ok(single)
         };
-        let (mut wires, mut taps, mut act_pos) = (tvec![], tvec![], 0);
-        for (slot, input) in node.inputs.iter().enumerate() {
-            let fact = model.outlet_fact(*input)?;
-            if let Some(k) = &fact.konst {
-                wires.push(single.add_const(format!("{}.input_{slot}", node.name), k.clone())?);
-            } else {
-                if slot == *act {
-                    act_pos = taps.len();
-                }
-                let name = format!("{}.input_{slot}", node.name);
-                wires.push(single.add_source(name, fact.without_value())?);
-                taps.push(*input);
-            }
-        }
-        let out = single.wire_node(&node.name, node.op.clone(), &wires)?[0];
-        let replaced = OutletId::new(*id, 0);
-        single.select_output_outlets(&[out])?;
-        let mut many = single.clone();
-        let rewritten = expand_block_quant_for_many_rows(&mut many, 0)?;
-        ensure!(
-            rewritten == 1,
-            "{}: the many-rows rewrite does not apply",
-            node.name
-        );
-        let op = RowSwitch {
-            few: compile(single)?,
-            many: compile(many)?,
-            act: act_pos,
+        let n = weight.shape()[0];
+        // Even chunks, in whole 64-row kernel tiles, so the zero rows that pad the last
+        // one stay few.
+        let chunks = (n * k * 4).div_ceil(chunk_bytes.max(1)).max(1);
+        let chunk_rows = n.div_ceil(chunks).next_multiple_of(64).min(n);
+        let chunk = f32::fact([chunk_rows, *k]);
+        let many = compile(one_node(Some(chunk))?)?;
+        let switch = RowSwitch {
+            few: compile(one_node(None)?)?,
+            many,
+            weight,
+            n_axis,
+            chunk_rows,
+            act: 0,
             k: *k,
             min_rows,
-            output: model.outlet_fact(replaced)?.without_value(),
+            output: node.outputs[0].fact.without_value(),
         };
         let mut patch = TypedModelPatch::new(format!("edgevlm row switch {}", node.name));
-        let taps = patch.taps(model, &taps)?;
-        let switched = patch.wire_node(format!("{}.edgevlm_row_switch", node.name), op, &taps)?[0];
-        patch.shunt_outside(model, replaced, switched)?;
+        let tap = patch.tap_model(model, node.inputs[1 - slot])?;
+        let switched =
+            patch.wire_node(format!("{}.edgevlm_row_switch", node.name), switch, &[tap])?[0];
+        patch.shunt_outside(model, OutletId::new(*id, 0), switched)?;
         patch.apply(model)?;
     }
     Ok(targets.len())
@@ -984,6 +1045,68 @@ mod tests {
                 .zip(values)
                 .fold(0f32, |m, (g, v)| m.max((g - v).abs()));
             assert!(worst <= step, "{worst} > {step}: {got:?} {values:?}");
+        }
+    }
+
+    /// A 4-bit product with a symbolic row count, switched with weight chunks small enough
+    /// for four of them (the last padded): one row runs tract's own plan, 20 rows the chunked
+    /// f32 plan, and both give what the unswitched product gives.
+    #[test]
+    fn row_switch_equals_the_four_bit_product() {
+        use tract_linalg::block_quant::BlockQuant;
+        let (n, k) = (200, 64);
+        let values: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 29 % 97) as f32 - 48.0) * 0.01)
+            .collect();
+        let blob = Q4_0.quant_f32(&values).unwrap();
+        let weight = BlockQuantStorage::new(Box::new(Q4_0), n, k, Arc::new(blob))
+            .unwrap()
+            .into_tensor_with_shape(f32::datum_type(), &[n, k]);
+        let mut model = TypedModel::default();
+        let s = model.symbols.sym("S");
+        let act = model
+            .add_source("act", f32::fact([TDim::from(s), TDim::from(k)]))
+            .unwrap();
+        let w = model.add_const("w", weight).unwrap();
+        let product = EinSum {
+            axes: "sk,nk->sn".parse().unwrap(),
+            operating_dt: f32::datum_type(),
+            q_params: None,
+        };
+        let out = model.wire_node("product", product, &[act, w]).unwrap();
+        model.select_output_outlets(&out).unwrap();
+        let plain = model
+            .clone()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap();
+        let compile = |m: TypedModel| m.into_optimized()?.into_runnable();
+        let switched = switch_products_on_rows(&mut model, 16, 16 * 1024, &compile).unwrap();
+        assert_eq!(switched, 1);
+        let node = model
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<RowSwitch>())
+            .unwrap();
+        assert_eq!(
+            node.chunk_rows, 64,
+            "four chunks of 64 rows, the last one padded"
+        );
+        let switched = model.into_runnable().unwrap();
+        for rows in [1, 20] {
+            let input: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+            let input = tensor1(&input).into_shape(&[rows, k]).unwrap();
+            let want = plain.run(tvec!(input.clone().into_tvalue())).unwrap();
+            let got = switched.run(tvec!(input.into_tvalue())).unwrap();
+            assert_eq!(got[0].shape(), &[rows, n]);
+            let want = want[0].to_plain_array_view::<f32>().unwrap();
+            let got = got[0].to_plain_array_view::<f32>().unwrap();
+            let worst = got
+                .iter()
+                .zip(want.iter())
+                .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+            assert!(worst < 1e-4, "{rows} rows: max |diff| {worst}");
         }
     }
 
