@@ -89,7 +89,7 @@ release=$(sed -n 's/^Linux version \([^ ]*\) .*/\1/p' <<<"$banner")
 for dtb in bcm2712-rpi-5-b bcm2712d0-rpi-5-b; do
   dtc -I dtb -O dts -q "$work/boot/$dtb.dtb" > "$work/$dtb.dts"
   for node in raspberrypi,rp1-gpio raspberrypi,rp1-gem snps,dwc3 brcm,bcm2712-sdhci; do
-    grep -q "\"$node\"" "$work/$dtb.dts" || fail "$dtb.dtb has no $node node"
+    grep 'compatible = ' "$work/$dtb.dts" | grep -qF "$node" || fail "$dtb.dtb has no $node node"
   done
   echo "$dtb.dtb: $(grep -m1 'model = ' "$work/$dtb.dts" | xargs); RP1 GPIO, RP1 Ethernet, USB (dwc3), SD card nodes present"
 done
@@ -146,9 +146,9 @@ echo "booted to ssh: $(( $(date +%s) - t0 )) s; first kernel line: $(grep -m1 'L
 running=$(ssh_vm 'uname -r')
 [ "$running" = "$release" ] || fail "the VM runs $running, not the image's $release"
 ssh_vm 'set -e; uname -a; cat /etc/hostname; cat /etc/debian_version; findmnt -n -o SOURCE,SIZE /
-  findmnt -n -o SOURCE /boot/firmware; systemctl is-system-running || true
-  systemctl --failed --no-legend --plain | sed "s/^/failed unit: /"
-  modinfo -F description pinctrl-rp1 rp1_pci clk-rp1 macb | sed "s/^/module: /"'
+  findmnt -n -o SOURCE /boot/firmware; sudo systemctl is-system-running || true
+  sudo systemctl --failed --no-legend --plain | sed "s/^/failed unit: /"
+  for m in pinctrl-rp1 rp1_pci clk-rp1 macb; do echo "module $m: $(/sbin/modinfo -F description $m)"; done'
 
 step "kernel hook on the running system: update-initramfs -u"
 texts='md5sum /boot/firmware/config.txt /boot/firmware/cmdline.txt'
