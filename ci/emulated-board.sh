@@ -27,33 +27,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-keep=0
-base_args=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --keep-running) keep=1; shift ;;
-    --base) base_args=(--base "${2:?--base needs a tarball}"); shift 2 ;;
-    *) echo "emulated-board.sh: unknown argument $1" >&2; exit 2 ;;
-  esac
-done
-work=target/emulated-board
-mkdir -p "$work"
-t0=$(date +%s)
-step() { echo; echo "=== emulated board: $* (+$(( $(date +%s) - t0 )) s)"; }
-[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-export CARGO_TERM_COLOR=never
+. ci/vm.sh
+script_flag() { case "$1" in --keep-running) vm_keep=1 ;; *) return 1 ;; esac; }
+vm_init "emulated board" target/emulated-board "$@"
 
 step "packages"
-. ci/apt.sh
-# bookworm's qemu-system-arm 7.2 conflicts with the newer qemu-utils; backports has 10.x.
-if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/backports.list >/dev/null
-fi
-apt_install -t bookworm-backports qemu-system-arm
-apt_install mmdebstrap qemu-user-static binfmt-support dosfstools mtools e2fsprogs fdisk openssh-client qemu-utils
-# mmdebstrap runs arm64 maintainer scripts through binfmt_misc.
-[ -e /proc/sys/fs/binfmt_misc/register ] || $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
-$SUDO update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+vm_packages
 
 step "builds"
 bash ci/cross.sh --no-test
@@ -68,7 +47,7 @@ cargo-zigbuild test --release -j2 -q -p edgevlm-board-linux --test devices \
 devices_test=$(ls -t target/aarch64-unknown-linux-gnu/release/deps/devices-* | grep -v '\.d$' | head -1)
 
 step "image"
-[ -f "$work/id_ed25519" ] || ssh-keygen -q -t ed25519 -N "" -C emulated-board -f "$work/id_ed25519"
+vm_ssh_key
 $SUDO "$edgevlm" image build --board rpi4 --model models/demo --ssh-key "$work/id_ed25519.pub" \
   --hostname emu-board --serial-agent hvc0:115200 --cache "$work/cache" "${base_args[@]}" \
   --out "$work/edgevlm-rpi4.img"
@@ -80,45 +59,11 @@ mcopy -i "$boot" ::/vmlinuz ::/initrd.img "$work/"
 # gpio-sim for exactly this kernel (Debian's arm64 config leaves it out), before qemu takes
 # the two cores.
 bash ci/gpio-sim-module.sh "$work/vmlinuz" "$work/gpio-sim"
-rm -f "$work/disk.qcow2" "$work/agent.pty"
-qemu-img create -q -f qcow2 -F raw -b "$(realpath "$work/edgevlm-rpi4.img")" "$work/disk.qcow2" 4G
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-: > "$work/console.log"
-qemu-system-aarch64 -M virt -cpu cortex-a72 -smp 2 -m 2048 \
-  -kernel "$work/vmlinuz" -initrd "$work/initrd.img" \
-  -append "root=LABEL=EDGEVLM_ROOT rootfstype=ext4 rootwait console=ttyAMA0" \
-  -drive "file=$work/disk.qcow2,if=virtio,format=qcow2" \
-  -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0,romfile= \
-  -device virtio-serial-pci,romfile= -chardev "pty,id=agentline,path=$work/agent.pty" -device virtconsole,chardev=agentline \
-  -display none -monitor none -serial "file:$work/console.log" 2> "$work/qemu.log" &
-qemu=$!
-cleanup() {
-  if [ "$keep" = 0 ]; then kill "$qemu" 2>/dev/null || true; wait "$qemu" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
-
-# Host keys are made at first boot; record them once sshd answers (the harness trusts the
-# key it sees on its own loopback, then checks it on every later connection).
-known="$work/known_hosts"
-: > "$known"
-for _ in $(seq 1 180); do
-  if ! kill -0 "$qemu" 2>/dev/null; then echo "qemu exited; console:"; tail -40 "$work/console.log"; exit 1; fi
-  if ssh-keyscan -T 3 -p "$port" 127.0.0.1 2>/dev/null | grep -v '^#' > "$known.new" && [ -s "$known.new" ]; then
-    mv "$known.new" "$known"; break
-  fi
-  sleep 5
-done
-[ -s "$known" ] || { echo "no ssh after 15 minutes; console:"; tail -40 "$work/console.log"; exit 1; }
-ssh_vm() {
-  ssh -F none -p "$port" -i "$work/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=yes \
-    -o UserKnownHostsFile="$known" -o GlobalKnownHostsFile=/dev/null -o IdentitiesOnly=yes \
-    edgevlm@127.0.0.1 "$@"
-}
-scp_vm() {
-  scp -F none -P "$port" -i "$work/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=yes \
-    -o UserKnownHostsFile="$known" -o GlobalKnownHostsFile=/dev/null -o IdentitiesOnly=yes -q "$@"
-}
-for _ in $(seq 1 60); do ssh_vm true 2>/dev/null && break; sleep 2; done
+rm -f "$work/agent.pty"
+# The agent's serial line: a virtconsole (hvc0 in the VM) on a pty on the host.
+vm_boot cortex-a72 "$work/vmlinuz" "$work/initrd.img" "$work/edgevlm-rpi4.img" \
+  -device virtio-serial-pci,romfile= -chardev "pty,id=agentline,path=$work/agent.pty" -device virtconsole,chardev=agentline
+vm_wait_ssh
 ssh_vm 'uname -a; cat /etc/hostname; findmnt -n -o SOURCE,SIZE /; systemctl is-system-running || true'
 
 step "host tool over ssh"
@@ -310,7 +255,6 @@ echo "storm: 11 triggers sent, $((judged - 5)) judged, $dropped dropped ($logged
 echo "storm: $(( $(date +%s) - ts )) s"
 
 step "done"
-if [ "$keep" = 1 ]; then
+if [ "$vm_keep" = 1 ]; then
   echo "VM still running (pid $qemu): ssh -p $port -i $work/id_ed25519 edgevlm@127.0.0.1"
-  trap - EXIT
 fi

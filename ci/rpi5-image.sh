@@ -21,35 +21,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+. ci/vm.sh
 boot_vm=1
 build=1
-base_args=()
-while [ $# -gt 0 ]; do
+script_flag() {
   case "$1" in
-    --no-boot) boot_vm=0; shift ;;
-    --no-build) build=0; shift ;;
-    --base) base_args=(--base "${2:?--base needs a tarball}"); shift 2 ;;
-    *) echo "rpi5-image.sh: unknown argument $1" >&2; exit 2 ;;
+    --no-boot) boot_vm=0 ;;
+    --no-build) build=0 ;;
+    *) return 1 ;;
   esac
-done
-work=target/rpi5-image
-mkdir -p "$work"
-t0=$(date +%s)
-step() { echo; echo "=== rpi5 image: $* (+$(( $(date +%s) - t0 )) s)"; }
-fail() { echo "rpi5-image.sh: $*" >&2; exit 1; }
-[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-export CARGO_TERM_COLOR=never
+}
+vm_init "rpi5 image" target/rpi5-image "$@"
 
 step "packages"
-. ci/apt.sh
-if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  echo "deb http://deb.debian.org/debian bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/backports.list >/dev/null
-fi
-apt_install -t bookworm-backports qemu-system-arm
-apt_install mmdebstrap qemu-user-static binfmt-support dosfstools mtools e2fsprogs fdisk \
-  openssh-client qemu-utils device-tree-compiler
-[ -e /proc/sys/fs/binfmt_misc/register ] || $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
-$SUDO update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+vm_packages device-tree-compiler
 
 if [ "$build" = 1 ]; then
   step "builds"
@@ -59,7 +44,7 @@ fi
 edgevlm=target/release/edgevlm
 
 step "image"
-[ -f "$work/id_ed25519" ] || ssh-keygen -q -t ed25519 -N "" -C rpi5-image -f "$work/id_ed25519"
+vm_ssh_key
 rm -f "$work/edgevlm-rpi5.img"
 $SUDO "$edgevlm" image build --board rpi5 --model models/demo --ssh-key "$work/id_ed25519.pub" \
   --hostname pi5-emu --cache "$work/cache" "${base_args[@]}" \
@@ -114,34 +99,8 @@ done
 if [ "$boot_vm" = 0 ]; then step "done (not booted)"; exit 0; fi
 
 step "boot in qemu virt (cortex-a76)"
-rm -f "$work/disk.qcow2"
-qemu-img create -q -f qcow2 -F raw -b "$(realpath "$work/edgevlm-rpi5.img")" "$work/disk.qcow2" 4G
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-: > "$work/console.log"
-qemu-system-aarch64 -M virt -cpu cortex-a76 -smp 2 -m 2048 \
-  -kernel "$work/boot/vmlinuz" -initrd "$work/boot/initrd.img" \
-  -append "root=LABEL=EDGEVLM_ROOT rootfstype=ext4 rootwait console=ttyAMA0" \
-  -drive "file=$work/disk.qcow2,if=virtio,format=qcow2" \
-  -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0,romfile= \
-  -display none -monitor none -serial "file:$work/console.log" 2> "$work/qemu.log" &
-qemu=$!
-trap 'kill "$qemu" 2>/dev/null || true; wait "$qemu" 2>/dev/null || true' EXIT
-known="$work/known_hosts"
-: > "$known"
-for _ in $(seq 1 180); do
-  kill -0 "$qemu" 2>/dev/null || { tail -40 "$work/console.log"; fail "qemu exited"; }
-  if ssh-keyscan -T 3 -p "$port" 127.0.0.1 2>/dev/null | grep -v '^#' > "$known.new" && [ -s "$known.new" ]; then
-    mv "$known.new" "$known"; break
-  fi
-  sleep 5
-done
-[ -s "$known" ] || { tail -40 "$work/console.log"; fail "no ssh after 15 minutes"; }
-ssh_vm() {
-  ssh -F none -p "$port" -i "$work/id_ed25519" -o BatchMode=yes -o StrictHostKeyChecking=yes \
-    -o UserKnownHostsFile="$known" -o GlobalKnownHostsFile=/dev/null -o IdentitiesOnly=yes \
-    edgevlm@127.0.0.1 "$@"
-}
-for _ in $(seq 1 60); do ssh_vm true 2>/dev/null && break; sleep 2; done
+vm_boot cortex-a76 "$work/boot/vmlinuz" "$work/boot/initrd.img" "$work/edgevlm-rpi5.img"
+vm_wait_ssh
 echo "booted to ssh: $(( $(date +%s) - t0 )) s; first kernel line: $(grep -m1 'Linux version' "$work/console.log" | cut -c1-120)"
 running=$(ssh_vm 'uname -r')
 [ "$running" = "$release" ] || fail "the VM runs $running, not the image's $release"
