@@ -16,6 +16,10 @@ pub mod generate;
 pub mod hf;
 pub mod idefics3;
 pub mod import;
+// The one module with `unsafe`: SIMD intrinsics and raw tile pointers, each block with its
+// SAFETY argument.
+#[allow(unsafe_code)]
+pub mod int8mm;
 pub mod manifest;
 pub mod npy;
 pub mod onnx;

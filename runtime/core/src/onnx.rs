@@ -31,6 +31,9 @@ pub struct LoadOptions {
     /// second time for many rows (see [`crate::patches::switch_products_on_rows`]): faster
     /// prefill, and those weights are held twice.
     pub prefill_plans: bool,
+    /// Run 8-bit products with a constant weight (`MatMulInteger`) on edgevlm's AVX-512 VNNI
+    /// kernel when the CPU has it (see [`crate::int8mm`]) instead of tract's.
+    pub vnni_kernel: bool,
 }
 
 impl Default for LoadOptions {
@@ -40,6 +43,7 @@ impl Default for LoadOptions {
             fix_qdq_softmax: true,
             fix_block_quant_reshape: true,
             prefill_plans: true,
+            vnni_kernel: true,
         }
     }
 }
@@ -492,7 +496,7 @@ fn build_typed(
     if options.prefill_plans {
         let compile = |single: TypedModel| {
             let (mut notes, mut stages) = (vec![], Stages::start());
-            optimize(single, &mut notes, &mut stages)
+            optimize(single, options, &mut notes, &mut stages)
                 .map_err(|(_, e)| e)?
                 .into_runnable_with_options(&run_options(options))
         };
@@ -513,7 +517,7 @@ fn build_typed(
         }
         stages.mark("prefill plans");
     }
-    let typed = optimize(typed, &mut notes, &mut stages)?;
+    let typed = optimize(typed, options, &mut notes, &mut stages)?;
     Ok(Built {
         model: typed,
         notes,
@@ -534,11 +538,23 @@ fn run_options(options: &LoadOptions) -> RunOptions {
 /// goes to `notes`.
 fn optimize(
     typed: TypedModel,
+    options: &LoadOptions,
     notes: &mut Vec<String>,
     stages: &mut Stages,
 ) -> Result<TypedModel, StageError> {
     let mut typed = typed;
     typed.declutter().map_err(|e| ("optimizing", e))?;
+    if options.vnni_kernel {
+        let own = crate::int8mm::vnni_int8_products(&mut typed)
+            .map_err(|e| ("packing int8 weights", e))?;
+        if own > 0 {
+            notes.push(format!(
+                "int8-vnni: {own} 8-bit product(s) with constant weights packed at load for \
+                 edgevlm's AVX-512 VNNI kernel (tract {TRACT_VERSION}'s 8x8 tile is slower and \
+                 its optimizer slow to lower them)"
+            ));
+        }
+    }
     // After tract's last declutter, which would fold the reshapes back into the products.
     let merged = crate::patches::merge_int8_product_rows(&mut typed)
         .map_err(|e| ("merging int8 product rows", e))?;

@@ -1,0 +1,636 @@
+//! 8-bit matrix products with a constant weight (ONNX `MatMulInteger`, as dynamic-int8 exports
+//! use it after every `DynamicQuantizeLinear`) on AVX-512 VNNI, the weight packed once at
+//! load.
+//!
+//! tract 0.23.9 runs these products on its `avx512vnni_mmm_i32_8x8` kernel: an 8x8 tile of
+//! 32-bit sums uses half of each 16-lane register, it packs the activation again on every
+//! call, and lowering every product costs its optimizer time at load (see
+//! `docs/tract-slow-paths.md`, section 8). [`VnniMatMul`] computes the same integers with a
+//! tile of 8 rows by 32 columns (16 `vpdpbusd` per 4-element step of the contraction) reading
+//! the activation in place, and takes the product out of tract's optimizer altogether.
+//!
+//! The arithmetic: `vpdpbusd` multiplies unsigned by signed bytes. With the activation
+//! `A = A' - a_shift` (`A'` unsigned: `a_shift` is 128 for an `i8` activation, else 0) and the
+//! weight `B = B' + b_shift` (`B'` signed: `b_shift` is 128 for a `u8` weight, else 0),
+//! `sum_k (A - za)(B - zb) = sum_k (A' - alpha)(B' - beta)` with `alpha = za + a_shift` and
+//! `beta = zb - b_shift`, which is
+//! `sum A'B' - beta * rowsum(A') - alpha * colsum(B') + K * alpha * beta`. All of it is exact
+//! in wrapping 32-bit integers whenever the result fits in an `i32`, as ONNX requires.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+/// Output columns of one kernel tile: two 16-lane registers of `i32`.
+const NR: usize = 32;
+/// Rows of one kernel tile.
+const MR: usize = 8;
+/// Packed weight bytes a row block walks before the next one starts: the panels stay in L2
+/// while every row block of the activation passes over them.
+const PANEL_GROUP_BYTES: usize = 256 << 10;
+/// Below this many multiply-adds a product stays on the caller's thread.
+const THREADING_MACS: usize = 1 << 22;
+
+/// Does this CPU have the instructions [`VnniMatMul`] needs (AVX-512 F, BW and VNNI)?
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A `[k, n]` 8-bit weight packed for the kernel: panels of [`NR`] columns, each a run of
+/// `k4 = ceil(k / 4)` steps of `NR x 4` signed bytes (column-major within a step, the 4
+/// contraction elements of one column adjacent), zero past `k` and `n`.
+#[derive(Debug)]
+pub struct PackedWeight {
+    k: usize,
+    n: usize,
+    k4: usize,
+    panels: Vec<i8>,
+    /// `sum_k B'[k, j]` per column, zero past `n` (padded to whole panels).
+    colsum: Vec<i32>,
+    /// `zb[j] - b_shift` per column, zero past `n`.
+    beta: Vec<i32>,
+}
+
+impl PackedWeight {
+    /// Packs the `[k, n]` weight whose element `(i, j)` is `weight(i, j)` (a `u8` or `i8` value
+    /// as `i32`; `signed` says which) with zero point `zero(j)` for column `j`.
+    pub fn pack(
+        k: usize,
+        n: usize,
+        signed: bool,
+        weight: impl Fn(usize, usize) -> i32,
+        zero: impl Fn(usize) -> i32,
+    ) -> PackedWeight {
+        let b_shift = if signed { 0 } else { 128 };
+        let k4 = k.div_ceil(4);
+        let panels_n = n.div_ceil(NR);
+        let mut panels = vec![0i8; panels_n * k4 * NR * 4];
+        let mut colsum = vec![0i32; panels_n * NR];
+        let mut beta = vec![0i32; panels_n * NR];
+        for j in 0..n {
+            let (panel, col) = (j / NR, j % NR);
+            let base = panel * k4 * NR * 4 + col * 4;
+            for i in 0..k {
+                let v = (weight(i, j) - b_shift) as i8;
+                panels[base + (i / 4) * NR * 4 + i % 4] = v;
+                colsum[j] += v as i32;
+            }
+            beta[j] = zero(j) - b_shift;
+        }
+        PackedWeight {
+            k,
+            n,
+            k4,
+            panels,
+            colsum,
+            beta,
+        }
+    }
+
+    /// Contraction size.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Output columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `c[r, j] = sum_i (a[r, i] - a_shift - za)(B[i, j] - zb[j])` for the `m` rows of `a`
+    /// (unsigned bytes, row `r` at `r * lda`, `lda` a multiple of 4 and at least `k`, bytes
+    /// from `k` to the next multiple of 4 zero), `alpha = za + a_shift`; `c` is `m x n`
+    /// row-major. Panics unless [`available`] (checked by the caller once, at load).
+    pub fn matmul(&self, a: &[u8], lda: usize, m: usize, alpha: i32, c: &mut [i32]) {
+        assert!(available(), "VnniMatMul needs AVX-512 VNNI");
+        assert!(
+            m == 0
+                || (lda.is_multiple_of(4)
+                    && lda >= 4 * self.k4
+                    && a.len() >= (m - 1) * lda + 4 * self.k4),
+            "VnniMatMul: activation rows do not match k = {}",
+            self.k
+        );
+        assert!(c.len() >= m * self.n);
+        let rowsum: Vec<i32> = (0..m)
+            .map(|r| a[r * lda..r * lda + self.k].iter().map(|&x| x as i32).sum())
+            .collect();
+        let k = self.k as i32;
+        let corr: Vec<i32> = self
+            .colsum
+            .iter()
+            .zip(&self.beta)
+            .map(|(&cs, &b)| {
+                k.wrapping_mul(alpha)
+                    .wrapping_mul(b)
+                    .wrapping_sub(alpha.wrapping_mul(cs))
+            })
+            .collect();
+        let panels_n = self.n.div_ceil(NR);
+        let job = Job {
+            w: self,
+            a: a.as_ptr() as usize,
+            lda,
+            rowsum: &rowsum,
+            corr: &corr,
+            c: c.as_mut_ptr() as usize,
+        };
+        let threads = match tract_linalg::multithread::current_tract_executor() {
+            tract_linalg::multithread::Executor::MultiThread(pool)
+                if m * self.n * self.k >= THREADING_MACS =>
+            {
+                Some(pool)
+            }
+            _ => None,
+        };
+        match threads {
+            Some(pool) if pool.current_num_threads() > 1 => {
+                let t = pool.current_num_threads();
+                // Rows when there are enough for every thread, else columns (a decode step).
+                let by_rows = m >= MR * 2 * t;
+                let units = if by_rows { m.div_ceil(MR) } else { panels_n };
+                let per = units.div_ceil(t);
+                pool.scope(|s| {
+                    for first in (0..units).step_by(per.max(1)) {
+                        let last = (first + per).min(units);
+                        let job = &job;
+                        s.spawn(move |_| {
+                            if by_rows {
+                                job.run(first * MR..(last * MR).min(m), 0..panels_n)
+                            } else {
+                                job.run(0..m, first..last)
+                            }
+                        });
+                    }
+                });
+            }
+            _ => job.run(0..m, 0..panels_n),
+        }
+    }
+}
+
+/// One product's operands, shared by the threads that compute disjoint blocks of `c`
+/// (pointers as integers so the job crosses threads).
+struct Job<'a> {
+    w: &'a PackedWeight,
+    a: usize,
+    lda: usize,
+    rowsum: &'a [i32],
+    corr: &'a [i32],
+    c: usize,
+}
+
+impl Job<'_> {
+    /// Computes `c[rows, panels]`: panel groups outermost, then row tiles, then panels.
+    fn run(&self, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let w = self.w;
+            let panel_bytes = w.k4 * NR * 4;
+            let group = (PANEL_GROUP_BYTES / panel_bytes.max(1)).max(1);
+            let mut g0 = panels.start;
+            while g0 < panels.end {
+                let g1 = (g0 + group).min(panels.end);
+                let mut r0 = rows.start;
+                while r0 < rows.end {
+                    let mr = MR.min(rows.end - r0);
+                    for p in g0..g1 {
+                        let cols = NR.min(w.n - p * NR);
+                        // SAFETY: `matmul` checked the CPU and the sizes of `a` and `c`; row
+                        // `r0 + mr - 1` and columns `p * NR + cols - 1` are inside them, and
+                        // the padded vectors hold whole panels.
+                        unsafe {
+                            let t = Tile {
+                                a: (self.a as *const u8).add(r0 * self.lda),
+                                lda: self.lda,
+                                b: w.panels.as_ptr().add(p * panel_bytes),
+                                k4: w.k4,
+                                rowsum: self.rowsum.as_ptr().add(r0),
+                                corr: self.corr.as_ptr().add(p * NR),
+                                beta: w.beta.as_ptr().add(p * NR),
+                                c: (self.c as *mut i32).add(r0 * w.n + p * NR),
+                                ldc: w.n,
+                                cols,
+                            };
+                            match mr {
+                                8 => tile::<8>(&t),
+                                7 => tile::<7>(&t),
+                                6 => tile::<6>(&t),
+                                5 => tile::<5>(&t),
+                                4 => tile::<4>(&t),
+                                3 => tile::<3>(&t),
+                                2 => tile::<2>(&t),
+                                _ => tile::<1>(&t),
+                            }
+                        }
+                    }
+                    r0 += mr;
+                }
+                g0 = g1;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (rows, panels);
+            unreachable!("VnniMatMul is only built on x86_64");
+        }
+    }
+}
+
+/// One kernel call: `MR` rows of the activation against one weight panel.
+struct Tile {
+    a: *const u8,
+    lda: usize,
+    b: *const i8,
+    k4: usize,
+    rowsum: *const i32,
+    corr: *const i32,
+    beta: *const i32,
+    c: *mut i32,
+    ldc: usize,
+    cols: usize,
+}
+
+/// `R` rows by one panel of 32 columns: `sum A'B'` with `vpdpbusd`, then the zero-point terms,
+/// stored under a mask for the columns that exist.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile<const R: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_si512(); 2]; R];
+    for i in 0..t.k4 {
+        let (b0, b1) = unsafe {
+            let b = t.b.add(i * NR * 4);
+            (
+                _mm512_loadu_si512(b as *const _),
+                _mm512_loadu_si512(b.add(64) as *const _),
+            )
+        };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = unsafe { (t.a.add(r * t.lda + 4 * i) as *const i32).read_unaligned() };
+            let x = _mm512_set1_epi32(x);
+            acc[0] = _mm512_dpbusd_epi32(acc[0], x, b0);
+            acc[1] = _mm512_dpbusd_epi32(acc[1], x, b1);
+        }
+    }
+    let mask = |cols: usize| -> __mmask16 {
+        if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    };
+    let (m0, m1) = (mask(t.cols), mask(t.cols.saturating_sub(16)));
+    unsafe {
+        let corr = [
+            _mm512_loadu_si512(t.corr as *const _),
+            _mm512_loadu_si512(t.corr.add(16) as *const _),
+        ];
+        let beta = [
+            _mm512_loadu_si512(t.beta as *const _),
+            _mm512_loadu_si512(t.beta.add(16) as *const _),
+        ];
+        for (r, acc) in acc.iter().enumerate() {
+            let rs = _mm512_set1_epi32(*t.rowsum.add(r));
+            let out = t.c.add(r * t.ldc);
+            for h in 0..2 {
+                let v = _mm512_add_epi32(
+                    acc[h],
+                    _mm512_sub_epi32(corr[h], _mm512_mullo_epi32(beta[h], rs)),
+                );
+                let m = if h == 0 { m0 } else { m1 };
+                if m != 0 {
+                    _mm512_mask_storeu_epi32(out.add(16 * h), m, v);
+                }
+            }
+        }
+    }
+}
+
+/// An ONNX `MatMulInteger` with a constant `[k, n]` weight on the VNNI kernel: inputs are the
+/// activation (`u8` or `i8`, contraction on its last axis) and its zero point; the output is
+/// the `i32` product with the activation's outer axes and `n` last.
+#[derive(Clone)]
+pub struct VnniMatMul {
+    weight: Arc<PackedWeight>,
+    act_signed: bool,
+}
+
+impl std::fmt::Debug for VnniMatMul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VnniMatMul(k={}, n={})", self.weight.k, self.weight.n)
+    }
+}
+
+impl PartialEq for VnniMatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weight, &other.weight) && self.act_signed == other.act_signed
+    }
+}
+
+impl Eq for VnniMatMul {}
+
+impl Op for VnniMatMul {
+    fn name(&self) -> StaticName {
+        "EdgevlmVnniMatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "k={}, n={}, {} activation",
+            self.weight.k,
+            self.weight.n,
+            if self.act_signed { "i8" } else { "u8" }
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for VnniMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (k, n) = (self.weight.k, self.weight.n);
+        let act = &inputs[0];
+        let za = inputs[1].cast_to_scalar::<i32>()?;
+        let shape = act.shape();
+        ensure!(
+            shape.last() == Some(&k),
+            "VnniMatMul: activation {shape:?} does not end with k = {k}"
+        );
+        let m = act.len() / k.max(1);
+        let mut out_shape: TVec<usize> = shape[..shape.len() - 1].into();
+        out_shape.push(n);
+        let mut out = Tensor::zero::<i32>(&out_shape)?;
+        let a_shift = if self.act_signed { 128 } else { 0 };
+        let plain = act.try_as_plain_ram()?;
+        // A row stride in whole 4-byte steps, zeros past k, signed bytes made unsigned.
+        let lda = k.next_multiple_of(4);
+        let copy = |src: &mut dyn Iterator<Item = u8>| {
+            let mut buf = vec![0u8; m * lda];
+            for row in buf.chunks_exact_mut(lda) {
+                for d in &mut row[..k] {
+                    *d = src.next().unwrap_or(0);
+                }
+            }
+            buf
+        };
+        let padded;
+        let (a, lda) = if self.act_signed {
+            let s = plain.as_slice::<i8>()?;
+            padded = copy(&mut s.iter().map(|&x| (x as u8) ^ 0x80));
+            (&padded[..], lda)
+        } else if k % 4 != 0 {
+            padded = copy(&mut plain.as_slice::<u8>()?.iter().copied());
+            (&padded[..], lda)
+        } else {
+            (plain.as_slice::<u8>()?, k)
+        };
+        {
+            let mut out_plain = out.try_as_plain_ram_mut()?;
+            let c = out_plain.as_slice_mut::<i32>()?;
+            self.weight.matmul(a, lda, m, za + a_shift, c);
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for VnniMatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let act = &inputs[0].shape;
+        let mut shape: TVec<TDim> = act.iter().take(act.rank() - 1).cloned().collect();
+        shape.push(self.weight.n.to_dim());
+        Ok(tvec!(i32::fact(shape)))
+    }
+
+    as_op!();
+}
+
+/// Is `outlet` a constant whose every value is `value`?
+fn is_uniform(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bool> {
+    let fact = model.outlet_fact(outlet)?;
+    Ok(match &fact.konst {
+        Some(k) => k
+            .cast_to::<f32>()?
+            .try_as_plain_ram()?
+            .as_slice::<f32>()?
+            .iter()
+            .all(|v| *v == value),
+        None => false,
+    })
+}
+
+/// A `VnniMatMul` for `node` if it is an ONNX `MatMulInteger` as tract loads it (an `EinSum`
+/// with `q_params` i32 and nine inputs: a, b, bias, a0, a_scale, b0, b_scale, c0, c_scale)
+/// with a constant 2-D weight, a scalar activation zero point, a constant per-tensor or
+/// per-column weight zero point, zero bias and unit scales, and the activation's last axis as
+/// the contraction.
+fn vnni_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<VnniMatMul>> {
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(node.id)?;
+    let (act, weight, a0, b0) = (facts[0], facts[1], facts[3], facts[5]);
+    let byte = |dt: DatumType| [u8::datum_type(), i8::datum_type()].contains(&dt);
+    let (Some(w), Some(zb)) = (&weight.konst, &b0.konst) else {
+        return Ok(None);
+    };
+    if !byte(act.datum_type)
+        || !byte(weight.datum_type)
+        || weight.rank() != 2
+        || a0.shape.volume() != 1.to_dim()
+        || node.outputs[0].fact.datum_type != i32::datum_type()
+        || !is_uniform(model, node.inputs[2], 0.0)?
+        || !is_uniform(model, node.inputs[7], 0.0)?
+        || !is_uniform(model, node.inputs[4], 1.0)?
+        || !is_uniform(model, node.inputs[6], 1.0)?
+        || !is_uniform(model, node.inputs[8], 1.0)?
+    {
+        return Ok(None);
+    }
+    let (inputs, outputs) = op.axes.to_strs();
+    let (a, b) = (&inputs[0], &inputs[1]);
+    let Some(kc) = a.chars().last() else {
+        return Ok(None);
+    };
+    let Some(k_axis) = b.chars().position(|c| c == kc) else {
+        return Ok(None);
+    };
+    let nc = b.chars().nth(1 - k_axis).unwrap();
+    let outer = &a[..a.len() - 1];
+    if outputs.len() != 1
+        || outputs[0] != format!("{outer}{nc}")
+        || outer.contains(nc)
+        || a.contains(nc)
+        || inputs[2..].iter().any(|s| s.contains(kc))
+    {
+        return Ok(None);
+    }
+    let (k, n) = (w.shape()[k_axis], w.shape()[1 - k_axis]);
+    if zb.len() != 1 && zb.len() != n {
+        return Ok(None);
+    }
+    let w = w.cast_to::<i32>()?;
+    let w = w.try_as_plain_ram()?;
+    let ws = w.as_slice::<i32>()?;
+    let zb = zb.cast_to::<i32>()?;
+    let zb = zb.try_as_plain_ram()?;
+    let zbs = zb.as_slice::<i32>()?;
+    let at = |i: usize, j: usize| {
+        if k_axis == 0 {
+            ws[i * n + j]
+        } else {
+            ws[j * k + i]
+        }
+    };
+    let packed = PackedWeight::pack(k, n, weight.datum_type == i8::datum_type(), at, |j| {
+        zbs[if zbs.len() == 1 { 0 } else { j }]
+    });
+    Ok(Some(VnniMatMul {
+        weight: Arc::new(packed),
+        act_signed: act.datum_type == i8::datum_type(),
+    }))
+}
+
+/// Replaces every ONNX `MatMulInteger` with a constant weight (see [`VnniMatMul`]) by the VNNI
+/// kernel, when this CPU has it. Run after tract's last declutter and before its optimizer,
+/// which then has these products out of its way. Returns how many were replaced.
+pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<usize> {
+    if !available() {
+        return Ok(0);
+    }
+    let mut targets = vec![];
+    for node in model.nodes() {
+        if let Some(op) = vnni_product(model, node)? {
+            targets.push((node.id, op));
+        }
+    }
+    for (id, op) in &targets {
+        let node = model.node(*id);
+        let inputs = [node.inputs[0], node.inputs[3]];
+        let patch = TypedModelPatch::replace_single_op(model, node, &inputs, op.clone())?;
+        patch.apply(model)?;
+    }
+    Ok(targets.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (tests need no extra crate).
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (*seed >> 33) as u32
+    }
+
+    /// Every shape class (row tails 1-7, partial panels, k not a multiple of 4), every
+    /// signedness and both zero-point kinds, against the definition in i64.
+    #[test]
+    fn vnni_product_equals_the_definition() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let mut seed = 7;
+        for &(m, k, n) in &[
+            (1, 4, 1),
+            (3, 7, 17),
+            (8, 64, 32),
+            (13, 100, 45),
+            (40, 768, 100),
+            (17, 3, 70),
+        ] {
+            for act_signed in [false, true] {
+                for w_signed in [false, true] {
+                    for per_col in [false, true] {
+                        let range = |s: &mut u64, signed: bool| {
+                            let v = (lcg(s) % 256) as i32;
+                            if signed {
+                                v - 128
+                            } else {
+                                v
+                            }
+                        };
+                        let a: Vec<i32> =
+                            (0..m * k).map(|_| range(&mut seed, act_signed)).collect();
+                        let w: Vec<i32> = (0..k * n).map(|_| range(&mut seed, w_signed)).collect();
+                        let zbs: Vec<i32> = (0..if per_col { n } else { 1 })
+                            .map(|_| range(&mut seed, w_signed))
+                            .collect();
+                        let za = range(&mut seed, act_signed);
+                        let packed = PackedWeight::pack(
+                            k,
+                            n,
+                            w_signed,
+                            |i, j| w[i * n + j],
+                            |j| zbs[if per_col { j } else { 0 }],
+                        );
+                        let a_tensor = if act_signed {
+                            let v: Vec<i8> = a.iter().map(|&x| x as i8).collect();
+                            tract_ndarray::ArrayD::from_shape_vec(vec![1, m, k], v)
+                                .unwrap()
+                                .into_tensor()
+                        } else {
+                            let v: Vec<u8> = a.iter().map(|&x| x as u8).collect();
+                            tract_ndarray::ArrayD::from_shape_vec(vec![1, m, k], v)
+                                .unwrap()
+                                .into_tensor()
+                        };
+                        let za_tensor = if act_signed {
+                            tensor0(za as i8)
+                        } else {
+                            tensor0(za as u8)
+                        };
+                        let op = VnniMatMul {
+                            weight: Arc::new(packed),
+                            act_signed,
+                        };
+                        let out = op
+                            .eval(
+                                &EvalContext::out_of_plan(),
+                                tvec!(a_tensor.into_tvalue(), za_tensor.into_tvalue()),
+                            )
+                            .unwrap();
+                        assert_eq!(out[0].shape(), &[1, m, n]);
+                        let got = out[0].try_as_plain_ram().unwrap();
+                        let got = got.as_slice::<i32>().unwrap();
+                        for r in 0..m {
+                            for j in 0..n {
+                                let zb = zbs[if per_col { j } else { 0 }] as i64;
+                                let want: i64 = (0..k)
+                                    .map(|i| {
+                                        (a[r * k + i] as i64 - za as i64)
+                                            * (w[i * n + j] as i64 - zb)
+                                    })
+                                    .sum();
+                                assert_eq!(
+                                    got[r * n + j] as i64,
+                                    want,
+                                    "m={m} k={k} n={n} act_signed={act_signed} w_signed={w_signed} per_col={per_col} at ({r}, {j})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
