@@ -680,11 +680,14 @@ impl DynamicQuantizeU8 {
     /// empty range (all zeros) gets scale 1 as in ONNX Runtime (tract's 0 gives the same
     /// outputs through a NaN).
     fn params(xs: &[f32]) -> (f32, u8) {
-        let (mut lo, mut hi) = (0f32, 0f32);
-        for &x in xs {
-            lo = if x < lo { x } else { lo };
-            hi = if x > hi { x } else { hi };
-        }
+        let (lo, hi) = crate::int8mm::range_with_zero(xs).unwrap_or_else(|| {
+            let (mut lo, mut hi) = (0f32, 0f32);
+            for &x in xs {
+                lo = if x < lo { x } else { lo };
+                hi = if x > hi { x } else { hi };
+            }
+            (lo, hi)
+        });
         let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
         let zero = (-lo / scale).round_ties_even().clamp(0.0, 255.0);
         (scale, zero as u8)
@@ -693,6 +696,9 @@ impl DynamicQuantizeU8 {
     /// `saturate(round_half_even(x / scale) + zero_point)`. `|x / scale| <= 255`, so adding
     /// and subtracting 1.5 * 2^23 rounds half to even exactly (and vectorizes).
     fn quantize(xs: &[f32], scale: f32, zero: u8, ys: &mut [u8]) {
+        if crate::int8mm::quantize_u8(xs, scale, zero, ys) {
+            return;
+        }
         const ROUND: f32 = 12_582_912.0;
         let zero = zero as i32;
         for (y, &x) in ys.iter_mut().zip(xs) {
