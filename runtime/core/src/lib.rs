@@ -10,14 +10,16 @@
 //! ```
 #![warn(missing_docs)]
 
+#[allow(unsafe_code)]
+pub mod attention;
 pub mod classify;
 pub mod error;
 pub mod generate;
 pub mod hf;
 pub mod idefics3;
 pub mod import;
-// The one module with `unsafe`: SIMD intrinsics and raw tile pointers, each block with its
-// SAFETY argument.
+// The modules with `unsafe` (SIMD intrinsics and raw tile pointers, each block with its
+// SAFETY argument): attention and int8mm.
 #[allow(unsafe_code)]
 pub mod int8mm;
 pub mod manifest;

@@ -31,9 +31,10 @@ pub struct LoadOptions {
     /// second time for many rows (see [`crate::patches::switch_products_on_rows`]): faster
     /// prefill, and those weights are held twice.
     pub prefill_plans: bool,
-    /// Run 8-bit products with a constant weight (`MatMulInteger`) on edgevlm's AVX-512 VNNI
-    /// kernel when the CPU has it (see [`crate::int8mm`]) instead of tract's.
-    pub vnni_kernel: bool,
+    /// Where the CPU has AVX-512, run 8-bit products with a constant weight (`MatMulInteger`,
+    /// see [`crate::int8mm`]) and ViT attention (see [`crate::attention`]) on edgevlm's own
+    /// kernels instead of tract's.
+    pub avx512_kernels: bool,
 }
 
 impl Default for LoadOptions {
@@ -43,7 +44,7 @@ impl Default for LoadOptions {
             fix_qdq_softmax: true,
             fix_block_quant_reshape: true,
             prefill_plans: true,
-            vnni_kernel: true,
+            avx512_kernels: true,
         }
     }
 }
@@ -544,7 +545,16 @@ fn optimize(
 ) -> Result<TypedModel, StageError> {
     let mut typed = typed;
     typed.declutter().map_err(|e| ("optimizing", e))?;
-    if options.vnni_kernel {
+    if options.avx512_kernels {
+        let fused =
+            crate::attention::fuse_attention(&mut typed).map_err(|e| ("fusing attention", e))?;
+        if fused > 0 {
+            notes.push(format!(
+                "attention: {fused} attention block(s) fused into edgevlm's AVX-512 kernel, \
+                 scores never written out (tract {TRACT_VERSION} writes, scales, masks, \
+                 softmaxes and repacks a heads x rows x keys tensor)"
+            ));
+        }
         let own = crate::int8mm::vnni_int8_products(&mut typed)
             .map_err(|e| ("packing int8 weights", e))?;
         if own > 0 {

@@ -237,6 +237,10 @@ fn smolvlm_quantized_greedy_tokens_agree_with_onnx_runtime() {
             // size (tract folds weights under 4 MiB itself) and has its own unit test.
             let notes = g.notes().join("\n");
             assert!(notes.contains("gelu: 2 "), "{notes}");
+            // The vision encoder's attention runs fused where the CPU has AVX-512.
+            if edgevlm_runtime::int8mm::available() {
+                assert!(notes.contains("attention: 2 "), "{notes}");
+            }
             // The vision encoder's 4-bit products (16 patch rows) run on expanded weights;
             // the decoder's (symbolic rows) switch between both by row count.
             if variant == "q4" {

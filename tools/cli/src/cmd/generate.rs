@@ -72,10 +72,10 @@ pub struct Cmd {
     /// (the weights of those products are held once), slower prefill.
     #[arg(long)]
     no_prefill_plans: bool,
-    /// Leave 8-bit products to tract's kernel instead of edgevlm's AVX-512 VNNI one (for
-    /// comparing the two; without AVX-512 VNNI tract's is always used).
+    /// Leave 8-bit products and attention to tract's kernels instead of edgevlm's AVX-512
+    /// ones (for comparing the two; without AVX-512 tract's are always used).
     #[arg(long)]
-    no_vnni_kernel: bool,
+    no_avx512_kernels: bool,
 }
 
 impl Cmd {
@@ -89,7 +89,7 @@ impl Cmd {
         let options = LoadOptions {
             threads: self.threads as usize,
             prefill_plans: !self.no_prefill_plans,
-            vnni_kernel: !self.no_vnni_kernel,
+            avx512_kernels: !self.no_avx512_kernels,
             ..Default::default()
         };
         let (package, mut generator) = Generator::open(&self.model, &options)
