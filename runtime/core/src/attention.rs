@@ -21,7 +21,7 @@ use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 /// Keys per panel of the score kernel: two 16-lane registers.
-const KP: usize = 32;
+const KP: usize = crate::q4mm::NR;
 /// Query rows per block.
 const RB: usize = 8;
 
@@ -215,10 +215,25 @@ impl Job<'_> {
                     qt[r * d..(r + 1) * d]
                         .copy_from_slice(&self.q[((b * rows + r0 + r) * heads + h) * d..][..d]);
                 }
-                // SAFETY: `head` is only reached through a plan built when `available()`; the
-                // buffers are sized above for whole panels and vectors.
-                unsafe {
-                    scores(&qt, d, &kt, panels, self.scale, &mut s, np);
+                // The scores, one panel of 32 keys at a time.
+                for p in 0..panels {
+                    // SAFETY: `head` is only reached through a plan built when `available()`;
+                    // the buffers are sized above for whole panels and vectors.
+                    unsafe {
+                        crate::q4mm::fma_tile_rows(
+                            RB,
+                            &crate::q4mm::FmaTile {
+                                a: qt.as_ptr(),
+                                lda: d,
+                                b: kt.as_ptr().add(p * d * KP),
+                                k: d,
+                                scale: self.scale,
+                                c: s.as_mut_ptr().add(p * KP),
+                                ldc: np,
+                                cols: KP,
+                            },
+                        )
+                    }
                 }
                 for r in 0..rb {
                     let row = &mut s[r * np..r * np + keys];
@@ -255,50 +270,6 @@ impl Job<'_> {
         {
             let _ = (bh, o);
             unreachable!("FusedAttention is only built on x86_64");
-        }
-    }
-}
-
-/// `s[r][j] = scale * sum_c q[r][c] kt[p][c][j]` for the [`RB`] rows of `q` (`[RB, d]`) and every
-/// panel of 32 keys.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn scores(
-    q: &[f32],
-    d: usize,
-    kt: &[f32],
-    panels: usize,
-    scale: f32,
-    s: &mut [f32],
-    np: usize,
-) {
-    use std::arch::x86_64::*;
-    assert!(q.len() >= RB * d && kt.len() >= panels * d * KP && s.len() >= RB * np);
-    let sc = _mm512_set1_ps(scale);
-    for p in 0..panels {
-        let mut acc = [[_mm512_setzero_ps(); 2]; RB];
-        let kp = kt[p * d * KP..].as_ptr();
-        for c in 0..d {
-            // SAFETY: c < d and the panel holds d rows of 32 keys.
-            let (k0, k1) = unsafe {
-                (
-                    _mm512_loadu_ps(kp.add(c * KP)),
-                    _mm512_loadu_ps(kp.add(c * KP + 16)),
-                )
-            };
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let x = _mm512_set1_ps(q[r * d + c]);
-                acc[0] = _mm512_fmadd_ps(x, k0, acc[0]);
-                acc[1] = _mm512_fmadd_ps(x, k1, acc[1]);
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: row r of s holds np = panels * 32 floats.
-            unsafe {
-                let dst = s.as_mut_ptr().add(r * np + p * KP);
-                _mm512_storeu_ps(dst, _mm512_mul_ps(acc[0], sc));
-                _mm512_storeu_ps(dst.add(16), _mm512_mul_ps(acc[1], sc));
-            }
         }
     }
 }

@@ -19,7 +19,7 @@ pub mod hf;
 pub mod idefics3;
 pub mod import;
 // The modules with `unsafe` (SIMD intrinsics and raw tile pointers, each block with its
-// SAFETY argument): attention and int8mm.
+// SAFETY argument): attention, int8mm and q4mm.
 #[allow(unsafe_code)]
 pub mod int8mm;
 pub mod manifest;
@@ -29,6 +29,8 @@ pub mod package;
 pub mod patches;
 pub mod pipeline;
 pub mod preprocess;
+#[allow(unsafe_code)]
+pub mod q4mm;
 pub mod resample;
 pub mod sampling;
 pub mod synth;

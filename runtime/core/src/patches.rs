@@ -254,7 +254,7 @@ impl EvalOp for ExpandWeight {
 }
 
 /// Is `format` GGML's `Q4_0` (32 values in 18 bytes)?
-fn is_q4_0(format: &dyn tract_linalg::block_quant::BlockQuant) -> bool {
+pub(crate) fn is_q4_0(format: &dyn tract_linalg::block_quant::BlockQuant) -> bool {
     format.block_len() == 32
         && format.block_bytes() == 18
         && format!("{format:?}") == format!("{Q4_0:?}")
@@ -295,12 +295,15 @@ impl TypedOp for ExpandWeight {
 /// each run (a few ms per run; the f32 copy lives only while its product runs, so resident
 /// memory stays that of the 4-bit weights) and lets tract pick its matrix-matrix kernels.
 /// Products with a symbolic row count (a decoder's prefill and decode steps share one plan)
-/// keep the 4-bit path, which is at ONNX Runtime's speed for one row. Returns how many
-/// products were changed.
+/// keep the 4-bit path, which is at ONNX Runtime's speed for one row. With `own_kernel` and
+/// AVX-512, products of the plain `[.., k] x [n, k] -> [.., n]` form run on
+/// [`crate::q4mm::Q4MatMul`] instead (the weight repacked once, decoded panel by panel).
+/// Returns how many products were expanded and how many went to `Q4MatMul`.
 pub fn expand_block_quant_for_many_rows(
     model: &mut TypedModel,
     min_rows: usize,
-) -> TractResult<usize> {
+    own_kernel: bool,
+) -> TractResult<(usize, usize)> {
     let mut targets = vec![];
     for node in model.nodes() {
         if let Some((slot, k)) = block_quant_product(model, node)? {
@@ -310,12 +313,28 @@ pub fn expand_block_quant_for_many_rows(
             }
         }
     }
+    let mut own = 0;
     for (node, slot, input) in &targets {
+        let own_op = if own_kernel {
+            let op = model.node(*node).op_as::<EinSum>().unwrap();
+            let weight = model.outlet_fact(*input)?.konst.clone().unwrap();
+            crate::q4mm::Q4MatMul::for_product(op, *slot, &weight)
+        } else {
+            None
+        };
+        if let Some(op) = own_op {
+            let node = model.node(*node);
+            let act = [node.inputs[1 - slot]];
+            let patch = TypedModelPatch::replace_single_op(model, node, &act, op)?;
+            patch.apply(model)?;
+            own += 1;
+            continue;
+        }
         let name = format!("{}.edgevlm_expand_bq_{slot}", model.node(*node).name);
         let expanded = model.wire_node(name, ExpandWeight, &[*input])?[0];
         model.add_edge(expanded, InletId::new(*node, *slot))?;
     }
-    Ok(targets.len())
+    Ok((targets.len() - own, own))
 }
 
 /// If `node` is a product with a constant block-quantized (4-bit) weight: the weight's input
@@ -408,12 +427,14 @@ fn known_rows(act: &TypedFact, k: usize) -> usize {
 /// [`WEIGHT_CHUNK_BYTES`] of f32, so the expanded copy stays in cache and its transient
 /// memory small even for a 49k-row `lm_head`), runs `many` on each chunk and joins the
 /// outputs. The 4-bit weight is held twice (tract's packed copy for `few`, and the original).
+/// With AVX-512, `own` replaces `many` and the expansion: the weight repacked for
+/// [`crate::q4mm::Q4MatMul`] (then `many` is not compiled).
 #[derive(Clone)]
 pub struct RowSwitch {
     few: Arc<TypedRunnableModel>,
-    many: Arc<TypedRunnableModel>,
-    /// The block-quantized weight, `[n, k]`.
-    weight: Arc<Tensor>,
+    /// The plan on f32 kernels and the block-quantized weight (`[n, k]`) it expands.
+    many: Option<(Arc<TypedRunnableModel>, Arc<Tensor>)>,
+    own: Option<crate::q4mm::Q4MatMul>,
     /// The output axis the weight's rows become.
     n_axis: usize,
     /// Weight rows per chunk, what `many` is compiled for.
@@ -438,7 +459,11 @@ impl std::fmt::Debug for RowSwitch {
 
 impl PartialEq for RowSwitch {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.few, &other.few) && Arc::ptr_eq(&self.many, &other.many)
+        let same_many = match (&self.many, &other.many) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a.0, &b.0),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        Arc::ptr_eq(&self.few, &other.few) && same_many && self.own == other.own
     }
 }
 
@@ -447,14 +472,20 @@ impl Eq for RowSwitch {}
 impl RowSwitch {
     /// The product on f32 kernels, the weight expanded `WEIGHT_CHUNK_BYTES` at a time.
     fn eval_many(&self, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let bqs = self
-            .weight
+        let act = inputs.remove(self.act);
+        if let Some(own) = &self.own {
+            return Ok(tvec!(own.run(&act)?.into_tvalue()));
+        }
+        let (many, weight) = self
+            .many
+            .as_ref()
+            .context("RowSwitch without a many-row plan")?;
+        let bqs = weight
             .storage_as::<BlockQuantStorage>()
             .context("RowSwitch weight is not block-quantized")?;
-        let (n, k, chunk_rows) = (self.weight.shape()[0], self.k, self.chunk_rows);
+        let (n, k, chunk_rows) = (weight.shape()[0], self.k, self.chunk_rows);
         let row_bytes = k / 32 * 18;
         let bytes: &[u8] = bqs.value();
-        let act = inputs.remove(self.act);
         let mut outputs = vec![];
         for first in (0..n).step_by(chunk_rows) {
             let rows = chunk_rows.min(n - first);
@@ -462,9 +493,7 @@ impl RowSwitch {
             // `many` is compiled for whole chunks: the last one is padded with zero rows.
             chunk.resize(chunk_rows * k, 0.0);
             let chunk = tract_ndarray::ArrayD::from_shape_vec(vec![chunk_rows, k], chunk)?;
-            let out = self
-                .many
-                .run(tvec!(act.clone(), chunk.into_tensor().into_tvalue()))?;
+            let out = many.run(tvec!(act.clone(), chunk.into_tensor().into_tvalue()))?;
             let mut out = out.into_iter().next().context("no output")?.into_tensor();
             if rows < chunk_rows {
                 out = out.slice(self.n_axis, 0, rows)?;
@@ -523,6 +552,7 @@ pub fn switch_products_on_rows(
     model: &mut TypedModel,
     min_rows: usize,
     chunk_bytes: usize,
+    own_kernel: bool,
     compile: &dyn Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>>,
 ) -> TractResult<usize> {
     let mut targets = vec![];
@@ -582,12 +612,22 @@ pub fn switch_products_on_rows(
         // one stay few.
         let chunks = (n * k * 4).div_ceil(chunk_bytes.max(1)).max(1);
         let chunk_rows = n.div_ceil(chunks).next_multiple_of(64).min(n);
-        let chunk = f32::fact([chunk_rows, *k]);
-        let many = compile(one_node(Some(chunk))?)?;
+        let own = if own_kernel {
+            crate::q4mm::Q4MatMul::for_product(op, *slot, &weight)
+        } else {
+            None
+        };
+        let many = match own {
+            Some(_) => None,
+            None => Some((
+                compile(one_node(Some(f32::fact([chunk_rows, *k])))?)?,
+                weight.clone(),
+            )),
+        };
         let switch = RowSwitch {
             few: compile(one_node(None)?)?,
             many,
-            weight,
+            own,
             n_axis,
             chunk_rows,
             act: 0,
@@ -1088,31 +1128,42 @@ mod tests {
             .into_runnable()
             .unwrap();
         let compile = |m: TypedModel| m.into_optimized()?.into_runnable();
-        let switched = switch_products_on_rows(&mut model, 16, 16 * 1024, &compile).unwrap();
-        assert_eq!(switched, 1);
-        let node = model
-            .nodes()
-            .iter()
-            .find_map(|n| n.op_as::<RowSwitch>())
-            .unwrap();
-        assert_eq!(
-            node.chunk_rows, 64,
-            "four chunks of 64 rows, the last one padded"
-        );
-        let switched = model.into_runnable().unwrap();
-        for rows in [1, 20] {
-            let input: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
-            let input = tensor1(&input).into_shape(&[rows, k]).unwrap();
-            let want = plain.run(tvec!(input.clone().into_tvalue())).unwrap();
-            let got = switched.run(tvec!(input.into_tvalue())).unwrap();
-            assert_eq!(got[0].shape(), &[rows, n]);
-            let want = want[0].to_plain_array_view::<f32>().unwrap();
-            let got = got[0].to_plain_array_view::<f32>().unwrap();
-            let worst = got
+        // The chunked f32 plan, then (with AVX-512) edgevlm's 4-bit kernel.
+        for own_kernel in [false, true] {
+            let mut model = model.clone();
+            let switched =
+                switch_products_on_rows(&mut model, 16, 16 * 1024, own_kernel, &compile).unwrap();
+            assert_eq!(switched, 1);
+            let node = model
+                .nodes()
                 .iter()
-                .zip(want.iter())
-                .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-            assert!(worst < 1e-4, "{rows} rows: max |diff| {worst}");
+                .find_map(|n| n.op_as::<RowSwitch>())
+                .unwrap();
+            assert_eq!(
+                node.chunk_rows, 64,
+                "four chunks of 64 rows, the last one padded"
+            );
+            let own = own_kernel && crate::int8mm::available();
+            assert_eq!(node.own.is_some(), own);
+            assert_eq!(node.many.is_some(), !own);
+            let switched = model.into_runnable().unwrap();
+            for rows in [1, 20] {
+                let input: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+                let input = tensor1(&input).into_shape(&[rows, k]).unwrap();
+                let want = plain.run(tvec!(input.clone().into_tvalue())).unwrap();
+                let got = switched.run(tvec!(input.into_tvalue())).unwrap();
+                assert_eq!(got[0].shape(), &[rows, n]);
+                let want = want[0].to_plain_array_view::<f32>().unwrap();
+                let got = got[0].to_plain_array_view::<f32>().unwrap();
+                let worst = got
+                    .iter()
+                    .zip(want.iter())
+                    .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                assert!(
+                    worst < 1e-4,
+                    "{rows} rows, own kernel {own}: max |diff| {worst}"
+                );
+            }
         }
     }
 

@@ -241,11 +241,17 @@ fn smolvlm_quantized_greedy_tokens_agree_with_onnx_runtime() {
             if edgevlm_runtime::int8mm::available() {
                 assert!(notes.contains("attention: 2 "), "{notes}");
             }
-            // The vision encoder's 4-bit products (16 patch rows) run on expanded weights;
-            // the decoder's (symbolic rows) switch between both by row count.
+            // The vision encoder's 4-bit products (16 patch rows) run on edgevlm's AVX-512
+            // kernel, or else on expanded weights; the decoder's (symbolic rows) switch
+            // between tract's plan and that kernel (or expanded weights) by row count.
             if variant == "q4" {
-                assert!(notes.contains("q4-many-rows: "), "{notes}");
-                assert!(notes.contains("prefill-plans: "), "{notes}");
+                if edgevlm_runtime::int8mm::available() {
+                    assert!(notes.contains("q4-avx512: "), "{notes}");
+                    assert!(notes.contains("AVX-512 4-bit kernel, taken from"), "{notes}");
+                } else {
+                    assert!(notes.contains("q4-many-rows: "), "{notes}");
+                    assert!(notes.contains("prefill-plans: "), "{notes}");
+                }
             }
             // Its int8 products run on edgevlm's VNNI kernel where the CPU has one, else on
             // tract's, with all their rows as the kernel's columns.

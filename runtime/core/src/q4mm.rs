@@ -1,0 +1,440 @@
+//! 4-bit (GGML `Q4_0`, ONNX `MatMulNBits` as tract loads it) products with f32 activations and
+//! many rows, on AVX-512: the weight is repacked once at load into panels of 32 output columns
+//! whose nibbles decode straight into two 16-lane registers; a run decodes one panel into an
+//! L2-resident f32 block and multiplies every 8-row block of the activation against it.
+//!
+//! tract 0.23.9 runs such products as matrix-vector products (`docs/tract-slow-paths.md`,
+//! section 3); edgevlm's first fix expanded the weight to f32 chunk by chunk and ran tract's
+//! f32 plan on each chunk, which packs the expanded chunk again: about as much time as the
+//! products. Here the decoded panel is already in the kernel's layout.
+
+// Elsewhere than x86_64 the kernels are compiled out and the ops never created (the
+// rewrite checks the CPU first), which leaves their plumbing unused there.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+/// Output columns per panel: two 16-lane registers.
+pub(crate) const NR: usize = 32;
+/// Activation rows per kernel tile.
+const MR: usize = 8;
+/// Below this many multiply-adds a product stays on the caller's thread.
+const THREADING_MACS: usize = 1 << 22;
+
+/// A `Q4_0` weight of `n` rows (output columns) by `k` (contraction), repacked: for panel `p`
+/// (32 rows) and block `b` (32 contraction values), 32 f32 scales (one per column), then for
+/// each of the 32 contraction values 16 bytes holding column `j`'s nibble in the low half of
+/// byte `j` (`j < 16`) or the high half of byte `j - 16`.
+#[derive(Debug)]
+pub struct Q4Packed {
+    n: usize,
+    k: usize,
+    scales: Vec<f32>,
+    nibbles: Vec<u8>,
+}
+
+impl Q4Packed {
+    /// Repacks GGML `Q4_0` bytes of an `[n, k]` weight (each row `k / 32` blocks of an f16
+    /// scale and 16 bytes: value `i` in the low nibble of byte `i`, value `16 + i` in its high
+    /// nibble, each minus 8). `None` unless `k` is a multiple of 32 and the sizes match.
+    pub fn from_q4_0(bytes: &[u8], n: usize, k: usize) -> Option<Q4Packed> {
+        if !k.is_multiple_of(32) || bytes.len() != n * k / 32 * 18 {
+            return None;
+        }
+        let kb = k / 32;
+        let panels = n.div_ceil(NR);
+        let mut scales = vec![0f32; panels * kb * NR];
+        let mut nibbles = vec![0u8; panels * kb * 32 * 16];
+        for j in 0..n {
+            let (p, jj) = (j / NR, j % NR);
+            for b in 0..kb {
+                let block = &bytes[(j * kb + b) * 18..][..18];
+                let blk = p * kb + b;
+                scales[blk * NR + jj] =
+                    f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+                for kk in 0..32 {
+                    let byte = block[2 + kk % 16];
+                    let v = if kk < 16 { byte & 0x0f } else { byte >> 4 };
+                    let at = (blk * 32 + kk) * 16 + jj % 16;
+                    nibbles[at] |= if jj < 16 { v } else { v << 4 };
+                }
+            }
+        }
+        Some(Q4Packed {
+            n,
+            k,
+            scales,
+            nibbles,
+        })
+    }
+
+    /// Output columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// `c = a w^T` for the `m` rows of `a` (`[m, k]` row-major) into `c` (`[m, n]`). Panics
+    /// unless [`crate::int8mm::available`] (checked by the caller once, at load).
+    pub fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
+        assert!(crate::int8mm::available(), "Q4Packed needs AVX-512");
+        assert!(a.len() >= m * self.k && c.len() >= m * self.n);
+        let panels = self.n.div_ceil(NR);
+        let (a_addr, c_addr) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
+        let run = |ps: std::ops::Range<usize>| {
+            let mut block = vec![0f32; self.k * NR];
+            for p in ps {
+                self.panel(p, m, a_addr, c_addr, &mut block);
+            }
+        };
+        match tract_linalg::multithread::current_tract_executor() {
+            tract_linalg::multithread::Executor::MultiThread(pool)
+                if pool.current_num_threads() > 1 && m * self.n * self.k >= THREADING_MACS =>
+            {
+                let per = panels.div_ceil(pool.current_num_threads());
+                pool.scope(|s| {
+                    for first in (0..panels).step_by(per.max(1)) {
+                        let run = &run;
+                        s.spawn(move |_| run(first..(first + per).min(panels)));
+                    }
+                });
+            }
+            _ => run(0..panels),
+        }
+    }
+
+    /// Panel `p`: decode it into `block` (`[k, 32]` f32), then every row tile against it.
+    fn panel(&self, p: usize, m: usize, a: usize, c: usize, block: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let kb = self.k / 32;
+            // SAFETY: `matmul` checked the CPU and the sizes; the panel's scales and nibbles
+            // exist for every block (whole panels are allocated).
+            unsafe {
+                decode_panel(
+                    &self.scales[p * kb * NR..][..kb * NR],
+                    &self.nibbles[p * kb * 32 * 16..][..kb * 32 * 16],
+                    block,
+                )
+            };
+            let cols = NR.min(self.n - p * NR);
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = MR.min(m - r0);
+                // SAFETY: rows r0..r0 + rows of a and c exist; columns p * 32 + cols <= n.
+                unsafe {
+                    let t = FmaTile {
+                        a: (a as *const f32).add(r0 * self.k),
+                        lda: self.k,
+                        b: block.as_ptr(),
+                        k: self.k,
+                        scale: 1.0,
+                        c: (c as *mut f32).add(r0 * self.n + p * NR),
+                        ldc: self.n,
+                        cols,
+                    };
+                    fma_tile_rows(rows, &t);
+                }
+                r0 += rows;
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (p, m, a, c, block);
+            unreachable!("Q4Packed is only built on x86_64");
+        }
+    }
+}
+
+/// A product with a constant 4-bit weight on [`Q4Packed`]: the activation (f32, contraction on
+/// its last axis) in, the f32 product with the activation's outer axes and `n` last out.
+#[derive(Clone)]
+pub struct Q4MatMul {
+    /// The repacked weight.
+    pub weight: Arc<Q4Packed>,
+}
+
+impl std::fmt::Debug for Q4MatMul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q4MatMul(k={}, n={})", self.weight.k, self.weight.n)
+    }
+}
+
+impl PartialEq for Q4MatMul {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weight, &other.weight)
+    }
+}
+
+impl Eq for Q4MatMul {}
+
+impl Q4MatMul {
+    /// The product for one activation tensor.
+    pub fn run(&self, act: &Tensor) -> TractResult<Tensor> {
+        let (k, n) = (self.weight.k, self.weight.n);
+        let shape = act.shape();
+        ensure!(
+            shape.last() == Some(&k),
+            "Q4MatMul: activation {shape:?} does not end with k = {k}"
+        );
+        let act = act.cast_to::<f32>()?;
+        let plain = act.try_as_plain_ram()?;
+        let a = plain.as_slice::<f32>()?;
+        let m = a.len() / k.max(1);
+        let mut out_shape: TVec<usize> = shape[..shape.len() - 1].into();
+        out_shape.push(n);
+        let mut out = Tensor::zero::<f32>(&out_shape)?;
+        {
+            let mut out_plain = out.try_as_plain_ram_mut()?;
+            self.weight.matmul(a, m, out_plain.as_slice_mut::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    /// A `Q4MatMul` for the product `op` whose input `slot` is the constant `Q4_0` weight
+    /// `weight` (`[n, k]` or `[1, n, k]`), if its activation has the contraction last and the output is the
+    /// activation's outer axes then `n`, and the CPU has AVX-512.
+    pub fn for_product(op: &EinSum, slot: usize, weight: &Tensor) -> Option<Q4MatMul> {
+        use tract_linalg::block_quant::BlockQuantStorage;
+        let shape = weight.shape();
+        // `[n, k]`, or `[1, n, k]` (MatMulNBits as tract-onnx loads it: a group axis of 1).
+        let grouped = shape.len() == 3 && shape[0] == 1;
+        if !crate::int8mm::available() || slot > 1 || !(shape.len() == 2 || grouped) {
+            return None;
+        }
+        let (inputs, outputs) = op.axes.to_strs();
+        if inputs.len() != 2 || outputs.len() != 1 {
+            return None;
+        }
+        let (w, act) = (&inputs[slot], &inputs[1 - slot]);
+        if grouped && (act.contains(&w[..1]) || outputs[0].contains(&w[..1])) {
+            return None;
+        }
+        let w = if grouped { &w[1..] } else { &w[..] };
+        let (nc, kc) = (w.chars().next()?, w.chars().nth(1)?);
+        let outer = &act[..act.len().checked_sub(1)?];
+        if !act.ends_with(kc) || outer.contains(nc) || outputs[0] != format!("{outer}{nc}") {
+            return None;
+        }
+        let bqs = weight.storage_as::<BlockQuantStorage>()?;
+        if !crate::patches::is_q4_0(bqs.format()) {
+            return None;
+        }
+        let (n, k) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        Some(Q4MatMul {
+            weight: Arc::new(Q4Packed::from_q4_0(bqs.value(), n, k)?),
+        })
+    }
+}
+
+impl Op for Q4MatMul {
+    fn name(&self) -> StaticName {
+        "EdgevlmQ4MatMul".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("k={}, n={}", self.weight.k, self.weight.n)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Q4MatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        Ok(tvec!(self.run(&inputs[0])?.into_tvalue()))
+    }
+}
+
+impl TypedOp for Q4MatMul {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let act = &inputs[0].shape;
+        let mut shape: TVec<TDim> = act.iter().take(act.rank() - 1).cloned().collect();
+        shape.push(self.weight.n.to_dim());
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    as_op!();
+}
+
+/// The 32 columns of one panel as f32, `[k, 32]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode_panel(scales: &[f32], nibbles: &[u8], block: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let kb = scales.len() / NR;
+    assert!(nibbles.len() >= kb * 32 * 16 && block.len() >= kb * 32 * NR);
+    let (low, eight) = (_mm512_set1_epi32(0x0f), _mm512_set1_ps(8.0));
+    for b in 0..kb {
+        // SAFETY: the asserts above bound every access.
+        unsafe {
+            let s0 = _mm512_loadu_ps(scales.as_ptr().add(b * NR));
+            let s1 = _mm512_loadu_ps(scales.as_ptr().add(b * NR + 16));
+            for kk in 0..32 {
+                let bytes = _mm_loadu_si128(nibbles.as_ptr().add((b * 32 + kk) * 16) as *const _);
+                let x = _mm512_cvtepu8_epi32(bytes);
+                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(x, low));
+                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(x));
+                let dst = block.as_mut_ptr().add((b * 32 + kk) * NR);
+                _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_sub_ps(lo, eight), s0));
+                _mm512_storeu_ps(dst.add(16), _mm512_mul_ps(_mm512_sub_ps(hi, eight), s1));
+            }
+        }
+    }
+}
+
+/// One call of [`fma_tile`]: rows of `a` (stride `lda`) against a `[k, 32]` panel `b`, times
+/// `scale`, into `c` (stride `ldc`), `cols` of the 32 columns stored.
+pub(crate) struct FmaTile {
+    pub a: *const f32,
+    pub lda: usize,
+    pub b: *const f32,
+    pub k: usize,
+    pub scale: f32,
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub cols: usize,
+}
+
+/// [`fma_tile`] for `rows` (1 to 8) rows.
+///
+/// # Safety
+/// AVX-512 F; `rows` rows of `a` and `c`, `k` rows of the panel `b` must be readable and the
+/// first `cols` columns of `c` writable.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn fma_tile_rows(rows: usize, t: &FmaTile) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        match rows {
+            8 => fma_tile::<8>(t),
+            7 => fma_tile::<7>(t),
+            6 => fma_tile::<6>(t),
+            5 => fma_tile::<5>(t),
+            4 => fma_tile::<4>(t),
+            3 => fma_tile::<3>(t),
+            2 => fma_tile::<2>(t),
+            _ => fma_tile::<1>(t),
+        }
+    }
+}
+
+/// `R` rows by 32 columns: 16 FMA per contraction step, scaled and stored under a mask.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_tile<const R: usize>(t: &FmaTile) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for kk in 0..t.k {
+        // SAFETY: kk < k (the caller's bounds).
+        unsafe {
+            let b = t.b.add(kk * NR);
+            let (b0, b1) = (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*t.a.add(r * t.lda + kk));
+                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            }
+        }
+    }
+    let mask = |cols: usize| -> __mmask16 {
+        if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    };
+    let (m0, m1) = (mask(t.cols), mask(t.cols.saturating_sub(16)));
+    let s = _mm512_set1_ps(t.scale);
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: row r < R of c, its first `cols` columns (the caller's bounds).
+        unsafe {
+            let out = t.c.add(r * t.ldc);
+            _mm512_mask_storeu_ps(out, m0, _mm512_mul_ps(acc[0], s));
+            if m1 != 0 {
+                _mm512_mask_storeu_ps(out.add(16), m1, _mm512_mul_ps(acc[1], s));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random Q4_0 bytes for an `[n, k]` weight and their f32 values (the definition).
+    fn q4_weight(n: usize, k: usize, seed: &mut u64) -> (Vec<u8>, Vec<f32>) {
+        let mut next = || {
+            *seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (*seed >> 33) as u32
+        };
+        let (mut bytes, mut values) = (vec![], vec![0f32; n * k]);
+        for j in 0..n {
+            for b in 0..k / 32 {
+                let scale = f16::from_f32((next() % 1000) as f32 / 20000.0 + 0.001);
+                bytes.extend(scale.to_bits().to_le_bytes());
+                let nib: Vec<u8> = (0..16).map(|_| (next() % 256) as u8).collect();
+                for i in 0..16 {
+                    values[j * k + b * 32 + i] = ((nib[i] & 15) as f32 - 8.0) * scale.to_f32();
+                    values[j * k + b * 32 + 16 + i] = ((nib[i] >> 4) as f32 - 8.0) * scale.to_f32();
+                }
+                bytes.extend(nib);
+            }
+        }
+        (bytes, values)
+    }
+
+    /// Row tails 1-8, partial panels, 1 and 2 threads, against the f64 definition.
+    #[test]
+    fn q4_product_equals_the_definition() {
+        if !crate::int8mm::available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let mut seed = 11;
+        // The last is large enough to be split over threads.
+        for &(m, k, n) in &[
+            (1, 32, 1),
+            (9, 64, 45),
+            (16, 96, 32),
+            (23, 256, 70),
+            (40, 512, 250),
+        ] {
+            let (bytes, w) = q4_weight(n, k, &mut seed);
+            let packed = Q4Packed::from_q4_0(&bytes, n, k).unwrap();
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            for threads in [1, 2] {
+                let mut c = vec![f32::NAN; m * n];
+                let executor = if threads > 1 {
+                    tract_linalg::multithread::Executor::multithread(threads)
+                } else {
+                    tract_linalg::multithread::Executor::SingleThread
+                };
+                tract_linalg::multithread::multithread_tract_scope(executor, || {
+                    packed.matmul(&a, m, &mut c)
+                });
+                for r in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|i| a[r * k + i] as f64 * w[j * k + i] as f64)
+                            .sum();
+                        let got = c[r * n + j] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "m={m} k={k} n={n} threads={threads} at ({r}, {j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(Q4Packed::from_q4_0(&[0; 18], 1, 16).is_none());
+        assert!(Q4Packed::from_q4_0(&[0; 17], 1, 32).is_none());
+    }
+}
