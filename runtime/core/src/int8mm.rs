@@ -51,6 +51,16 @@ pub fn available() -> bool {
     }
 }
 
+/// Where [`PackedWeight::matmul`] writes: the `i32` sums, or the sums as f32 times a scale
+/// (one value, or one per column): ONNX's `Cast` to float and `Mul` by the product of the
+/// quantization scales, fused.
+pub enum Output<'a> {
+    /// `m x n` sums.
+    Sums(&'a mut [i32]),
+    /// `m x n` scaled values, and the scale (length 1 or `n`).
+    Scaled(&'a mut [f32], &'a [f32]),
+}
+
 /// A `[k, n]` 8-bit weight packed for the kernel: panels of [`NR`] columns, each a run of
 /// `k4 = ceil(k / 4)` steps of `NR x 4` signed bytes (column-major within a step, the 4
 /// contraction elements of one column adjacent), zero past `k` and `n`.
@@ -67,13 +77,15 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs the `[k, n]` weight whose element `(i, j)` is `weight(i, j)` (a `u8` or `i8` value
-    /// as `i32`; `signed` says which) with zero point `zero(j)` for column `j`.
+    /// Packs a `[k, n]` weight (`k_major`) or `[n, k]` one, read in memory order: `value(x)` is
+    /// the element at flat index `x` minus 128 if the weight is `u8` (`signed` false), i.e. as
+    /// the kernel's signed byte; `zero(j)` is column `j`'s zero point.
     pub fn pack(
         k: usize,
         n: usize,
         signed: bool,
-        weight: impl Fn(usize, usize) -> i32,
+        k_major: bool,
+        value: impl Fn(usize) -> i8,
         zero: impl Fn(usize) -> i32,
     ) -> PackedWeight {
         let b_shift = if signed { 0 } else { 128 };
@@ -81,16 +93,26 @@ impl PackedWeight {
         let panels_n = n.div_ceil(NR);
         let mut panels = vec![0i8; panels_n * k4 * NR * 4];
         let mut colsum = vec![0i32; panels_n * NR];
-        let mut beta = vec![0i32; panels_n * NR];
-        for j in 0..n {
-            let (panel, col) = (j / NR, j % NR);
-            let base = panel * k4 * NR * 4 + col * 4;
+        let mut put = |i: usize, j: usize, v: i8| {
+            panels[(j / NR) * k4 * NR * 4 + (i / 4) * NR * 4 + (j % NR) * 4 + i % 4] = v;
+            colsum[j] += v as i32;
+        };
+        if k_major {
             for i in 0..k {
-                let v = (weight(i, j) - b_shift) as i8;
-                panels[base + (i / 4) * NR * 4 + i % 4] = v;
-                colsum[j] += v as i32;
+                for j in 0..n {
+                    put(i, j, value(i * n + j));
+                }
             }
-            beta[j] = zero(j) - b_shift;
+        } else {
+            for j in 0..n {
+                for i in 0..k {
+                    put(i, j, value(j * k + i));
+                }
+            }
+        }
+        let mut beta = vec![0i32; panels_n * NR];
+        for (j, b) in beta.iter_mut().take(n).enumerate() {
+            *b = zero(j) - b_shift;
         }
         PackedWeight {
             k,
@@ -116,7 +138,7 @@ impl PackedWeight {
     /// (unsigned bytes, row `r` at `r * lda`, `lda` a multiple of 4 and at least `k`, bytes
     /// from `k` to the next multiple of 4 zero), `alpha = za + a_shift`; `c` is `m x n`
     /// row-major. Panics unless [`available`] (checked by the caller once, at load).
-    pub fn matmul(&self, a: &[u8], lda: usize, m: usize, alpha: i32, c: &mut [i32]) {
+    pub fn matmul(&self, a: &[u8], lda: usize, m: usize, alpha: i32, out: Output<'_>) {
         assert!(available(), "VnniMatMul needs AVX-512 VNNI");
         assert!(
             m == 0
@@ -126,7 +148,22 @@ impl PackedWeight {
             "VnniMatMul: activation rows do not match k = {}",
             self.k
         );
-        assert!(c.len() >= m * self.n);
+        let panels_n = self.n.div_ceil(NR);
+        // Per-column output scales, padded to whole panels.
+        let (c, scales) = match out {
+            Output::Sums(c) => {
+                assert!(c.len() >= m * self.n);
+                (c.as_mut_ptr() as usize, None)
+            }
+            Output::Scaled(c, scale) => {
+                assert!(c.len() >= m * self.n && (scale.len() == 1 || scale.len() == self.n));
+                let mut padded = vec![0f32; panels_n * NR];
+                for (j, s) in padded.iter_mut().take(self.n).enumerate() {
+                    *s = scale[if scale.len() == 1 { 0 } else { j }];
+                }
+                (c.as_mut_ptr() as usize, Some(padded))
+            }
+        };
         let rowsum: Vec<i32> = (0..m)
             .map(|r| a[r * lda..r * lda + self.k].iter().map(|&x| x as i32).sum())
             .collect();
@@ -141,14 +178,14 @@ impl PackedWeight {
                     .wrapping_sub(alpha.wrapping_mul(cs))
             })
             .collect();
-        let panels_n = self.n.div_ceil(NR);
         let job = Job {
             w: self,
             a: a.as_ptr() as usize,
             lda,
             rowsum: &rowsum,
             corr: &corr,
-            c: c.as_mut_ptr() as usize,
+            scales: scales.as_deref(),
+            c,
         };
         let threads = match tract_linalg::multithread::current_tract_executor() {
             tract_linalg::multithread::Executor::MultiThread(pool)
@@ -192,6 +229,7 @@ struct Job<'a> {
     lda: usize,
     rowsum: &'a [i32],
     corr: &'a [i32],
+    scales: Option<&'a [f32]>,
     c: usize,
 }
 
@@ -224,6 +262,10 @@ impl Job<'_> {
                                 corr: self.corr.as_ptr().add(p * NR),
                                 beta: w.beta.as_ptr().add(p * NR),
                                 c: (self.c as *mut i32).add(r0 * w.n + p * NR),
+                                scale: match self.scales {
+                                    Some(s) => s.as_ptr().add(p * NR),
+                                    None => std::ptr::null(),
+                                },
                                 ldc: w.n,
                                 cols,
                             };
@@ -261,7 +303,10 @@ struct Tile {
     rowsum: *const i32,
     corr: *const i32,
     beta: *const i32,
+    /// `i32` sums, or (when `scale` is not null) f32 values of the same size.
     c: *mut i32,
+    /// 32 per-column factors: store `sum as f32 * scale` as f32 (null: the `i32` sums).
+    scale: *const f32,
     ldc: usize,
     cols: usize,
 }
@@ -314,8 +359,16 @@ unsafe fn tile<const R: usize>(t: &Tile) {
                     _mm512_sub_epi32(corr[h], _mm512_mullo_epi32(beta[h], rs)),
                 );
                 let m = if h == 0 { m0 } else { m1 };
-                if m != 0 {
+                if m == 0 {
+                    continue;
+                }
+                if t.scale.is_null() {
                     _mm512_mask_storeu_epi32(out.add(16 * h), m, v);
+                } else {
+                    // The same two roundings as ONNX's Cast to float, then Mul.
+                    let f =
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(t.scale.add(16 * h)));
+                    _mm512_mask_storeu_ps(out.add(16 * h) as *mut f32, m, f);
                 }
             }
         }
@@ -397,11 +450,14 @@ unsafe fn quantize_avx512(xs: &[f32], scale: f32, zero: u8, ys: &mut [u8]) {
 
 /// An ONNX `MatMulInteger` with a constant `[k, n]` weight on the VNNI kernel: inputs are the
 /// activation (`u8` or `i8`, contraction on its last axis) and its zero point; the output is
-/// the `i32` product with the activation's outer axes and `n` last.
+/// the `i32` product with the activation's outer axes and `n` last. `scaled`: a third input
+/// (f32, one value or one per column) multiplies the product, output as f32 (the `Cast` and
+/// `Mul` that follow a `MatMulInteger` in a dynamic-int8 export, fused).
 #[derive(Clone)]
 pub struct VnniMatMul {
     weight: Arc<PackedWeight>,
     act_signed: bool,
+    scaled: bool,
 }
 
 impl std::fmt::Debug for VnniMatMul {
@@ -412,7 +468,9 @@ impl std::fmt::Debug for VnniMatMul {
 
 impl PartialEq for VnniMatMul {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.weight, &other.weight) && self.act_signed == other.act_signed
+        Arc::ptr_eq(&self.weight, &other.weight)
+            && self.act_signed == other.act_signed
+            && self.scaled == other.scaled
     }
 }
 
@@ -425,10 +483,15 @@ impl Op for VnniMatMul {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "k={}, n={}, {} activation",
+            "k={}, n={}, {} activation{}",
             self.weight.k,
             self.weight.n,
-            if self.act_signed { "i8" } else { "u8" }
+            if self.act_signed { "i8" } else { "u8" },
+            if self.scaled {
+                ", scaled f32 output"
+            } else {
+                ""
+            }
         )])
     }
 
@@ -450,7 +513,6 @@ impl EvalOp for VnniMatMul {
         let m = act.len() / k.max(1);
         let mut out_shape: TVec<usize> = shape[..shape.len() - 1].into();
         out_shape.push(n);
-        let mut out = Tensor::zero::<i32>(&out_shape)?;
         let a_shift = if self.act_signed { 128 } else { 0 };
         let plain = act.try_as_plain_ram()?;
         // A row stride in whole 4-byte steps, zeros past k, signed bytes made unsigned.
@@ -475,11 +537,33 @@ impl EvalOp for VnniMatMul {
         } else {
             (plain.as_slice::<u8>()?, k)
         };
-        {
-            let mut out_plain = out.try_as_plain_ram_mut()?;
-            let c = out_plain.as_slice_mut::<i32>()?;
-            self.weight.matmul(a, lda, m, za + a_shift, c);
-        }
+        let alpha = za + a_shift;
+        let out = if self.scaled {
+            let scale = inputs[2].cast_to::<f32>()?;
+            let scale = scale.try_as_plain_ram()?;
+            let scale = scale.as_slice::<f32>()?;
+            ensure!(
+                scale.len() == 1 || scale.len() == n,
+                "VnniMatMul: {} scales for {n} columns",
+                scale.len()
+            );
+            let mut out = Tensor::zero::<f32>(&out_shape)?;
+            {
+                let mut out_plain = out.try_as_plain_ram_mut()?;
+                let c = out_plain.as_slice_mut::<f32>()?;
+                self.weight
+                    .matmul(a, lda, m, alpha, Output::Scaled(c, scale));
+            }
+            out
+        } else {
+            let mut out = Tensor::zero::<i32>(&out_shape)?;
+            {
+                let mut out_plain = out.try_as_plain_ram_mut()?;
+                let c = out_plain.as_slice_mut::<i32>()?;
+                self.weight.matmul(a, lda, m, alpha, Output::Sums(c));
+            }
+            out
+        };
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -489,7 +573,11 @@ impl TypedOp for VnniMatMul {
         let act = &inputs[0].shape;
         let mut shape: TVec<TDim> = act.iter().take(act.rank() - 1).cloned().collect();
         shape.push(self.weight.n.to_dim());
-        Ok(tvec!(i32::fact(shape)))
+        Ok(tvec!(if self.scaled {
+            f32::fact(shape)
+        } else {
+            i32::fact(shape)
+        }))
     }
 
     as_op!();
@@ -562,25 +650,22 @@ fn vnni_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Vnni
     if zb.len() != 1 && zb.len() != n {
         return Ok(None);
     }
-    let w = w.cast_to::<i32>()?;
-    let w = w.try_as_plain_ram()?;
-    let ws = w.as_slice::<i32>()?;
     let zb = zb.cast_to::<i32>()?;
     let zb = zb.try_as_plain_ram()?;
     let zbs = zb.as_slice::<i32>()?;
-    let at = |i: usize, j: usize| {
-        if k_axis == 0 {
-            ws[i * n + j]
-        } else {
-            ws[j * k + i]
-        }
+    let zero = |j: usize| zbs[if zbs.len() == 1 { 0 } else { j }];
+    let plain = w.try_as_plain_ram()?;
+    let packed = if weight.datum_type == i8::datum_type() {
+        let ws = plain.as_slice::<i8>()?;
+        PackedWeight::pack(k, n, true, k_axis == 0, |x| ws[x], zero)
+    } else {
+        let ws = plain.as_slice::<u8>()?;
+        PackedWeight::pack(k, n, false, k_axis == 0, |x| (ws[x] ^ 0x80) as i8, zero)
     };
-    let packed = PackedWeight::pack(k, n, weight.datum_type == i8::datum_type(), at, |j| {
-        zbs[if zbs.len() == 1 { 0 } else { j }]
-    });
     Ok(Some(VnniMatMul {
         weight: Arc::new(packed),
         act_signed: act.datum_type == i8::datum_type(),
+        scaled: false,
     }))
 }
 
@@ -601,6 +686,74 @@ pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<usize> {
         let node = model.node(*id);
         let inputs = [node.inputs[0], node.inputs[3]];
         let patch = TypedModelPatch::replace_single_op(model, node, &inputs, op.clone())?;
+        patch.apply(model)?;
+    }
+    Ok(targets.len())
+}
+
+/// Folds `Cast(to f32) -> Mul(scale)` after each [`VnniMatMul`] into the op (`scaled`), where
+/// the scale is one f32 value or one per output column (on the last axis) and neither result
+/// has another consumer: the same two roundings, in the kernel's epilogue instead of two
+/// passes over the output. Run after [`vnni_int8_products`]. Returns how many were folded.
+pub fn fuse_int8_scales(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::cast::Cast;
+    use tract_onnx::tract_core::ops::math::Mul;
+    let only = |outlet: OutletId| {
+        let succ = model.outlet_successors(outlet);
+        (succ.len() == 1).then(|| succ[0].node)
+    };
+    let mut targets = vec![];
+    for node in model.nodes() {
+        let Some(op) = node.op_as::<VnniMatMul>() else {
+            continue;
+        };
+        if op.scaled {
+            continue;
+        }
+        let Some(cast) = only(OutletId::new(node.id, 0)).map(|c| model.node(c)) else {
+            continue;
+        };
+        if cast
+            .op_as::<Cast>()
+            .is_none_or(|c| c.to != f32::datum_type())
+        {
+            continue;
+        }
+        let Some(mul) = only(OutletId::new(cast.id, 0)).map(|c| model.node(c)) else {
+            continue;
+        };
+        let is_mul = mul
+            .op_as::<TypedBinOp>()
+            .is_some_and(|b| b.0.is::<Mul>() && mul.inputs.len() == 2);
+        if !is_mul {
+            continue;
+        }
+        let scale = mul.inputs[(mul.inputs[0].node == cast.id) as usize];
+        let fact = model.outlet_fact(scale)?;
+        let n = op.weight.n;
+        let out_rank = mul.outputs[0].fact.rank();
+        let per_column = fact.rank() <= out_rank
+            && fact.shape.iter().rev().skip(1).all(|d| d.is_one())
+            && fact.shape.last().is_some_and(|d| *d == n.to_dim());
+        let scalar = fact.shape.volume().is_one() && fact.rank() <= out_rank;
+        if fact.datum_type == f32::datum_type()
+            && (scalar || per_column)
+            && mul.outputs[0].fact.shape == cast.outputs[0].fact.shape
+        {
+            targets.push((node.id, mul.id, scale));
+        }
+    }
+    for (id, mul, scale) in &targets {
+        let node = model.node(*id);
+        let op = VnniMatMul {
+            scaled: true,
+            ..node.op_as::<VnniMatMul>().unwrap().clone()
+        };
+        let mut patch = TypedModelPatch::new(format!("edgevlm int8 scale {}", node.name));
+        let taps = patch.taps(model, &[node.inputs[0], node.inputs[1], *scale])?;
+        let out = patch.wire_node(format!("{}.scaled", node.name), op, &taps)?[0];
+        patch.shunt_outside(model, OutletId::new(*mul, 0), out)?;
         patch.apply(model)?;
     }
     Ok(targets.len())
@@ -653,13 +806,20 @@ mod tests {
                             .map(|_| range(&mut seed, w_signed))
                             .collect();
                         let za = range(&mut seed, act_signed);
-                        let packed = PackedWeight::pack(
-                            k,
-                            n,
-                            w_signed,
-                            |i, j| w[i * n + j],
-                            |j| zbs[if per_col { j } else { 0 }],
-                        );
+                        let b_shift = if w_signed { 0 } else { 128 };
+                        // Both memory layouts: [k, n] as is, [n, k] transposed.
+                        let k_major = (m + k) % 2 == 0;
+                        let value = |x: usize| {
+                            let (i, j) = if k_major {
+                                (x / n, x % n)
+                            } else {
+                                (x % k, x / k)
+                            };
+                            (w[i * n + j] - b_shift) as i8
+                        };
+                        let packed = PackedWeight::pack(k, n, w_signed, k_major, value, |j| {
+                            zbs[if per_col { j } else { 0 }]
+                        });
                         let a_tensor = if act_signed {
                             let v: Vec<i8> = a.iter().map(|&x| x as i8).collect();
                             tract_ndarray::ArrayD::from_shape_vec(vec![1, m, k], v)
@@ -679,16 +839,27 @@ mod tests {
                         let op = VnniMatMul {
                             weight: Arc::new(packed),
                             act_signed,
+                            scaled: false,
                         };
+                        let inputs = tvec!(a_tensor.into_tvalue(), za_tensor.into_tvalue());
                         let out = op
-                            .eval(
-                                &EvalContext::out_of_plan(),
-                                tvec!(a_tensor.into_tvalue(), za_tensor.into_tvalue()),
-                            )
+                            .eval(&EvalContext::out_of_plan(), inputs.clone())
                             .unwrap();
                         assert_eq!(out[0].shape(), &[1, m, n]);
                         let got = out[0].try_as_plain_ram().unwrap();
                         let got = got.as_slice::<i32>().unwrap();
+                        // The fused Cast + Mul: one scale, or one per column.
+                        let scales: Vec<f32> = (0..if per_col { n } else { 1 })
+                            .map(|j| 0.001 + j as f32 * 1e-4)
+                            .collect();
+                        let mut scaled_inputs = inputs;
+                        scaled_inputs.push(tensor1(&scales).into_tvalue());
+                        let scaled = VnniMatMul { scaled: true, ..op }
+                            .eval(&EvalContext::out_of_plan(), scaled_inputs)
+                            .unwrap();
+                        assert_eq!(scaled[0].datum_type(), f32::datum_type());
+                        let scaled = scaled[0].try_as_plain_ram().unwrap();
+                        let scaled = scaled.as_slice::<f32>().unwrap();
                         for r in 0..m {
                             for j in 0..n {
                                 let zb = zbs[if per_col { j } else { 0 }] as i64;
@@ -698,10 +869,15 @@ mod tests {
                                             * (w[i * n + j] as i64 - zb)
                                     })
                                     .sum();
-                                assert_eq!(
-                                    got[r * n + j] as i64,
-                                    want,
+                                let at = format!(
                                     "m={m} k={k} n={n} act_signed={act_signed} w_signed={w_signed} per_col={per_col} at ({r}, {j})"
+                                );
+                                assert_eq!(got[r * n + j] as i64, want, "{at}");
+                                let s = scales[if per_col { j } else { 0 }];
+                                assert_eq!(
+                                    scaled[r * n + j].to_bits(),
+                                    (want as i32 as f32 * s).to_bits(),
+                                    "{at} scaled"
                                 );
                             }
                         }

@@ -572,11 +572,14 @@ fn optimize(
         }
         let own = crate::int8mm::vnni_int8_products(&mut typed)
             .map_err(|e| ("packing int8 weights", e))?;
+        let scaled =
+            crate::int8mm::fuse_int8_scales(&mut typed).map_err(|e| ("fusing int8 scales", e))?;
         if own > 0 {
             notes.push(format!(
                 "int8-vnni: {own} 8-bit product(s) with constant weights packed at load for \
-                 edgevlm's AVX-512 VNNI kernel (tract {TRACT_VERSION}'s 8x8 tile is slower and \
-                 its optimizer slow to lower them)"
+                 edgevlm's AVX-512 VNNI kernel, {scaled} with their Cast and scale folded in \
+                 (tract {TRACT_VERSION}'s 8x8 tile is slower and its optimizer slow to lower \
+                 them)"
             ));
         }
     }

@@ -247,7 +247,10 @@ fn smolvlm_quantized_greedy_tokens_agree_with_onnx_runtime() {
             if variant == "q4" {
                 if edgevlm_runtime::int8mm::available() {
                     assert!(notes.contains("q4-avx512: "), "{notes}");
-                    assert!(notes.contains("AVX-512 4-bit kernel, taken from"), "{notes}");
+                    assert!(
+                        notes.contains("AVX-512 4-bit kernel, taken from"),
+                        "{notes}"
+                    );
                 } else {
                     assert!(notes.contains("q4-many-rows: "), "{notes}");
                     assert!(notes.contains("prefill-plans: "), "{notes}");
