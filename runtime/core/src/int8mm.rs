@@ -198,8 +198,9 @@ impl PackedWeight {
         match threads {
             Some(pool) if pool.current_num_threads() > 1 => {
                 let t = pool.current_num_threads();
-                // Rows when there are enough for every thread, else columns (a decode step).
-                let by_rows = m >= MR * 2 * t;
+                // Columns, so each thread streams only its share of the weight (rows would
+                // have every thread read all of it), unless there are too few panels.
+                let by_rows = panels_n < 2 * t && m >= MR * 2 * t;
                 let units = if by_rows { m.div_ceil(MR) } else { panels_n };
                 let per = units.div_ceil(t);
                 pool.scope(|s| {
@@ -772,7 +773,8 @@ mod tests {
     }
 
     /// Every shape class (row tails 1-7, partial panels, k not a multiple of 4), every
-    /// signedness and both zero-point kinds, against the definition in i64.
+    /// signedness and both zero-point kinds, against the definition in i64; the two largest
+    /// products also split over two threads (by columns, and by rows when panels are few).
     #[test]
     fn vnni_product_equals_the_definition() {
         if !available() {
@@ -787,6 +789,8 @@ mod tests {
             (13, 100, 45),
             (40, 768, 100),
             (17, 3, 70),
+            (64, 512, 200),
+            (300, 2048, 32),
         ] {
             for act_signed in [false, true] {
                 for w_signed in [false, true] {
@@ -842,9 +846,19 @@ mod tests {
                             scaled: false,
                         };
                         let inputs = tvec!(a_tensor.into_tvalue(), za_tensor.into_tvalue());
-                        let out = op
-                            .eval(&EvalContext::out_of_plan(), inputs.clone())
-                            .unwrap();
+                        let threads = if m * k * n >= THREADING_MACS { 2 } else { 1 };
+                        let executor = if threads > 1 {
+                            tract_linalg::multithread::Executor::multithread(threads)
+                        } else {
+                            tract_linalg::multithread::Executor::SingleThread
+                        };
+                        let eval = |op: &VnniMatMul, inputs: TVec<TValue>| {
+                            tract_linalg::multithread::multithread_tract_scope(
+                                executor.clone(),
+                                || op.eval(&EvalContext::out_of_plan(), inputs).unwrap(),
+                            )
+                        };
+                        let out = eval(&op, inputs.clone());
                         assert_eq!(out[0].shape(), &[1, m, n]);
                         let got = out[0].try_as_plain_ram().unwrap();
                         let got = got.as_slice::<i32>().unwrap();
@@ -854,9 +868,7 @@ mod tests {
                             .collect();
                         let mut scaled_inputs = inputs;
                         scaled_inputs.push(tensor1(&scales).into_tvalue());
-                        let scaled = VnniMatMul { scaled: true, ..op }
-                            .eval(&EvalContext::out_of_plan(), scaled_inputs)
-                            .unwrap();
+                        let scaled = eval(&VnniMatMul { scaled: true, ..op }, scaled_inputs);
                         assert_eq!(scaled[0].datum_type(), f32::datum_type());
                         let scaled = scaled[0].try_as_plain_ram().unwrap();
                         let scaled = scaled.as_slice::<f32>().unwrap();
