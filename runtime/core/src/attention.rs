@@ -630,11 +630,7 @@ mod tests {
                 bias[at] as f64
             };
             for threads in [1, 2] {
-                let executor = if threads > 1 {
-                    tract_linalg::multithread::Executor::multithread(threads)
-                } else {
-                    tract_linalg::multithread::Executor::SingleThread
-                };
+                let executor = crate::int8mm::tests::executor(threads);
                 let out = tract_linalg::multithread::multithread_tract_scope(executor, || {
                     FusedAttention { scale }
                         .eval(&EvalContext::out_of_plan(), inputs.clone())

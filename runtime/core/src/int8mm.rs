@@ -584,32 +584,15 @@ impl TypedOp for VnniMatMul {
     as_op!();
 }
 
-/// Is `outlet` a constant whose every value is `value`?
-fn is_uniform(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bool> {
-    let fact = model.outlet_fact(outlet)?;
-    Ok(match &fact.konst {
-        Some(k) => k
-            .cast_to::<f32>()?
-            .try_as_plain_ram()?
-            .as_slice::<f32>()?
-            .iter()
-            .all(|v| *v == value),
-        None => false,
-    })
-}
-
-/// A `VnniMatMul` for `node` if it is an ONNX `MatMulInteger` as tract loads it (an `EinSum`
-/// with `q_params` i32 and nine inputs: a, b, bias, a0, a_scale, b0, b_scale, c0, c_scale)
-/// with a constant 2-D weight, a scalar activation zero point, a constant per-tensor or
+/// A `VnniMatMul` for `node` if it is an ONNX `MatMulInteger` as tract loads it (see
+/// [`crate::patches::is_matmul_integer`]) with a constant 2-D weight, a scalar activation zero point, a constant per-tensor or
 /// per-column weight zero point, zero bias and unit scales, and the activation's last axis as
 /// the contraction.
 fn vnni_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<VnniMatMul>> {
-    let Some(op) = node.op_as::<EinSum>() else {
-        return Ok(None);
-    };
-    if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
+    if !crate::patches::is_matmul_integer(model, node)? {
         return Ok(None);
     }
+    let op = node.op_as::<EinSum>().unwrap();
     let facts = model.node_input_facts(node.id)?;
     let (act, weight, a0, b0) = (facts[0], facts[1], facts[3], facts[5]);
     let byte = |dt: DatumType| [u8::datum_type(), i8::datum_type()].contains(&dt);
@@ -621,11 +604,6 @@ fn vnni_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Vnni
         || weight.rank() != 2
         || a0.shape.volume() != 1.to_dim()
         || node.outputs[0].fact.datum_type != i32::datum_type()
-        || !is_uniform(model, node.inputs[2], 0.0)?
-        || !is_uniform(model, node.inputs[7], 0.0)?
-        || !is_uniform(model, node.inputs[4], 1.0)?
-        || !is_uniform(model, node.inputs[6], 1.0)?
-        || !is_uniform(model, node.inputs[8], 1.0)?
     {
         return Ok(None);
     }
@@ -761,11 +739,20 @@ pub fn fuse_int8_scales(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// tract's executor for `threads` (single-threaded for 1), for the kernels' thread splits.
+    pub(crate) fn executor(threads: usize) -> tract_linalg::multithread::Executor {
+        if threads > 1 {
+            tract_linalg::multithread::Executor::multithread(threads)
+        } else {
+            tract_linalg::multithread::Executor::SingleThread
+        }
+    }
+
     /// A small deterministic generator (tests need no extra crate).
-    fn lcg(seed: &mut u64) -> u32 {
+    pub(crate) fn lcg(seed: &mut u64) -> u32 {
         *seed = seed
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
@@ -847,11 +834,7 @@ mod tests {
                         };
                         let inputs = tvec!(a_tensor.into_tvalue(), za_tensor.into_tvalue());
                         let threads = if m * k * n >= THREADING_MACS { 2 } else { 1 };
-                        let executor = if threads > 1 {
-                            tract_linalg::multithread::Executor::multithread(threads)
-                        } else {
-                            tract_linalg::multithread::Executor::SingleThread
-                        };
+                        let executor = crate::int8mm::tests::executor(threads);
                         let eval = |op: &VnniMatMul, inputs: TVec<TValue>| {
                             tract_linalg::multithread::multithread_tract_scope(
                                 executor.clone(),

@@ -365,10 +365,7 @@ fn block_quant_product(
 /// nine inputs) with a constant weight, scalar zero points, zero bias and unit scales: the
 /// contraction size. The activation is input 0, its zero point input 3.
 fn int8_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<usize>> {
-    let Some(op) = node.op_as::<EinSum>() else {
-        return Ok(None);
-    };
-    if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
+    if !is_matmul_integer(model, node)? {
         return Ok(None);
     }
     let facts = model.node_input_facts(node.id)?;
@@ -386,15 +383,26 @@ fn int8_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<usiz
         || b0.konst.is_none()
         || b0.shape.volume() != 1.to_dim()
         || a0.shape.volume() != 1.to_dim()
-        || !is_uniform(model, node.inputs[2], 0.0)?
-        || !is_uniform(model, node.inputs[7], 0.0)?
-        || !is_uniform(model, node.inputs[4], 1.0)?
-        || !is_uniform(model, node.inputs[6], 1.0)?
-        || !is_uniform(model, node.inputs[8], 1.0)?
     {
         return Ok(None);
     }
     Ok(Some(k))
+}
+
+/// Is `node` an ONNX `MatMulInteger` as tract loads it: an `EinSum` with `q_params` i32 and
+/// nine inputs (a, b, bias, a0, a_scale, b0, b_scale, c0, c_scale) whose bias and output zero
+/// point are constant zeros and whose scales are constant ones?
+pub(crate) fn is_matmul_integer(model: &TypedModel, node: &TypedNode) -> TractResult<bool> {
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(false);
+    };
+    Ok(op.q_params == Some(i32::datum_type())
+        && node.inputs.len() == 9
+        && is_uniform(model, node.inputs[2], 0.0)?
+        && is_uniform(model, node.inputs[7], 0.0)?
+        && is_uniform(model, node.inputs[4], 1.0)?
+        && is_uniform(model, node.inputs[6], 1.0)?
+        && is_uniform(model, node.inputs[8], 1.0)?)
 }
 
 /// Is `outlet` a constant whose every value is `value`?

@@ -367,12 +367,7 @@ mod tests {
 
     /// Random Q4_0 bytes for an `[n, k]` weight and their f32 values (the definition).
     fn q4_weight(n: usize, k: usize, seed: &mut u64) -> (Vec<u8>, Vec<f32>) {
-        let mut next = || {
-            *seed = seed
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (*seed >> 33) as u32
-        };
+        let mut next = || crate::int8mm::tests::lcg(seed);
         let (mut bytes, mut values) = (vec![], vec![0f32; n * k]);
         for j in 0..n {
             for b in 0..k / 32 {
@@ -412,11 +407,7 @@ mod tests {
                 .collect();
             for threads in [1, 2] {
                 let mut c = vec![f32::NAN; m * n];
-                let executor = if threads > 1 {
-                    tract_linalg::multithread::Executor::multithread(threads)
-                } else {
-                    tract_linalg::multithread::Executor::SingleThread
-                };
+                let executor = crate::int8mm::tests::executor(threads);
                 tract_linalg::multithread::multithread_tract_scope(executor, || {
                     packed.matmul(&a, m, &mut c)
                 });
