@@ -61,7 +61,7 @@ pub enum Output<'a> {
     Scaled(&'a mut [f32], &'a [f32]),
 }
 
-/// A `[k, n]` 8-bit weight packed for the kernel: panels of [`NR`] columns, each a run of
+/// A `[k, n]` 8-bit weight packed for the kernel: panels of 32 columns, each a run of
 /// `k4 = ceil(k / 4)` steps of `NR x 4` signed bytes (column-major within a step, the 4
 /// contraction elements of one column adjacent), zero past `k` and `n`.
 #[derive(Debug)]
