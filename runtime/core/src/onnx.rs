@@ -520,16 +520,20 @@ fn build_typed(
         )
         .map_err(|e| ("compiling prefill plans", e))?;
         if switched > 0 {
-            let kernel = if options.avx512_kernels && crate::int8mm::available() {
-                "edgevlm's AVX-512 4-bit kernel"
+            if options.avx512_kernels && crate::int8mm::available() {
+                notes.push(format!(
+                    "prefill-plans: {switched} 4-bit product(s) with a run-time row count run \
+                     on edgevlm's AVX-512 4-bit kernel at every row count, weights repacked \
+                     at load (tract {TRACT_VERSION} runs them as matrix-vector products)"
+                ));
             } else {
-                "a plan on f32 kernels"
-            };
-            notes.push(format!(
-                "prefill-plans: {switched} 4-bit product(s) with a run-time row count also get \
-                 {kernel}, taken from {BLOCK_QUANT_MIN_ROWS} rows (their weights are held \
-                 twice; tract {TRACT_VERSION} runs them as matrix-vector products)"
-            ));
+                notes.push(format!(
+                    "prefill-plans: {switched} 4-bit product(s) with a run-time row count also \
+                     get a plan on f32 kernels, taken from {BLOCK_QUANT_MIN_ROWS} rows (their \
+                     weights are held twice; tract {TRACT_VERSION} runs them as \
+                     matrix-vector products)"
+                ));
+            }
         }
         stages.mark("prefill plans");
     }

@@ -435,11 +435,13 @@ fn known_rows(act: &TypedFact, k: usize) -> usize {
 /// [`WEIGHT_CHUNK_BYTES`] of f32, so the expanded copy stays in cache and its transient
 /// memory small even for a 49k-row `lm_head`), runs `many` on each chunk and joins the
 /// outputs. The 4-bit weight is held twice (tract's packed copy for `few`, and the original).
-/// With AVX-512, `own` replaces `many` and the expansion: the weight repacked for
-/// [`crate::q4mm::Q4MatMul`] (then `many` is not compiled).
+/// With AVX-512, `own` replaces both plans: the weight repacked for
+/// [`crate::q4mm::Q4MatMul`], which runs one row from the nibbles and many rows on decoded
+/// panels (then neither `few` nor `many` is compiled).
 #[derive(Clone)]
 pub struct RowSwitch {
-    few: Arc<TypedRunnableModel>,
+    /// tract's plan for few rows; `None` with `own`, which takes every row count.
+    few: Option<Arc<TypedRunnableModel>>,
     /// The plan on f32 kernels and the block-quantized weight (`[n, k]`) it expands.
     many: Option<(Arc<TypedRunnableModel>, Arc<Tensor>)>,
     own: Option<crate::q4mm::Q4MatMul>,
@@ -471,7 +473,11 @@ impl PartialEq for RowSwitch {
             (Some(a), Some(b)) => Arc::ptr_eq(&a.0, &b.0),
             (a, b) => a.is_none() && b.is_none(),
         };
-        Arc::ptr_eq(&self.few, &other.few) && same_many && self.own == other.own
+        let same_few = match (&self.few, &other.few) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        same_few && same_many && self.own == other.own
     }
 }
 
@@ -537,7 +543,10 @@ impl EvalOp for RowSwitch {
         if rows >= self.min_rows {
             self.eval_many(inputs)
         } else {
-            self.few.run(inputs)
+            match &self.few {
+                Some(few) => few.run(inputs),
+                None => self.eval_many(inputs),
+            }
         }
     }
 }
@@ -633,7 +642,10 @@ pub fn switch_products_on_rows(
             )),
         };
         let switch = RowSwitch {
-            few: compile(one_node(None)?)?,
+            few: match own {
+                Some(_) => None,
+                None => Some(compile(one_node(None)?)?),
+            },
             many,
             own,
             n_axis,

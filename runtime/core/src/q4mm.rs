@@ -22,6 +22,9 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 pub(crate) const NR: usize = 32;
 /// Activation rows per kernel tile.
 const MR: usize = 8;
+/// Fewer rows than this run row by row on the packed nibbles (a decode step) instead of
+/// decoding each panel to f32 first.
+const FEW_ROWS: usize = 4;
 /// Below this many multiply-adds a product stays on the caller's thread.
 const THREADING_MACS: usize = 1 << 22;
 
@@ -111,6 +114,25 @@ impl Q4Packed {
         #[cfg(target_arch = "x86_64")]
         {
             let kb = self.k / 32;
+            if m < FEW_ROWS {
+                let cols = NR.min(self.n - p * NR);
+                for r in 0..m {
+                    // SAFETY: `matmul` checked the CPU and that rows r of a and c exist; the
+                    // panel's scales and nibbles exist for every block.
+                    unsafe {
+                        let row =
+                            std::slice::from_raw_parts((a as *const f32).add(r * self.k), self.k);
+                        row_against_panel(
+                            &self.scales[p * kb * NR..][..kb * NR],
+                            &self.nibbles[p * kb * 32 * 16..][..kb * 32 * 16],
+                            row,
+                            (c as *mut f32).add(r * self.n + p * NR),
+                            cols,
+                        )
+                    };
+                }
+                return;
+            }
             // SAFETY: `matmul` checked the CPU and the sizes; the panel's scales and nibbles
             // exist for every block (whole panels are allocated).
             unsafe {
@@ -261,6 +283,57 @@ impl TypedOp for Q4MatMul {
     as_op!();
 }
 
+/// One activation row against one panel, straight from the nibbles: per block of 32,
+/// `scale * (sum code * a - 8 * sum a)`, `cols` of the 32 outputs stored at `out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_against_panel(scales: &[f32], nibbles: &[u8], a: &[f32], out: *mut f32, cols: usize) {
+    use std::arch::x86_64::*;
+    let kb = scales.len() / NR;
+    assert!(nibbles.len() >= kb * 32 * 16 && a.len() >= kb * 32);
+    let low = _mm512_set1_epi32(0x0f);
+    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for b in 0..kb {
+        let xs = &a[b * 32..b * 32 + 32];
+        let eight_sum = _mm512_set1_ps(8.0 * xs.iter().sum::<f32>());
+        let (mut t0, mut t1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        // SAFETY: the asserts above bound every access.
+        unsafe {
+            for (kk, &x) in xs.iter().enumerate() {
+                let bytes = _mm_loadu_si128(nibbles.as_ptr().add((b * 32 + kk) * 16) as *const _);
+                let q = _mm512_cvtepu8_epi32(bytes);
+                let x = _mm512_set1_ps(x);
+                t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), x, t0);
+                t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q)), x, t1);
+            }
+            acc0 = _mm512_fmadd_ps(
+                _mm512_sub_ps(t0, eight_sum),
+                _mm512_loadu_ps(scales.as_ptr().add(b * NR)),
+                acc0,
+            );
+            acc1 = _mm512_fmadd_ps(
+                _mm512_sub_ps(t1, eight_sum),
+                _mm512_loadu_ps(scales.as_ptr().add(b * NR + 16)),
+                acc1,
+            );
+        }
+    }
+    let mask = |cols: usize| -> __mmask16 {
+        if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    };
+    // SAFETY: the caller's `cols` columns at `out` are writable.
+    unsafe {
+        _mm512_mask_storeu_ps(out, mask(cols), acc0);
+        if cols > 16 {
+            _mm512_mask_storeu_ps(out.add(16), mask(cols - 16), acc1);
+        }
+    }
+}
+
 /// The 32 columns of one panel as f32, `[k, 32]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -384,7 +457,8 @@ mod tests {
         (bytes, values)
     }
 
-    /// Row tails 1-8, partial panels, 1 and 2 threads, against the f64 definition.
+    /// Row tails 1-8, the row-by-row path for a few rows, partial panels, 1 and 2 threads,
+    /// against the f64 definition.
     #[test]
     fn q4_product_equals_the_definition() {
         if !crate::int8mm::available() {
@@ -395,6 +469,7 @@ mod tests {
         // The last is large enough to be split over threads.
         for &(m, k, n) in &[
             (1, 32, 1),
+            (3, 256, 70),
             (9, 64, 45),
             (16, 96, 32),
             (23, 256, 70),
