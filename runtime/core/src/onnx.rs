@@ -466,19 +466,20 @@ fn build_typed(
     stages.mark("types and shapes");
     let mut typed = typed;
     let mut notes = vec![];
-    let (expanded, own_q4) = crate::patches::expand_block_quant_for_many_rows(
-        &mut typed,
-        BLOCK_QUANT_MIN_ROWS,
-        options.avx512_kernels,
-    )
-    .map_err(|e| ("expanding block-quantized weights", e))?;
-    if own_q4 > 0 {
-        notes.push(format!(
-            "q4-avx512: {own_q4} 4-bit product(s) with >= {BLOCK_QUANT_MIN_ROWS} rows run on \
-             edgevlm's AVX-512 kernel, weights repacked at load (tract {TRACT_VERSION} runs them \
-             as matrix-vector products)"
-        ));
+    if options.avx512_kernels {
+        let own_q4 =
+            crate::q4mm::own_q4_products(&mut typed).map_err(|e| ("packing 4-bit weights", e))?;
+        if own_q4 > 0 {
+            notes.push(format!(
+                "q4-avx512: {own_q4} 4-bit product(s) run on edgevlm's AVX-512 4-bit kernel at \
+                 every row count, weights repacked at load (tract {TRACT_VERSION} runs them as \
+                 matrix-vector products)"
+            ));
+        }
     }
+    let expanded =
+        crate::patches::expand_block_quant_for_many_rows(&mut typed, BLOCK_QUANT_MIN_ROWS)
+            .map_err(|e| ("expanding block-quantized weights", e))?;
     if expanded > 0 {
         notes.push(format!(
             "q4-many-rows: {expanded} 4-bit product(s) with >= {BLOCK_QUANT_MIN_ROWS} rows expand their \
@@ -515,25 +516,16 @@ fn build_typed(
             &mut typed,
             BLOCK_QUANT_MIN_ROWS,
             crate::patches::WEIGHT_CHUNK_BYTES,
-            options.avx512_kernels,
             &compile,
         )
         .map_err(|e| ("compiling prefill plans", e))?;
         if switched > 0 {
-            if options.avx512_kernels && crate::int8mm::available() {
-                notes.push(format!(
-                    "prefill-plans: {switched} 4-bit product(s) with a run-time row count run \
-                     on edgevlm's AVX-512 4-bit kernel at every row count, weights repacked \
-                     at load (tract {TRACT_VERSION} runs them as matrix-vector products)"
-                ));
-            } else {
-                notes.push(format!(
-                    "prefill-plans: {switched} 4-bit product(s) with a run-time row count also \
-                     get a plan on f32 kernels, taken from {BLOCK_QUANT_MIN_ROWS} rows (their \
-                     weights are held twice; tract {TRACT_VERSION} runs them as \
-                     matrix-vector products)"
-                ));
-            }
+            notes.push(format!(
+                "prefill-plans: {switched} 4-bit product(s) with a run-time row count also \
+                 get a plan on f32 kernels, taken from {BLOCK_QUANT_MIN_ROWS} rows (their \
+                 weights are held twice; tract {TRACT_VERSION} runs them as matrix-vector \
+                 products)"
+            ));
         }
         stages.mark("prefill plans");
     }

@@ -295,15 +295,12 @@ impl TypedOp for ExpandWeight {
 /// each run (a few ms per run; the f32 copy lives only while its product runs, so resident
 /// memory stays that of the 4-bit weights) and lets tract pick its matrix-matrix kernels.
 /// Products with a symbolic row count (a decoder's prefill and decode steps share one plan)
-/// keep the 4-bit path, which is at ONNX Runtime's speed for one row. With `own_kernel` and
-/// AVX-512, products of the plain `[.., k] x [n, k] -> [.., n]` form run on
-/// [`crate::q4mm::Q4MatMul`] instead (the weight repacked once, decoded panel by panel).
-/// Returns how many products were expanded and how many went to `Q4MatMul`.
+/// keep the 4-bit path, which is at ONNX Runtime's speed for one row. Returns how many
+/// products were changed.
 pub fn expand_block_quant_for_many_rows(
     model: &mut TypedModel,
     min_rows: usize,
-    own_kernel: bool,
-) -> TractResult<(usize, usize)> {
+) -> TractResult<usize> {
     let mut targets = vec![];
     for node in model.nodes() {
         if let Some((slot, k)) = block_quant_product(model, node)? {
@@ -313,33 +310,17 @@ pub fn expand_block_quant_for_many_rows(
             }
         }
     }
-    let mut own = 0;
     for (node, slot, input) in &targets {
-        let own_op = if own_kernel {
-            let op = model.node(*node).op_as::<EinSum>().unwrap();
-            let weight = model.outlet_fact(*input)?.konst.clone().unwrap();
-            crate::q4mm::Q4MatMul::for_product(op, *slot, &weight)
-        } else {
-            None
-        };
-        if let Some(op) = own_op {
-            let node = model.node(*node);
-            let act = [node.inputs[1 - slot]];
-            let patch = TypedModelPatch::replace_single_op(model, node, &act, op)?;
-            patch.apply(model)?;
-            own += 1;
-            continue;
-        }
         let name = format!("{}.edgevlm_expand_bq_{slot}", model.node(*node).name);
         let expanded = model.wire_node(name, ExpandWeight, &[*input])?[0];
         model.add_edge(expanded, InletId::new(*node, *slot))?;
     }
-    Ok((targets.len() - own, own))
+    Ok(targets.len())
 }
 
 /// If `node` is a product with a constant block-quantized (4-bit) weight: the weight's input
 /// slot and the contraction size.
-fn block_quant_product(
+pub(crate) fn block_quant_product(
     model: &TypedModel,
     node: &TypedNode,
 ) -> TractResult<Option<(usize, usize)>> {
@@ -435,16 +416,13 @@ fn known_rows(act: &TypedFact, k: usize) -> usize {
 /// [`WEIGHT_CHUNK_BYTES`] of f32, so the expanded copy stays in cache and its transient
 /// memory small even for a 49k-row `lm_head`), runs `many` on each chunk and joins the
 /// outputs. The 4-bit weight is held twice (tract's packed copy for `few`, and the original).
-/// With AVX-512, `own` replaces both plans: the weight repacked for
-/// [`crate::q4mm::Q4MatMul`], which runs one row from the nibbles and many rows on decoded
-/// panels (then neither `few` nor `many` is compiled).
+/// (With AVX-512 the loader gives these products [`crate::q4mm::Q4MatMul`] before this pass.)
 #[derive(Clone)]
 pub struct RowSwitch {
-    /// tract's plan for few rows; `None` with `own`, which takes every row count.
-    few: Option<Arc<TypedRunnableModel>>,
-    /// The plan on f32 kernels and the block-quantized weight (`[n, k]`) it expands.
-    many: Option<(Arc<TypedRunnableModel>, Arc<Tensor>)>,
-    own: Option<crate::q4mm::Q4MatMul>,
+    few: Arc<TypedRunnableModel>,
+    many: Arc<TypedRunnableModel>,
+    /// The block-quantized weight, `[n, k]`.
+    weight: Arc<Tensor>,
     /// The output axis the weight's rows become.
     n_axis: usize,
     /// Weight rows per chunk, what `many` is compiled for.
@@ -469,15 +447,7 @@ impl std::fmt::Debug for RowSwitch {
 
 impl PartialEq for RowSwitch {
     fn eq(&self, other: &Self) -> bool {
-        let same_many = match (&self.many, &other.many) {
-            (Some(a), Some(b)) => Arc::ptr_eq(&a.0, &b.0),
-            (a, b) => a.is_none() && b.is_none(),
-        };
-        let same_few = match (&self.few, &other.few) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (a, b) => a.is_none() && b.is_none(),
-        };
-        same_few && same_many && self.own == other.own
+        Arc::ptr_eq(&self.few, &other.few) && Arc::ptr_eq(&self.many, &other.many)
     }
 }
 
@@ -486,20 +456,14 @@ impl Eq for RowSwitch {}
 impl RowSwitch {
     /// The product on f32 kernels, the weight expanded `WEIGHT_CHUNK_BYTES` at a time.
     fn eval_many(&self, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let act = inputs.remove(self.act);
-        if let Some(own) = &self.own {
-            return Ok(tvec!(own.run(&act)?.into_tvalue()));
-        }
-        let (many, weight) = self
-            .many
-            .as_ref()
-            .context("RowSwitch without a many-row plan")?;
-        let bqs = weight
+        let bqs = self
+            .weight
             .storage_as::<BlockQuantStorage>()
             .context("RowSwitch weight is not block-quantized")?;
-        let (n, k, chunk_rows) = (weight.shape()[0], self.k, self.chunk_rows);
+        let (n, k, chunk_rows) = (self.weight.shape()[0], self.k, self.chunk_rows);
         let row_bytes = k / 32 * 18;
         let bytes: &[u8] = bqs.value();
+        let act = inputs.remove(self.act);
         let mut outputs = vec![];
         for first in (0..n).step_by(chunk_rows) {
             let rows = chunk_rows.min(n - first);
@@ -507,7 +471,9 @@ impl RowSwitch {
             // `many` is compiled for whole chunks: the last one is padded with zero rows.
             chunk.resize(chunk_rows * k, 0.0);
             let chunk = tract_ndarray::ArrayD::from_shape_vec(vec![chunk_rows, k], chunk)?;
-            let out = many.run(tvec!(act.clone(), chunk.into_tensor().into_tvalue()))?;
+            let out = self
+                .many
+                .run(tvec!(act.clone(), chunk.into_tensor().into_tvalue()))?;
             let mut out = out.into_iter().next().context("no output")?.into_tensor();
             if rows < chunk_rows {
                 out = out.slice(self.n_axis, 0, rows)?;
@@ -543,10 +509,7 @@ impl EvalOp for RowSwitch {
         if rows >= self.min_rows {
             self.eval_many(inputs)
         } else {
-            match &self.few {
-                Some(few) => few.run(inputs),
-                None => self.eval_many(inputs),
-            }
+            self.few.run(inputs)
         }
     }
 }
@@ -569,7 +532,6 @@ pub fn switch_products_on_rows(
     model: &mut TypedModel,
     min_rows: usize,
     chunk_bytes: usize,
-    own_kernel: bool,
     compile: &dyn Fn(TypedModel) -> TractResult<Arc<TypedRunnableModel>>,
 ) -> TractResult<usize> {
     let mut targets = vec![];
@@ -629,25 +591,11 @@ pub fn switch_products_on_rows(
         // one stay few.
         let chunks = (n * k * 4).div_ceil(chunk_bytes.max(1)).max(1);
         let chunk_rows = n.div_ceil(chunks).next_multiple_of(64).min(n);
-        let own = if own_kernel {
-            crate::q4mm::Q4MatMul::for_product(op, *slot, &weight)
-        } else {
-            None
-        };
-        let many = match own {
-            Some(_) => None,
-            None => Some((
-                compile(one_node(Some(f32::fact([chunk_rows, *k])))?)?,
-                weight.clone(),
-            )),
-        };
+        let many = compile(one_node(Some(f32::fact([chunk_rows, *k])))?)?;
         let switch = RowSwitch {
-            few: match own {
-                Some(_) => None,
-                None => Some(compile(one_node(None)?)?),
-            },
+            few: compile(one_node(None)?)?,
             many,
-            own,
+            weight,
             n_axis,
             chunk_rows,
             act: 0,
@@ -1116,7 +1064,8 @@ mod tests {
 
     /// A 4-bit product with a symbolic row count, switched with weight chunks small enough
     /// for four of them (the last padded): one row runs tract's own plan, 20 rows the chunked
-    /// f32 plan, and both give what the unswitched product gives.
+    /// f32 plan, and both give what the unswitched product gives; with AVX-512 the same for
+    /// edgevlm's 4-bit kernel, which takes the product before the switch.
     #[test]
     fn row_switch_equals_the_four_bit_product() {
         use tract_linalg::block_quant::BlockQuant;
@@ -1151,21 +1100,23 @@ mod tests {
         // The chunked f32 plan, then (with AVX-512) edgevlm's 4-bit kernel.
         for own_kernel in [false, true] {
             let mut model = model.clone();
-            let switched =
-                switch_products_on_rows(&mut model, 16, 16 * 1024, own_kernel, &compile).unwrap();
-            assert_eq!(switched, 1);
-            let node = model
-                .nodes()
-                .iter()
-                .find_map(|n| n.op_as::<RowSwitch>())
-                .unwrap();
-            assert_eq!(
-                node.chunk_rows, 64,
-                "four chunks of 64 rows, the last one padded"
-            );
+            // With AVX-512 the loader's 4-bit pass takes the product first.
             let own = own_kernel && crate::int8mm::available();
-            assert_eq!(node.own.is_some(), own);
-            assert_eq!(node.many.is_some(), !own);
+            if own_kernel {
+                let taken = crate::q4mm::own_q4_products(&mut model).unwrap();
+                assert_eq!(taken, own as usize);
+            }
+            let switched = switch_products_on_rows(&mut model, 16, 16 * 1024, &compile).unwrap();
+            assert_eq!(switched, !own as usize);
+            let has = |name: &str| model.nodes().iter().any(|n| n.op.name() == name);
+            assert_eq!(has("EdgevlmQ4MatMul"), own);
+            assert_eq!(has("EdgevlmRowSwitch"), !own);
+            if let Some(node) = model.nodes().iter().find_map(|n| n.op_as::<RowSwitch>()) {
+                assert_eq!(
+                    node.chunk_rows, 64,
+                    "four chunks of 64 rows, the last one padded"
+                );
+            }
             let switched = model.into_runnable().unwrap();
             for rows in [1, 20] {
                 let input: Vec<f32> = (0..rows * k).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();

@@ -283,6 +283,31 @@ impl TypedOp for Q4MatMul {
     as_op!();
 }
 
+/// Replaces every product with a constant `Q4_0` weight that [`Q4MatMul::for_product`] takes
+/// (plain `[.., k] x [n, k] -> [.., n]`, AVX-512 CPU) by a [`Q4MatMul`], whatever its row
+/// count: many rows run on decoded panels, a few (a decode step) straight from the nibbles,
+/// so neither tract's 4-bit plan nor the loader's expansion is needed. Run before the other
+/// 4-bit passes, which then see only what is left. Returns how many were replaced.
+pub fn own_q4_products(model: &mut TypedModel) -> TractResult<usize> {
+    let mut targets = vec![];
+    for node in model.nodes() {
+        let Some((slot, _)) = crate::patches::block_quant_product(model, node)? else {
+            continue;
+        };
+        let op = node.op_as::<EinSum>().unwrap();
+        let weight = model.outlet_fact(node.inputs[slot])?.konst.clone().unwrap();
+        if let Some(own) = Q4MatMul::for_product(op, slot, &weight) {
+            targets.push((node.id, node.inputs[1 - slot], own));
+        }
+    }
+    for (id, act, op) in &targets {
+        let node = model.node(*id);
+        let patch = TypedModelPatch::replace_single_op(model, node, &[*act], op.clone())?;
+        patch.apply(model)?;
+    }
+    Ok(targets.len())
+}
+
 /// One activation row against one panel, straight from the nibbles: per block of 32,
 /// `scale * (sum code * a - 8 * sum a)`, `cols` of the 32 outputs stored at `out`.
 #[cfg(target_arch = "x86_64")]
