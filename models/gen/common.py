@@ -104,3 +104,78 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# Ops whose float operands stay float32 in a float16 graph (their ONNX or ORT
+# kernels take no float16; the float16 converters' block lists).
+FP16_KEEP_FLOAT = {"Range", "Resize", "CumSum", "RandomNormalLike", "RandomUniformLike"}
+FP16_MAX = 65504.0
+
+
+def convert_to_fp16(model: onnx.ModelProto, keep_io_types: bool) -> onnx.ModelProto:
+    """float32 -> float16 weights and arithmetic, as fp16 exports (transformers.js, optimum) do.
+
+    Every float initializer and constant becomes float16 (clipped to +-65504), casts to
+    float are retargeted to float16, ops in FP16_KEEP_FLOAT get casts around them. With
+    keep_io_types the float graph inputs/outputs stay float32 behind a Cast; without it
+    they become float16 too. Single graph only (no If/Loop bodies).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+    def half(t: onnx.TensorProto) -> onnx.TensorProto:
+        a = numpy_helper.to_array(t)
+        return numpy_helper.from_array(np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16), t.name)
+
+    for i, t in enumerate(g.initializer):
+        if t.data_type == F32:
+            g.initializer[i].CopyFrom(half(t))
+    nodes = []
+    for k, n in enumerate(g.node):
+        tag = n.name or f"node{k}"
+        if n.op_type in FP16_KEEP_FLOAT:
+            for j, x in enumerate(n.input):
+                if elem.get(x) == F32:
+                    nodes.append(helper.make_node("Cast", [x], [f"{x}/f32_for/{tag}"], to=F32))
+                    n.input[j] = f"{x}/f32_for/{tag}"
+            outs = []
+            for j, y in enumerate(n.output):
+                if elem.get(y) == F32:
+                    n.output[j] = f"{y}/f32"
+                    outs.append(helper.make_node("Cast", [f"{y}/f32"], [y], to=F16))
+            nodes += [n] + outs
+            continue
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32:
+                a.t.CopyFrom(half(a.t))
+            if n.op_type == "Cast" and a.name == "to" and a.i == F32:
+                a.i = F16
+        nodes.append(n)
+    head, tail = [], []
+    for x in g.input:
+        if x.type.tensor_type.elem_type != F32:
+            continue
+        if not keep_io_types:
+            x.type.tensor_type.elem_type = F16
+            continue
+        for n in nodes:
+            n.input[:] = [f"{x.name}/f16" if i == x.name else i for i in n.input]
+        head.append(helper.make_node("Cast", [x.name], [f"{x.name}/f16"], to=F16))
+    for y in g.output:
+        if y.type.tensor_type.elem_type != F32:
+            continue
+        if not keep_io_types:
+            y.type.tensor_type.elem_type = F16
+            continue
+        for n in nodes:
+            n.input[:] = [f"{y.name}/f16" if i == y.name else i for i in n.input]
+            n.output[:] = [f"{y.name}/f16" if o == y.name else o for o in n.output]
+        tail.append(helper.make_node("Cast", [f"{y.name}/f16"], [y.name], to=F32))
+    del g.node[:]
+    g.node.extend(head + nodes + tail)
+    del g.value_info[:]
+    return model

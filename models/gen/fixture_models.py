@@ -10,6 +10,7 @@ real exporters/quantizers produce:
 * qdq_conv_matmul           static QDQ around Conv/MatMul
 * qdq_softmax               static QDQ that also wraps Softmax (DQ -> Softmax -> Q)
 * q4                        com.microsoft MatMulNBits, 4 bit, block 32
+* fp16                      float16 weights, arithmetic, inputs and outputs
 * wrong_output_shape        fp32 graph whose declared output/value_info shapes lie
 """
 
@@ -28,6 +29,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from common import (
     MS_DOMAIN,
     OPSET,
+    convert_to_fp16,
     finalize_model,
     format_histogram,
     load_model,
@@ -247,6 +249,13 @@ def quantize_qdq_variant(src: Path, dst: Path, ops: "list[str]", calib: "list[np
     return _requantize_cleanup(dst)
 
 
+def fp16_variant(src: Path, dst: Path) -> onnx.ModelProto:
+    model = convert_to_fp16(load_model(src), keep_io_types=False)
+    finalize_model(model)
+    save_model(model, dst)
+    return model
+
+
 def quantize_q4_variant(src: Path, dst: Path) -> onnx.ModelProto:
     # The module was renamed across onnxruntime releases.
     try:
@@ -320,7 +329,7 @@ def generate(out: Path, jpeg_bytes: bytes) -> "list[Fixture]":
         base_path = Path(tmp) / "base.onnx"
         save_model(build_base_graph(weights), base_path)
 
-        def emit(name, description, atol, build):
+        def emit(name, description, atol, build, input_dtype=np.float32):
             d = fx_dir / name
             if d.exists():
                 shutil.rmtree(d)
@@ -328,8 +337,9 @@ def generate(out: Path, jpeg_bytes: bytes) -> "list[Fixture]":
             model = build(d / "model.onnx")
             sess = ort_session(d / "model.onnx")
             names = [o.name for o in sess.get_outputs()]
-            results = sess.run(names, {"input": ref_input})
-            save_npy(d / "input.npy", ref_input)
+            x = ref_input.astype(input_dtype)
+            results = sess.run(names, {"input": x})
+            save_npy(d / "input.npy", x)
             for o, r in zip(names, results):
                 assert np.all(np.isfinite(r)), f"{name}: non-finite output {o}"
                 save_npy(d / f"expected_{o}.npy", r)
@@ -365,6 +375,11 @@ def generate(out: Path, jpeg_bytes: bytes) -> "list[Fixture]":
         q4 = emit("q4", "4-bit weight-only com.microsoft.MatMulNBits (block_size 32, symmetric)",
                   1e-2, lambda p: quantize_q4_variant(base_path, p))
         assert q4.hist.get(f"{MS_DOMAIN}.MatMulNBits", 0) > 0, "q4: no MatMulNBits in saved graph"
+        # Tolerance: ORT rounds to float16 after every op, edgevlm computes in float32 by
+        # default (tract's own float16 path also has to pass); logits reach 4.3, where one
+        # float16 step is 0.0039.
+        emit("fp16", "float16 export (weights, arithmetic, inputs and outputs in float16)",
+             5e-3, lambda p: fp16_variant(base_path, p), input_dtype=np.float16)
         emit("wrong_output_shape",
              "fp32 graph declaring logits as [1, 4] (input batch symbolic, reference batch 2) "
              "and a contradicting value_info for `pooled` ([1, 16] instead of [batch, 32])",

@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     MS_DOMAIN,
     OPSET,
+    convert_to_fp16,
     finalize_model,
     load_model,
     op_histogram,
@@ -668,6 +669,9 @@ VARIANTS = {
     "uint8": "dynamic 8-bit, QUInt8 weights: DynamicQuantizeLinear + MatMulInteger/ConvInteger "
              "(+ uint8 Gather + DequantizeLinear)",
     "q4": "4-bit weight-only com.microsoft.MatMulNBits, block_size 32, symmetric",
+    "int8pc": "dynamic 8-bit, QInt8 weights with per-channel (per output column) scales: "
+              "DynamicQuantizeLinear + MatMulInteger",
+    "fp16": "float16 weights and arithmetic, float32 graph inputs/outputs (keep_io_types)",
 }
 
 
@@ -680,7 +684,7 @@ def _reload_pinned(path: Path, producer: str) -> onnx.ModelProto:
     return model
 
 
-def quantize_8bit(src: Path, dst: Path, signed: bool) -> onnx.ModelProto:
+def quantize_8bit(src: Path, dst: Path, signed: bool, per_channel: bool = False) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
@@ -693,12 +697,19 @@ def quantize_8bit(src: Path, dst: Path, signed: bool) -> onnx.ModelProto:
     quantize_dynamic(
         src, dst,
         op_types_to_quantize=sorted(ops),
-        per_channel=False,
+        per_channel=per_channel,
         reduce_range=False,
         weight_type=QuantType.QInt8 if signed else QuantType.QUInt8,
         extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
     )
-    return _reload_pinned(dst, "onnxruntime.quantization dynamic " + ("int8" if signed else "uint8"))
+    kind = ("int8" if signed else "uint8") + (" per-channel" if per_channel else "")
+    return _reload_pinned(dst, "onnxruntime.quantization dynamic " + kind)
+
+
+def to_fp16(src: Path, dst: Path) -> onnx.ModelProto:
+    """The fp16 export: float16 weights and arithmetic, float32 graph inputs/outputs."""
+    save_model(convert_to_fp16(load_model(src), keep_io_types=True), dst)
+    return _reload_pinned(dst, "float16 conversion, keep_io_types")
 
 
 def quantize_q4(src: Path, dst: Path) -> onnx.ModelProto:
@@ -723,6 +734,10 @@ def write_variants(base: Path, onnx_dir: Path, stem: str, variants) -> "dict[str
             model = quantize_8bit(base, dst, signed=False)
         elif var == "q4":
             model = quantize_q4(base, dst)
+        elif var == "int8pc":
+            model = quantize_8bit(base, dst, signed=True, per_channel=True)
+        elif var == "fp16":
+            model = to_fp16(base, dst)
         else:
             raise ValueError(var)
         info[var] = {"file": dst.name, "ops": dict(op_histogram(model))}

@@ -36,6 +36,7 @@ pub mod sampling;
 pub mod synth;
 pub mod text;
 pub mod trace;
+pub mod upcast;
 
 pub use classify::{ClassScore, Verdict};
 pub use error::{error_chain, Error, Result};

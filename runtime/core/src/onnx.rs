@@ -35,6 +35,9 @@ pub struct LoadOptions {
     /// see [`crate::int8mm`]) and ViT attention (see [`crate::attention`]) on edgevlm's own
     /// kernels instead of tract's.
     pub avx512_kernels: bool,
+    /// Run float16 graphs in float32 (see [`crate::upcast`]): tract has no fast float16
+    /// path on most CPUs. The graph's float16 inputs and outputs stay float16.
+    pub f16_as_f32: bool,
 }
 
 impl Default for LoadOptions {
@@ -45,6 +48,7 @@ impl Default for LoadOptions {
             fix_block_quant_reshape: true,
             prefill_plans: true,
             avx512_kernels: true,
+            f16_as_f32: true,
         }
     }
 }
@@ -205,6 +209,28 @@ impl OnnxModel {
         }
         check_operators(path, &onnx, &proto)?;
         let mut notes = vec![];
+        let dir = path.parent().and_then(|p| p.to_str());
+        if options.f16_as_f32 {
+            let upcast = crate::upcast::f16_to_f32(&onnx, &mut proto, dir).map_err(|message| {
+                Error::Unsupported {
+                    path: path.to_owned(),
+                    message,
+                }
+            })?;
+            if let Some(u) = upcast {
+                let boundary = match u.boundary {
+                    0 => String::new(),
+                    n => format!("; {n} float16 input(s)/output(s) kept behind casts"),
+                };
+                notes.push(format!(
+                    "fp16: {} float16 tensors ({:.1} MiB) and {} cast targets run in float32{boundary} \
+                     (tract {TRACT_VERSION} has no fast float16 path on this CPU)",
+                    u.tensors,
+                    u.f16_bytes as f64 / (1 << 20) as f64,
+                    u.nodes,
+                ));
+            }
+        }
         if options.fix_qdq_softmax {
             let rewritten =
                 rewrite_qdq_softmax(&mut proto).map_err(|message| Error::Unsupported {
@@ -219,7 +245,6 @@ impl OnnxModel {
                 ));
             }
         }
-        let dir = path.parent().and_then(|p| p.to_str());
         let mut load_stages = vec![("read and decode", start.elapsed().as_secs_f64() * 1e3)];
         let typed = match build_typed(&onnx, &proto, dir, fixed, options) {
             Ok(built) => {
@@ -257,12 +282,14 @@ impl OnnxModel {
         };
         let inputs = facts(
             &typed,
+            Side::Input,
             typed
                 .input_outlets()
                 .map_err(|e| Error::model(path, "reading inputs", e))?,
         )?;
         let outputs = facts(
             &typed,
+            Side::Output,
             typed
                 .output_outlets()
                 .map_err(|e| Error::model(path, "reading outputs", e))?,
@@ -616,12 +643,24 @@ fn optimize(
     Ok(typed)
 }
 
-fn facts(model: &TypedModel, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {
+enum Side {
+    Input,
+    Output,
+}
+
+/// Names and facts of the model's inputs or outputs. An input is named by its source node
+/// (the ONNX input name): when tract removes a no-op op right behind an input (a `Cast` to the
+/// type it already has), the input's outlet takes over that op's output label.
+fn facts(model: &TypedModel, side: Side, outlets: &[OutletId]) -> Result<Vec<TensorSpec>> {
     outlets
         .iter()
         .map(|o| {
             let node = model.node(o.node);
-            let name = model.outlet_label(*o).unwrap_or(&node.name).to_string();
+            let name = match side {
+                Side::Input => &node.name,
+                Side::Output => model.outlet_label(*o).unwrap_or(&node.name),
+            }
+            .to_string();
             let fact = model
                 .outlet_fact(*o)
                 .map_err(|e| Error::Inference(e.into()))?;

@@ -77,6 +77,7 @@ fn every_fixture_matches_onnxruntime() {
         "qdq_conv_matmul",
         "qdq_softmax",
         "q4",
+        "fp16",
         "wrong_output_shape",
     ] {
         assert!(
@@ -155,6 +156,40 @@ fn qdq_softmax_is_wrong_without_the_rewrite() {
         "{:?}",
         model.notes()
     );
+}
+
+/// float16 graphs run in float32 by default (crate::upcast) and keep their float16 interface;
+/// tract's own float16 path (`f16_as_f32: false`) must give the same answer within the
+/// fixture tolerance, so the rewrite changes speed, not results.
+#[test]
+fn float16_graph_runs_in_float32_and_keeps_its_interface() {
+    let index = index();
+    let f = index.fixture.iter().find(|f| f.name == "fp16").unwrap();
+    let path = common::models().join("fixtures").join(&f.model);
+    let model = OnnxModel::load(&path, &LoadOptions::default()).unwrap();
+    assert!(
+        model.notes().iter().any(|n| n.starts_with("fp16:")),
+        "{:?}",
+        model.notes()
+    );
+    assert_eq!(
+        model.inputs()[0].datum_type,
+        edgevlm_runtime::DatumType::F16
+    );
+    assert!(model
+        .outputs()
+        .iter()
+        .all(|o| o.datum_type == edgevlm_runtime::DatumType::F16));
+    let native = max_errors(
+        f,
+        &LoadOptions {
+            f16_as_f32: false,
+            ..Default::default()
+        },
+    );
+    for (output, err) in native {
+        assert!(err <= f.atol, "tract's float16 path, {output}: {err}");
+    }
 }
 
 #[test]

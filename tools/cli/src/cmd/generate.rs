@@ -76,6 +76,10 @@ pub struct Cmd {
     /// ones (for comparing the two; without AVX-512 tract's are always used).
     #[arg(long)]
     no_avx512_kernels: bool,
+    /// Run float16 graphs in float16 on tract's kernels instead of in float32 (slow on
+    /// CPUs without float16 arithmetic; for comparing the two).
+    #[arg(long)]
+    keep_f16: bool,
 }
 
 impl Cmd {
@@ -90,6 +94,7 @@ impl Cmd {
             threads: self.threads as usize,
             prefill_plans: !self.no_prefill_plans,
             avx512_kernels: !self.no_avx512_kernels,
+            f16_as_f32: !self.keep_f16,
             ..Default::default()
         };
         let (package, mut generator) = Generator::open(&self.model, &options)

@@ -60,6 +60,10 @@ pub struct Cmd {
     /// ones (for comparing the two; without AVX-512 tract's are always used).
     #[arg(long)]
     no_avx512_kernels: bool,
+    /// Run float16 graphs in float16 on tract's kernels instead of in float32 (slow on
+    /// CPUs without float16 arithmetic; for comparing the two).
+    #[arg(long)]
+    keep_f16: bool,
 }
 
 impl Cmd {
@@ -72,6 +76,7 @@ impl Cmd {
             fix_block_quant_reshape: !self.keep_bq_reshape_fold,
             prefill_plans: !self.no_prefill_plans,
             avx512_kernels: !self.no_avx512_kernels,
+            f16_as_f32: !self.keep_f16,
         };
         let mut files = vec![];
         for arg in &self.inputs {
