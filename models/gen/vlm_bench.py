@@ -74,7 +74,7 @@ def generate(out: Path, variants, size: str = "256m", log=print) -> None:
         paths = vm.build_smolvlm_graphs(Path(tmpd), dims, np.random.default_rng(SEED_BENCH), selfcheck=False)
         log(f"fp32 graphs built ({time.time() - t0:.0f}s)")
         for part, base in paths.items():
-            info = vm.write_variants(base, out / "onnx", part, variants)
+            info = vm.write_variants(base, out / "onnx", part, variants, dims.vision.image_size)
             sizes = ", ".join(f"{v} {(out / 'onnx' / i['file']).stat().st_size / 2**20:.0f} MiB"
                               for v, i in info.items())
             log(f"  {part:22s} {sizes} ({time.time() - t0:.0f}s)")

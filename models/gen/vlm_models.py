@@ -672,6 +672,8 @@ VARIANTS = {
     "int8pc": "dynamic 8-bit, QInt8 weights with per-channel (per output column) scales: "
               "DynamicQuantizeLinear + MatMulInteger",
     "fp16": "float16 weights and arithmetic, float32 graph inputs/outputs (keep_io_types)",
+    "qdq": "static QDQ (int8 activations and weights, per-tensor, MinMax calibration on random "
+           "inputs) around MatMul and Conv; embed_tokens stays float32",
 }
 
 
@@ -712,6 +714,62 @@ def to_fp16(src: Path, dst: Path) -> onnx.ModelProto:
     return _reload_pinned(dst, "float16 conversion, keep_io_types")
 
 
+def _calibration_feeds(model: onnx.ModelProto, image_size: int, n: int = 2):
+    """Random inputs for static calibration: symbolic dims fixed to one image of
+    `image_size`, 16 prompt tokens and an empty KV cache; `n` feeds."""
+    sizes = {"height": image_size, "width": image_size, "sequence_length": 16,
+             "total_sequence_length": 16, "past_sequence_length": 0}
+    rng = np.random.default_rng(SEED_QDQ_CALIB)
+    feeds = []
+    for _ in range(n):
+        feed = {}
+        for x in model.graph.input:
+            t = x.type.tensor_type
+            shape = [d.dim_value if d.dim_value else sizes.get(d.dim_param, 1) for d in t.shape.dim]
+            if t.elem_type == TensorProto.FLOAT:
+                feed[x.name] = rng.standard_normal(shape).astype(np.float32)
+            elif t.elem_type == TensorProto.BOOL:
+                feed[x.name] = np.ones(shape, dtype=bool)
+            elif x.name == "position_ids":
+                feed[x.name] = np.broadcast_to(np.arange(shape[-1], dtype=np.int64), shape).copy()
+            else:
+                feed[x.name] = np.ones(shape, dtype=np.int64)
+        feeds.append(feed)
+    return feeds
+
+
+SEED_QDQ_CALIB = 20261124
+
+
+def quantize_qdq(src: Path, dst: Path, image_size: int) -> onnx.ModelProto:
+    """Static QDQ the way onnxruntime.quantization.quantize_static writes it by default:
+    QuantizeLinear -> DequantizeLinear on activations, DequantizeLinear on int8 weights."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+
+    model = load_model(src)
+    if not any(n.op_type in ("MatMul", "Conv") for n in model.graph.node):
+        return _reload_pinned_copy(src, dst)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(
+        src, dst, Reader(_calibration_feeds(model, image_size)),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Conv"],
+        per_channel=False,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return _reload_pinned(dst, "onnxruntime.quantization static QDQ int8")
+
+
 def quantize_q4(src: Path, dst: Path) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -721,7 +779,7 @@ def quantize_q4(src: Path, dst: Path) -> onnx.ModelProto:
     return _reload_pinned(dst, "onnxruntime.quantization MatMulNBits q4")
 
 
-def write_variants(base: Path, onnx_dir: Path, stem: str, variants) -> "dict[str, dict]":
+def write_variants(base: Path, onnx_dir: Path, stem: str, variants, image_size: int = 0) -> "dict[str, dict]":
     """fp32 copy + quantized variants of one graph; returns per-variant file info."""
     info = {}
     for var in variants:
@@ -738,6 +796,8 @@ def write_variants(base: Path, onnx_dir: Path, stem: str, variants) -> "dict[str
             model = quantize_8bit(base, dst, signed=True, per_channel=True)
         elif var == "fp16":
             model = to_fp16(base, dst)
+        elif var == "qdq":
+            model = quantize_qdq(base, dst, image_size)
         else:
             raise ValueError(var)
         info[var] = {"file": dst.name, "ops": dict(op_histogram(model))}

@@ -11,6 +11,8 @@
 #![warn(missing_docs)]
 
 #[allow(unsafe_code)]
+pub mod alloc;
+#[allow(unsafe_code)]
 pub mod attention;
 pub mod classify;
 pub mod error;
@@ -31,6 +33,8 @@ pub mod pipeline;
 pub mod preprocess;
 #[allow(unsafe_code)]
 pub mod q4mm;
+pub mod qdq;
+pub mod quant;
 pub mod resample;
 pub mod sampling;
 pub mod synth;

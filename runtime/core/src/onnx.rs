@@ -38,6 +38,9 @@ pub struct LoadOptions {
     /// Run float16 graphs in float32 (see [`crate::upcast`]): tract has no fast float16
     /// path on most CPUs. The graph's float16 inputs and outputs stay float16.
     pub f16_as_f32: bool,
+    /// Run static-QDQ `MatMul`s with a constant 8-bit weight as integer products (see
+    /// [`crate::qdq`]) instead of tract's float32 product between quantize/dequantize passes.
+    pub qdq_integer_products: bool,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +52,7 @@ impl Default for LoadOptions {
             prefill_plans: true,
             avx512_kernels: true,
             f16_as_f32: true,
+            qdq_integer_products: true,
         }
     }
 }
@@ -242,6 +246,16 @@ impl OnnxModel {
                     "qdq-softmax: DequantizeLinear before {} rewritten to float arithmetic \
                      (tract {TRACT_VERSION} folds DQ->Softmax->Q into a wrong lookup table)",
                     rewritten.join(", ")
+                ));
+            }
+        }
+        if options.qdq_integer_products {
+            let rewritten = crate::qdq::qdq_products_to_integer(&mut proto);
+            if !rewritten.is_empty() {
+                notes.push(format!(
+                    "qdq-integer: {} static-QDQ MatMul(s) with 8-bit weights run as integer products \
+                     (tract {TRACT_VERSION} dequantizes the weights and multiplies in float32)",
+                    rewritten.len()
                 ));
             }
         }
@@ -617,6 +631,15 @@ fn optimize(
     }
     typed.optimize().map_err(|e| ("optimizing", e))?;
     stages.mark("optimize");
+    let (pairs, quants, dequants) =
+        crate::quant::fast_quantize_ops(&mut typed).map_err(|e| ("replacing quantize ops", e))?;
+    if pairs + quants + dequants > 0 {
+        notes.push(format!(
+            "quantize: {pairs} QuantizeLinear->DequantizeLinear pair(s) fused into one pass, \
+             {quants} QuantizeLinear and {dequants} DequantizeLinear on vectorized loops \
+             (tract {TRACT_VERSION} rounds element by element through a function call)"
+        ));
+    }
     let broadcasts = crate::patches::faster_broadcast_binaries(&mut typed)
         .map_err(|e| ("replacing broadcast binaries", e))?;
     if broadcasts > 0 {

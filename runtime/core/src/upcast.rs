@@ -252,11 +252,12 @@ fn upcast_subgraph(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tract_onnx::prelude::*;
 
-    fn value(name: &str, elem: i32, dims: &[i64]) -> pb::ValueInfoProto {
+    /// A tensor-typed graph input/output/value_info (shared by the protobuf rewrite tests).
+    pub(crate) fn value(name: &str, elem: i32, dims: &[i64]) -> pb::ValueInfoProto {
         pb::ValueInfoProto {
             name: name.into(),
             r#type: Some(pb::TypeProto {
@@ -278,7 +279,8 @@ mod tests {
         }
     }
 
-    fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
+    /// A node named after its single output.
+    pub(crate) fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
         pb::NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: vec![output.into()],

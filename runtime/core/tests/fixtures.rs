@@ -192,6 +192,38 @@ fn float16_graph_runs_in_float32_and_keeps_its_interface() {
     }
 }
 
+/// Static QDQ products run as integer products (crate::qdq) and the quantize/dequantize pairs
+/// on edgevlm's loops (crate::quant); both paths stay within the fixture tolerance.
+#[test]
+fn static_qdq_products_run_as_integer_products() {
+    let index = index();
+    for name in ["qdq_conv_matmul", "qdq_softmax"] {
+        let f = index.fixture.iter().find(|f| f.name == name).unwrap();
+        let path = common::models().join("fixtures").join(&f.model);
+        let model = OnnxModel::load(&path, &LoadOptions::default()).unwrap();
+        for note in ["qdq-integer: 4 ", "quantize: "] {
+            assert!(
+                model.notes().iter().any(|n| n.starts_with(note)),
+                "{name}: no {note:?} in {:?}",
+                model.notes()
+            );
+        }
+        let tract = max_errors(
+            f,
+            &LoadOptions {
+                qdq_integer_products: false,
+                ..Default::default()
+            },
+        );
+        for (output, err) in tract {
+            assert!(
+                err <= f.atol,
+                "{name} on tract's float products, {output}: {err}"
+            );
+        }
+    }
+}
+
 #[test]
 fn wrong_declared_output_shape_is_retried_and_noted() {
     let path = common::models().join("fixtures/wrong_output_shape/model.onnx");

@@ -64,6 +64,10 @@ pub struct Cmd {
     /// CPUs without float16 arithmetic; for comparing the two).
     #[arg(long)]
     keep_f16: bool,
+    /// Leave static-QDQ products to tract (float32 products on dequantized weights) instead
+    /// of running them as integer products (for comparing the two).
+    #[arg(long)]
+    keep_qdq_products: bool,
 }
 
 impl Cmd {
@@ -77,6 +81,7 @@ impl Cmd {
             prefill_plans: !self.no_prefill_plans,
             avx512_kernels: !self.no_avx512_kernels,
             f16_as_f32: !self.keep_f16,
+            qdq_integer_products: !self.keep_qdq_products,
         };
         let mut files = vec![];
         for arg in &self.inputs {

@@ -1,0 +1,399 @@
+//! Static `QuantizeLinear` / `DequantizeLinear` as loops the compiler vectorizes.
+//!
+//! A static QDQ export puts a quantize -> dequantize pair on nearly every activation (on
+//! the attention scores too: `heads x rows x keys` values). tract 0.23.9 runs each as a
+//! scalar loop, rounding through a function call: 600 ms of the probe QDQ vision encoder's
+//! 1.9 s went to `QuantizeLinearI8`, 250 ms to `DequantizeLinearF32`. [`LinearQuant`] does
+//! the same arithmetic as plain slice loops (clamp first, then round with the 1.5 * 2^23
+//! trick, which is exact once `|v| <= 255`) that LLVM turns into SIMD on every target, and
+//! fuses a quantize whose only consumer is a dequantize into one pass with a float output:
+//! the `int8` tensor in between is never written. [`fast_quantize_ops`] puts them in place of
+//! tract's ops after its optimizer.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, QuantizeLinearU8};
+
+/// Rounds half to even: exact for `|v| <= 2^22`, and vectorizes (no `rint` call).
+const ROUND: f32 = 12_582_912.0;
+
+/// `i8` or `u8`, from an integer-valued float already in range.
+pub trait Quantized: Copy {
+    /// The value of `v`.
+    fn from_integral(v: f32) -> Self;
+}
+
+impl Quantized for i8 {
+    fn from_integral(v: f32) -> i8 {
+        v as i8
+    }
+}
+
+impl Quantized for u8 {
+    fn from_integral(v: f32) -> u8 {
+        v as u8
+    }
+}
+
+/// What a [`LinearQuant`] writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QuantOut {
+    /// The quantized values, `i8`.
+    I8,
+    /// The quantized values, `u8`.
+    U8,
+    /// The quantized values dequantized again, `(q - zero) * scale`, as `f32`.
+    Float {
+        /// The dequantize's scale.
+        scale: f32,
+        /// The dequantize's zero point.
+        zero: i32,
+    },
+}
+
+/// ONNX `QuantizeLinear` with one scale and zero point: `saturate(round_half_even(x * mult) +
+/// zero)`, `mult` being `1 / scale` as tract computes it, optionally followed by
+/// `DequantizeLinear` ([`QuantOut::Float`]). Same results as tract's ops for every non-NaN
+/// input (a NaN gives NaN in the float form, where tract's pair gives 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearQuant {
+    /// `1 / scale`.
+    pub mult: f32,
+    /// The quantize's zero point.
+    pub zero: i32,
+    /// Quantized range: `-128..=127` or `0..=255`.
+    pub range: (i32, i32),
+    /// Output form.
+    pub out: QuantOut,
+}
+
+impl Eq for LinearQuant {}
+
+impl LinearQuant {
+    /// Per element: `round(clamp(x * mult, lo - zero, hi - zero))`, the quantized value
+    /// minus its zero point as an integer-valued float. Clamping first keeps `|v| <= 255`,
+    /// where the rounding trick is exact; rounding and clamping to integer bounds commute.
+    /// Written as compare-and-select so that it compiles to SIMD min/max.
+    fn centered(&self) -> impl Fn(f32) -> f32 {
+        let mult = self.mult;
+        let lo = (self.range.0 - self.zero) as f32;
+        let hi = (self.range.1 - self.zero) as f32;
+        move |x: f32| {
+            let v = x * mult;
+            let v = if v < lo { lo } else { v };
+            let v = if v > hi { hi } else { v };
+            (v + ROUND) - ROUND
+        }
+    }
+
+    /// Quantizes `xs` into `ys` (`i8` or `u8` outputs; for [`QuantOut::Float`] see
+    /// [`LinearQuant::requantize_in_place`]).
+    pub fn quantize<T: Quantized>(&self, xs: &[f32], ys: &mut [T]) {
+        let (centered, z) = (self.centered(), self.zero as f32);
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            *y = T::from_integral(centered(x) + z);
+        }
+    }
+
+    /// Quantizes and dequantizes `xs` in place ([`QuantOut::Float`]).
+    pub fn requantize_in_place(&self, xs: &mut [f32]) {
+        let QuantOut::Float { scale, zero } = self.out else {
+            return;
+        };
+        let (centered, shift) = (self.centered(), (self.zero - zero) as f32);
+        for x in xs.iter_mut() {
+            *x = (centered(*x) + shift) * scale;
+        }
+    }
+
+    /// Runs on a tensor (the op's whole work): in place for a float output.
+    pub fn run(&self, input: TValue) -> TractResult<Tensor> {
+        let shape = input.shape().to_vec();
+        match self.out {
+            QuantOut::I8 | QuantOut::U8 => {
+                let plain = input.try_as_plain_ram()?;
+                let xs = plain.as_slice::<f32>()?;
+                if self.out == QuantOut::I8 {
+                    let mut t = Tensor::zero::<i8>(&shape)?;
+                    self.quantize(xs, t.try_as_plain_ram_mut()?.as_slice_mut::<i8>()?);
+                    Ok(t)
+                } else {
+                    let mut t = Tensor::zero::<u8>(&shape)?;
+                    self.quantize(xs, t.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
+                    Ok(t)
+                }
+            }
+            QuantOut::Float { .. } => {
+                let mut t = input.into_tensor();
+                self.requantize_in_place(t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+                Ok(t)
+            }
+        }
+    }
+
+    fn datum_type(&self) -> DatumType {
+        match self.out {
+            QuantOut::I8 => DatumType::I8,
+            QuantOut::U8 => DatumType::U8,
+            QuantOut::Float { .. } => DatumType::F32,
+        }
+    }
+}
+
+impl Op for LinearQuant {
+    fn name(&self) -> StaticName {
+        "EdgevlmLinearQuant".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "1/scale {} zero {} range {:?} -> {:?}",
+            self.mult, self.zero, self.range, self.out
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for LinearQuant {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        Ok(tvec!(self.run(inputs.remove(0))?.into_tvalue()))
+    }
+}
+
+impl TypedOp for LinearQuant {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(self.datum_type().fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// ONNX `DequantizeLinear` with one scale and zero point, `(x - zero) * scale` from `i8` or
+/// `u8`, vectorized (tract's `DequantizeLinearF32`, same results).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearDequant {
+    /// Scale.
+    pub scale: f32,
+    /// Zero point.
+    pub zero: i32,
+}
+
+impl Eq for LinearDequant {}
+
+impl Op for LinearDequant {
+    fn name(&self) -> StaticName {
+        "EdgevlmLinearDequant".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for LinearDequant {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let plain = inputs[0].try_as_plain_ram()?;
+        let mut out = Tensor::zero::<f32>(inputs[0].shape())?;
+        let mut ys = out.try_as_plain_ram_mut()?;
+        let ys = ys.as_slice_mut::<f32>()?;
+        let (zero, scale) = (self.zero, self.scale);
+        match inputs[0].datum_type() {
+            DatumType::I8 => {
+                for (y, &x) in ys.iter_mut().zip(plain.as_slice::<i8>()?) {
+                    *y = (x as i32 - zero) as f32 * scale;
+                }
+            }
+            DatumType::U8 => {
+                for (y, &x) in ys.iter_mut().zip(plain.as_slice::<u8>()?) {
+                    *y = (x as i32 - zero) as f32 * scale;
+                }
+            }
+            dt => bail!("EdgevlmLinearDequant: {dt:?} input"),
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for LinearDequant {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// tract's `QuantizeLinear` (f32 input) as a [`LinearQuant`] with an integer output.
+fn quantize_of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<LinearQuant>> {
+    let Some(ew) = node.op_as::<ElementWiseOp>() else {
+        return Ok(None);
+    };
+    let op = if let Some(q) = ew.0.downcast_ref::<QuantizeLinearI8>() {
+        LinearQuant {
+            mult: q.scale,
+            zero: q.zero_point as i32,
+            range: (-128, 127),
+            out: QuantOut::I8,
+        }
+    } else if let Some(q) = ew.0.downcast_ref::<QuantizeLinearU8>() {
+        LinearQuant {
+            mult: q.scale,
+            zero: q.zero_point as i32,
+            range: (0, 255),
+            out: QuantOut::U8,
+        }
+    } else {
+        return Ok(None);
+    };
+    let input = model.outlet_fact(node.inputs[0])?;
+    Ok((input.datum_type == f32::datum_type()).then_some(op))
+}
+
+/// Replaces tract's static `QuantizeLinear` (f32 input) and `DequantizeLinear` (8-bit input)
+/// nodes by [`LinearQuant`] / [`LinearDequant`]; a quantize whose only consumer is a
+/// dequantize becomes one [`LinearQuant`] with a float output. Run after tract's optimizer.
+/// Returns (fused pairs, quantizes, dequantizes) replaced.
+pub fn fast_quantize_ops(model: &mut TypedModel) -> TractResult<(usize, usize, usize)> {
+    let outputs = model.output_outlets()?.to_vec();
+    let mut counts = (0, 0, 0);
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(mut op) = quantize_of(model, node)? else {
+            continue;
+        };
+        let succ = &node.outputs[0].successors;
+        let pair = (succ.len() == 1 && !outputs.contains(&OutletId::new(id, 0)))
+            .then(|| model.node(succ[0].node))
+            .and_then(|d| Some((d, d.op_as::<DequantizeLinearF32>()?)));
+        if let Some((dq_node, dq)) = pair {
+            op.out = QuantOut::Float {
+                scale: dq.scale,
+                zero: dq.zero_point,
+            };
+            let dq_node = dq_node.clone();
+            let patch = TypedModelPatch::replace_single_op(model, &dq_node, &node.inputs, op)?;
+            patch.apply(model)?;
+            counts.0 += 1;
+        } else {
+            let node = node.clone();
+            TypedModelPatch::replace_single_op(model, &node, &node.inputs, op)?.apply(model)?;
+            counts.1 += 1;
+        }
+    }
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(dq) = node.op_as::<DequantizeLinearF32>() else {
+            continue;
+        };
+        let dt = model.outlet_fact(node.inputs[0])?.datum_type;
+        if dt != DatumType::I8 && dt != DatumType::U8 {
+            continue;
+        }
+        let op = LinearDequant {
+            scale: dq.scale,
+            zero: dq.zero_point,
+        };
+        let node = node.clone();
+        TypedModelPatch::replace_single_op(model, &node, &node.inputs, op)?.apply(model)?;
+        counts.2 += 1;
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::quant::quantize_linear_f32_i8;
+    use tract_onnx::tract_core::ops::quant::quantize_linear_f32_u8;
+
+    fn inputs() -> Vec<f32> {
+        let mut xs: Vec<f32> = (-4000..4000).map(|i| i as f32 * 0.0371).collect();
+        // Ties at every half step, values far outside the range, signed zeros.
+        xs.extend((-600..600).map(|i| i as f32 * 0.5));
+        xs.extend([1e6, -1e6, 0.0, -0.0]);
+        xs
+    }
+
+    /// Beyond `|x * mult| >= 2^31` tract's cast saturates to `i32::MAX` and adding the zero
+    /// point wraps around (127 becomes -128); ours saturates as ONNX says.
+    #[test]
+    fn extremes_saturate() {
+        let op = LinearQuant {
+            mult: 4.0,
+            zero: 3,
+            range: (-128, 127),
+            out: QuantOut::I8,
+        };
+        let xs = [1e10, -1e10, f32::INFINITY, f32::NEG_INFINITY];
+        let got = op.run(tensor1(&xs).into_tvalue()).unwrap();
+        let got = got.try_as_plain_ram().unwrap();
+        assert_eq!(got.as_slice::<i8>().unwrap(), &[127, -128, 127, -128]);
+        assert_eq!(
+            quantize_linear_f32_i8(1e10, 4.0, 3),
+            -128,
+            "tract fixed its overflow"
+        );
+    }
+
+    #[test]
+    fn quantize_matches_tract_bit_for_bit() {
+        let xs = inputs();
+        for (mult, zero) in [(1.0, 0), (1.0 / 0.37, 3), (8.0, -128), (0.5, 127)] {
+            let op = LinearQuant {
+                mult,
+                zero,
+                range: (-128, 127),
+                out: QuantOut::I8,
+            };
+            let mut got = vec![0i8; xs.len()];
+            op.quantize(&xs, &mut got);
+            let want: Vec<i8> = xs
+                .iter()
+                .map(|&x| quantize_linear_f32_i8(x, mult, zero))
+                .collect();
+            assert_eq!(got, want);
+        }
+        for (mult, zero) in [(1.0, 128), (1.0 / 0.02, 0), (3.0, 255)] {
+            let op = LinearQuant {
+                mult,
+                zero,
+                range: (0, 255),
+                out: QuantOut::U8,
+            };
+            let mut got = vec![0u8; xs.len()];
+            op.quantize(&xs, &mut got);
+            let want: Vec<u8> = xs
+                .iter()
+                .map(|&x| quantize_linear_f32_u8(x, mult, zero))
+                .collect();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn fused_pair_equals_quantize_then_dequantize() {
+        let xs = inputs();
+        for (zero, dq_zero, scale) in [(0, 0, 0.25f32), (-5, -5, 0.0371), (10, 7, 1.5)] {
+            let op = LinearQuant {
+                mult: 1.0 / scale,
+                zero,
+                range: (-128, 127),
+                out: QuantOut::Float {
+                    scale,
+                    zero: dq_zero,
+                },
+            };
+            let got = op.run(tensor1(&xs).into_tvalue()).unwrap();
+            let got = got.try_as_plain_ram().unwrap();
+            let dq = DequantizeLinearF32::new(scale, dq_zero);
+            for (i, (&x, &y)) in xs.iter().zip(got.as_slice::<f32>().unwrap()).enumerate() {
+                let q = quantize_linear_f32_i8(x, 1.0 / scale, zero);
+                let want = (q as i32 - dq.zero_point) as f32 * dq.scale;
+                assert_eq!(y.to_bits(), want.to_bits(), "x[{i}] = {x}");
+            }
+        }
+    }
+}
