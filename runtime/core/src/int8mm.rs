@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::change_axes::AxisOp;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
 /// Output columns of one kernel tile: two 16-lane registers of `i32`.
@@ -584,11 +585,61 @@ impl TypedOp for VnniMatMul {
     as_op!();
 }
 
+/// How an einsum's axes map onto the kernel's `[rows, k] x [k, n]`: the contracted axes
+/// (trailing in the activation, leading or trailing in the weight, same order), the weight's
+/// column axis, and the output's outer axes in output order (a permutation of the
+/// activation's outer axes, `n` last).
+#[derive(Debug, PartialEq)]
+struct ProductLayout {
+    contracted: String,
+    n: char,
+    k_major: bool,
+    outer: String,
+    output_outer: String,
+}
+
+fn product_layout(a: &str, b: &str, outputs: &[String]) -> Option<ProductLayout> {
+    let [out] = outputs else { return None };
+    let contracted: String = a
+        .chars()
+        .filter(|c| b.contains(*c) && !out.contains(*c))
+        .collect();
+    let rest: Vec<char> = b.chars().filter(|c| !contracted.contains(*c)).collect();
+    let (&[n], false) = (&rest[..], contracted.is_empty()) else {
+        return None;
+    };
+    if !a.ends_with(&contracted) || a.contains(n) {
+        return None;
+    }
+    let k_major = *b == format!("{contracted}{n}");
+    if !k_major && *b != format!("{n}{contracted}") {
+        return None;
+    }
+    let outer = &a[..a.len() - contracted.len()];
+    let output_outer = out.strip_suffix(n)?;
+    let mut sorted = (
+        outer.chars().collect::<Vec<_>>(),
+        output_outer.chars().collect::<Vec<_>>(),
+    );
+    sorted.0.sort_unstable();
+    sorted.1.sort_unstable();
+    (sorted.0 == sorted.1).then(|| ProductLayout {
+        contracted,
+        n,
+        k_major,
+        outer: outer.to_string(),
+        output_outer: output_outer.to_string(),
+    })
+}
+
 /// A `VnniMatMul` for `node` if it is an ONNX `MatMulInteger` as tract loads it (see
-/// [`crate::patches::is_matmul_integer`]) with a constant 2-D weight, a scalar activation zero point, a constant per-tensor or
-/// per-column weight zero point, zero bias and unit scales, and the activation's last axis as
-/// the contraction.
-fn vnni_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<VnniMatMul>> {
+/// [`crate::patches::is_matmul_integer`]) with a constant weight, a scalar activation zero
+/// point, a constant per-tensor or per-column weight zero point, zero bias and unit scales,
+/// and axes the kernel can take (see [`ProductLayout`]), with that layout.
+fn vnni_product(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(VnniMatMul, ProductLayout)>> {
     if !crate::patches::is_matmul_integer(model, node)? {
         return Ok(None);
     }
@@ -601,7 +652,6 @@ fn vnni_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Vnni
     };
     if !byte(act.datum_type)
         || !byte(weight.datum_type)
-        || weight.rank() != 2
         || a0.shape.volume() != 1.to_dim()
         || node.outputs[0].fact.datum_type != i32::datum_type()
     {
@@ -609,23 +659,19 @@ fn vnni_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Vnni
     }
     let (inputs, outputs) = op.axes.to_strs();
     let (a, b) = (&inputs[0], &inputs[1]);
-    let Some(kc) = a.chars().last() else {
+    let Some(layout) = product_layout(a, b, &outputs) else {
         return Ok(None);
     };
-    let Some(k_axis) = b.chars().position(|c| c == kc) else {
-        return Ok(None);
-    };
-    let nc = b.chars().nth(1 - k_axis).unwrap();
-    let outer = &a[..a.len() - 1];
-    if outputs.len() != 1
-        || outputs[0] != format!("{outer}{nc}")
-        || outer.contains(nc)
-        || a.contains(nc)
-        || inputs[2..].iter().any(|s| s.contains(kc))
+    if inputs[2..]
+        .iter()
+        .any(|s| s.chars().any(|c| layout.contracted.contains(c)))
     {
         return Ok(None);
     }
-    let (k, n) = (w.shape()[k_axis], w.shape()[1 - k_axis]);
+    let dim = |c: char| w.shape()[b.chars().position(|x| x == c).unwrap()];
+    let k: usize = layout.contracted.chars().map(dim).product();
+    let n = dim(layout.n);
+    let k_axis = if layout.k_major { 0 } else { 1 };
     if zb.len() != 1 && zb.len() != n {
         return Ok(None);
     }
@@ -641,11 +687,14 @@ fn vnni_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Vnni
         let ws = plain.as_slice::<u8>()?;
         PackedWeight::pack(k, n, false, k_axis == 0, |x| (ws[x] ^ 0x80) as i8, zero)
     };
-    Ok(Some(VnniMatMul {
-        weight: Arc::new(packed),
-        act_signed: act.datum_type == i8::datum_type(),
-        scaled: false,
-    }))
+    Ok(Some((
+        VnniMatMul {
+            weight: Arc::new(packed),
+            act_signed: act.datum_type == i8::datum_type(),
+            scaled: false,
+        },
+        layout,
+    )))
 }
 
 /// Replaces every ONNX `MatMulInteger` with a constant weight (see [`VnniMatMul`]) by the VNNI
@@ -657,14 +706,36 @@ pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<usize> {
     }
     let mut targets = vec![];
     for node in model.nodes() {
-        if let Some(op) = vnni_product(model, node)? {
-            targets.push((node.id, op));
+        if let Some(found) = vnni_product(model, node)? {
+            targets.push((node.id, found));
         }
     }
-    for (id, op) in &targets {
+    for (id, (op, layout)) in targets.iter() {
         let node = model.node(*id);
-        let inputs = [node.inputs[0], node.inputs[3]];
-        let patch = TypedModelPatch::replace_single_op(model, node, &inputs, op.clone())?;
+        let mut patch = TypedModelPatch::new(format!("edgevlm int8 product {}", node.name));
+        let taps = patch.taps(model, &[node.inputs[0], node.inputs[3]])?;
+        let mut act = taps[0];
+        // Several contracted axes (trailing, contiguous): one k axis for the kernel.
+        let at = layout.outer.len();
+        if layout.contracted.len() > 1 {
+            let dims: TVec<TDim> = model.outlet_fact(node.inputs[0])?.shape[at..].into();
+            let k = dims.iter().product::<TDim>();
+            let name = format!("{}.merge_k", node.name);
+            act = patch.wire_node(name, AxisOp::Reshape(at, dims, tvec![k]), &[act])?[0];
+        }
+        let mut wire = patch.wire_node(&node.name, op.clone(), &[act, taps[1]])?[0];
+        // Outer axes in the einsum's output order (n stays last).
+        let mut order: Vec<char> = layout.outer.chars().collect();
+        for (to, c) in layout.output_outer.chars().enumerate() {
+            let from = order.iter().position(|x| *x == c).unwrap();
+            if from != to {
+                let name = format!("{}.move_{from}_{to}", node.name);
+                wire = patch.wire_node(name, AxisOp::Move(from, to), &[wire])?[0];
+                let moved = order.remove(from);
+                order.insert(to, moved);
+            }
+        }
+        patch.shunt_outside(model, node.id.into(), wire)?;
         patch.apply(model)?;
     }
     Ok(targets.len())
@@ -757,6 +828,32 @@ pub(crate) mod tests {
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         (*seed >> 33) as u32
+    }
+
+    /// Which einsum axis layouts the kernel takes, and how their axes map onto it.
+    #[test]
+    fn product_layouts() {
+        let layout = |a: &str, b: &str, out: &str| product_layout(a, b, &[out.to_string()]);
+        let plain = layout("amk", "kn", "amn").unwrap();
+        assert_eq!(
+            (plain.contracted.as_str(), plain.n, plain.k_major),
+            ("k", 'n', true)
+        );
+        assert!(!layout("amk", "nk", "amn").unwrap().k_major);
+        // Heads x head_dim contracted at once (an out projection after tract's reshape fold).
+        let merged = layout("ambk", "bkn", "amn").unwrap();
+        assert_eq!(
+            (merged.contracted.as_str(), merged.outer.as_str()),
+            ("bk", "am")
+        );
+        // Outer axes permuted in the output (a transpose folded into the product).
+        assert_eq!(layout("ambk", "kn", "abmn").unwrap().output_outer, "abm");
+        // Not the kernel's shape: n not last, contracted axes not trailing or out of order,
+        // a batch axis on the weight.
+        assert_eq!(layout("amk", "kn", "anm"), None);
+        assert_eq!(layout("akm", "kn", "amn"), None);
+        assert_eq!(layout("ambk", "kbn", "amn"), None);
+        assert_eq!(layout("abmk", "bkn", "abmn"), None);
     }
 
     /// Every shape class (row tails 1-7, partial panels, k not a multiple of 4), every
