@@ -25,6 +25,7 @@ pub mod import;
 #[allow(unsafe_code)]
 pub mod int8mm;
 pub mod manifest;
+pub mod nbits;
 pub mod npy;
 pub mod onnx;
 pub mod package;

@@ -197,7 +197,10 @@ impl OnnxModel {
     ) -> Result<OnnxModel> {
         let start = Instant::now();
         std::fs::metadata(path).map_err(|e| Error::io("opening", path, e))?;
-        let onnx = tract_onnx::onnx();
+        let mut onnx = tract_onnx::onnx();
+        if options.avx512_kernels {
+            crate::nbits::register(&mut onnx);
+        }
         let mut proto = onnx.proto_model_for_path(path).map_err(|e| {
             Error::model(
                 path,
@@ -508,12 +511,19 @@ fn build_typed(
     let mut typed = typed;
     let mut notes = vec![];
     if options.avx512_kernels {
-        let own_q4 =
-            crate::q4mm::own_q4_products(&mut typed).map_err(|e| ("packing 4-bit weights", e))?;
+        // Products parsed straight onto the kernel (crate::nbits), then the Q4_0 ones tract
+        // made (MatMulNBits the parser left to tract, GGUF-style weights).
+        let parsed = typed
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<crate::q4mm::Q4MatMul>())
+            .count();
+        let own_q4 = parsed
+            + crate::q4mm::own_q4_products(&mut typed).map_err(|e| ("packing 4-bit weights", e))?;
         if own_q4 > 0 {
             notes.push(format!(
                 "q4-avx512: {own_q4} 4-bit product(s) run on edgevlm's AVX-512 4-bit kernel at \
-                 every row count, weights repacked at load (tract {TRACT_VERSION} runs them as \
+                 every row count, weights packed once at load (tract {TRACT_VERSION} runs them as \
                  matrix-vector products)"
             ));
         }

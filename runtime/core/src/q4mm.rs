@@ -48,6 +48,47 @@ impl Q4Packed {
         if !k.is_multiple_of(32) || bytes.len() != n * k / 32 * 18 {
             return None;
         }
+        let block = |j: usize, b: usize| &bytes[(j * (k / 32) + b) * 18..][..18];
+        Some(Q4Packed::pack(
+            n,
+            k,
+            |j, b| f16::from_bits(u16::from_le_bytes([block(j, b)[0], block(j, b)[1]])).to_f32(),
+            |j, b, kk| {
+                let byte = block(j, b)[2 + kk % 16];
+                if kk < 16 {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                }
+            },
+        ))
+    }
+
+    /// Repacks an ONNX `MatMulNBits` weight (`bits` 4, `block_size` 32, no zero points, so
+    /// each code is minus 8): `b` is `[n, k / 32, 16]` with value `2i` of a block in the low
+    /// nibble of byte `i` and `2i + 1` in its high nibble, `scales` one f32 per row and block,
+    /// kept in f32 as ONNX Runtime uses them. `None` unless `k` is a multiple of 32 and the
+    /// sizes match.
+    pub fn from_matmul_nbits(b: &[u8], scales: &[f32], n: usize, k: usize) -> Option<Q4Packed> {
+        let kb = k / 32;
+        if !k.is_multiple_of(32) || b.len() != n * kb * 16 || scales.len() != n * kb {
+            return None;
+        }
+        Some(Q4Packed::pack(
+            n,
+            k,
+            |j, blk| scales[j * kb + blk],
+            |j, blk, kk| (b[(j * kb + blk) * 16 + kk / 2] >> (4 * (kk % 2))) & 0x0f,
+        ))
+    }
+
+    /// The packed layout from `scale(row, block)` and `code(row, block, index in block)`.
+    fn pack(
+        n: usize,
+        k: usize,
+        scale: impl Fn(usize, usize) -> f32,
+        code: impl Fn(usize, usize, usize) -> u8,
+    ) -> Q4Packed {
         let kb = k / 32;
         let panels = n.div_ceil(NR);
         let mut scales = vec![0f32; panels * kb * NR];
@@ -55,24 +96,21 @@ impl Q4Packed {
         for j in 0..n {
             let (p, jj) = (j / NR, j % NR);
             for b in 0..kb {
-                let block = &bytes[(j * kb + b) * 18..][..18];
                 let blk = p * kb + b;
-                scales[blk * NR + jj] =
-                    f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+                scales[blk * NR + jj] = scale(j, b);
                 for kk in 0..32 {
-                    let byte = block[2 + kk % 16];
-                    let v = if kk < 16 { byte & 0x0f } else { byte >> 4 };
+                    let v = code(j, b, kk);
                     let at = (blk * 32 + kk) * 16 + jj % 16;
                     nibbles[at] |= if jj < 16 { v } else { v << 4 };
                 }
             }
         }
-        Some(Q4Packed {
+        Q4Packed {
             n,
             k,
             scales,
             nibbles,
-        })
+        }
     }
 
     /// Output columns.
@@ -480,6 +518,33 @@ mod tests {
             }
         }
         (bytes, values)
+    }
+
+    /// ONNX `MatMulNBits` bytes (values `2i`, `2i + 1` in the low and high nibble of byte
+    /// `i`) pack to what the same codes and scales as `Q4_0` pack to; wrong sizes are refused.
+    #[test]
+    fn matmul_nbits_layout_packs_like_q4_0() {
+        let (n, k) = (45, 96);
+        let (q4, _) = q4_weight(n, k, &mut 7);
+        let (mut b, mut scales) = (vec![], vec![]);
+        for block in q4.chunks_exact(18) {
+            scales.push(f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32());
+            let code = |i: usize| {
+                if i < 16 {
+                    block[2 + i] & 15
+                } else {
+                    block[2 + i - 16] >> 4
+                }
+            };
+            b.extend((0..16).map(|i| code(2 * i) | code(2 * i + 1) << 4));
+        }
+        let ours = Q4Packed::from_matmul_nbits(&b, &scales, n, k).unwrap();
+        let theirs = Q4Packed::from_q4_0(&q4, n, k).unwrap();
+        assert_eq!(ours.scales, theirs.scales);
+        assert_eq!(ours.nibbles, theirs.nibbles);
+        assert!(Q4Packed::from_matmul_nbits(&b[1..], &scales, n, k).is_none());
+        assert!(Q4Packed::from_matmul_nbits(&b, &scales[1..], n, k).is_none());
+        assert!(Q4Packed::from_matmul_nbits(&b, &scales, n, k + 16).is_none());
     }
 
     /// Row tails 1-8, the row-by-row path for a few rows, partial panels, 1 and 2 threads,

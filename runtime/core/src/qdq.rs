@@ -27,7 +27,7 @@ fn elements(t: &pb::TensorProto) -> i64 {
 }
 
 /// The f32 values of a small initializer (scales), from `raw_data` or `float_data`.
-fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
+pub(crate) fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
     if t.data_type != F32 || !t.external_data.is_empty() {
         return None;
     }

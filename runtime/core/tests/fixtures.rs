@@ -100,6 +100,34 @@ fn every_fixture_matches_onnxruntime() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// The 4-bit fixture's `MatMulNBits` products, parsed straight onto edgevlm's kernel where
+/// the CPU has AVX-512 (f32 scales, as ONNX Runtime) and through tract's Q4_0 path (f16
+/// scales) otherwise: both match ONNX Runtime.
+#[test]
+fn q4_fixture_matches_onnxruntime_on_both_4bit_paths() {
+    let index = index();
+    let f = index.fixture.iter().find(|f| f.name == "q4").unwrap();
+    let dir = common::models().join("fixtures");
+    let ours = OnnxModel::load(&dir.join(&f.model), &LoadOptions::default()).unwrap();
+    if edgevlm_runtime::int8mm::available() {
+        let notes = ours.notes().join("\n");
+        assert!(notes.contains("q4-avx512: 4 4-bit product(s)"), "{notes}");
+    }
+    let tract_path = LoadOptions {
+        avx512_kernels: false,
+        ..Default::default()
+    };
+    for options in [LoadOptions::default(), tract_path] {
+        for (output, err) in max_errors(f, &options) {
+            assert!(
+                err <= f.atol,
+                "q4 {output} (avx512 kernels {}): {err}",
+                options.avx512_kernels
+            );
+        }
+    }
+}
+
 #[test]
 fn multithreaded_plans_match_too() {
     for f in index()
