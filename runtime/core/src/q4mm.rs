@@ -74,12 +74,45 @@ impl Q4Packed {
         if !k.is_multiple_of(32) || b.len() != n * kb * 16 || scales.len() != n * kb {
             return None;
         }
-        Some(Q4Packed::pack(
+        let panels = n.div_ceil(NR);
+        let mut packed = Q4Packed {
             n,
             k,
-            |j, blk| scales[j * kb + blk],
-            |j, blk, kk| (b[(j * kb + blk) * 16 + kk / 2] >> (4 * (kk % 2))) & 0x0f,
-        ))
+            scales: vec![0f32; panels * kb * NR],
+            nibbles: vec![0u8; panels * kb * 32 * 16],
+        };
+        // One panel block (32 columns x 32 values, 512 bytes) at a time, in the order the
+        // kernel reads them; columns past `n` stay zero (scale 0).
+        let zero = [0u8; 16];
+        let panel_blocks = packed.nibbles.chunks_exact_mut(512);
+        for ((blk, out), sc) in panel_blocks
+            .enumerate()
+            .zip(packed.scales.chunks_exact_mut(NR))
+        {
+            let (p, blk_k) = (blk / kb, blk % kb);
+            let bytes = |j: usize| -> &[u8] {
+                if j < n {
+                    &b[(j * kb + blk_k) * 16..][..16]
+                } else {
+                    &zero
+                }
+            };
+            for (jj, s) in sc.iter_mut().enumerate() {
+                let j = p * NR + jj;
+                if j < n {
+                    *s = scales[j * kb + blk_k];
+                }
+            }
+            for i in 0..16 {
+                let (lo, hi) = (bytes(p * NR + i), bytes(p * NR + 16 + i));
+                for t in 0..16 {
+                    // Values 2t and 2t + 1 of column i (low nibbles) and of column 16 + i.
+                    out[2 * t * 16 + i] = (lo[t] & 0x0f) | (hi[t] << 4);
+                    out[(2 * t + 1) * 16 + i] = (lo[t] >> 4) | (hi[t] & 0xf0);
+                }
+            }
+        }
+        Some(packed)
     }
 
     /// The packed layout from `scale(row, block)` and `code(row, block, index in block)`.
