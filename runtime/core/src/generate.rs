@@ -321,7 +321,13 @@ impl Generator {
     pub fn load(dir: &Path, graphs: &GraphPaths, options: &LoadOptions) -> Result<Generator> {
         let config = ModelConfig::load(dir)?;
         let codec = TextCodec::load(dir)?;
-        let decoder = OnnxModel::load(&graphs.decoder, options)?;
+        // The decoder loads on a second core while the vision graphs load here: cold start is
+        // mostly graph loading. Its errors still come first, as when they loaded in turn.
+        let (decoder, vision) = crate::par::join(
+            || OnnxModel::load(&graphs.decoder, options),
+            || Generator::load_vision(dir, graphs, options, &config, &codec),
+        );
+        let decoder = decoder?;
         let layout = DecoderLayout::find(&decoder, &config)?;
         if let Some(max) = codec.max_token_id() {
             if max as usize >= config.text.vocab_size {
@@ -335,7 +341,32 @@ impl Generator {
                 ));
             }
         }
-        let vision = match &config.vision {
+        if config.vision.is_some() && !matches!(layout.tokens, TokenInput::Embeds(_)) {
+            return Err(graph_err(
+                &graphs.decoder,
+                "a vision-language decoder must take `inputs_embeds`".into(),
+            ));
+        }
+        let vision = vision?;
+        Ok(Generator {
+            config,
+            codec,
+            decoder,
+            layout,
+            vision,
+        })
+    }
+
+    /// The vision encoder, token embedding and image processor of a vision-language model
+    /// (`None` for a text model), checked against the config and tokenizer.
+    fn load_vision(
+        dir: &Path,
+        graphs: &GraphPaths,
+        options: &LoadOptions,
+        config: &ModelConfig,
+        codec: &TextCodec,
+    ) -> Result<Option<Vision>> {
+        Ok(match &config.vision {
             None => None,
             Some(dims) => {
                 let need = |p: &Option<PathBuf>, role: &str| {
@@ -352,12 +383,6 @@ impl Generator {
                 };
                 let encoder_path = need(&graphs.vision_encoder, roles::VISION_ENCODER)?;
                 let embed_path = need(&graphs.embed_tokens, roles::EMBED_TOKENS)?;
-                if !matches!(layout.tokens, TokenInput::Embeds(_)) {
-                    return Err(graph_err(
-                        &graphs.decoder,
-                        "a vision-language decoder must take `inputs_embeds`".into(),
-                    ));
-                }
                 match codec.token_id(idefics3::IMAGE_TOKEN) {
                     Some(id) if id == dims.image_token_id => {}
                     found => {
@@ -424,13 +449,6 @@ impl Generator {
                     image_token_id: dims.image_token_id,
                 })
             }
-        };
-        Ok(Generator {
-            config,
-            codec,
-            decoder,
-            layout,
-            vision,
         })
     }
 

@@ -29,6 +29,7 @@ pub mod nbits;
 pub mod npy;
 pub mod onnx;
 pub mod package;
+mod par;
 pub mod patches;
 pub mod pipeline;
 pub mod preprocess;

@@ -201,69 +201,10 @@ impl OnnxModel {
         if options.avx512_kernels {
             crate::nbits::register(&mut onnx);
         }
-        let mut proto = onnx.proto_model_for_path(path).map_err(|e| {
-            Error::model(
-                path,
-                "not a valid ONNX protobuf (truncated file, or not an ONNX model?)",
-                e,
-            )
-        })?;
-        if proto.graph.as_ref().is_none_or(|g| g.node.is_empty()) {
-            return Err(Error::Unsupported {
-                path: path.to_owned(),
-                message: "not an ONNX model: the file decodes but holds no graph nodes".into(),
-            });
-        }
-        check_operators(path, &onnx, &proto)?;
-        let mut notes = vec![];
+        let (proto, mut notes) = read_proto(&onnx, path, options)?;
         let dir = path.parent().and_then(|p| p.to_str());
-        if options.f16_as_f32 {
-            let upcast = crate::upcast::f16_to_f32(&onnx, &mut proto, dir).map_err(|message| {
-                Error::Unsupported {
-                    path: path.to_owned(),
-                    message,
-                }
-            })?;
-            if let Some(u) = upcast {
-                let boundary = match u.boundary {
-                    0 => String::new(),
-                    n => format!("; {n} float16 input(s)/output(s) kept behind casts"),
-                };
-                notes.push(format!(
-                    "fp16: {} float16 tensors ({:.1} MiB) and {} cast targets run in float32{boundary} \
-                     (tract {TRACT_VERSION} has no fast float16 path on this CPU)",
-                    u.tensors,
-                    u.f16_bytes as f64 / (1 << 20) as f64,
-                    u.nodes,
-                ));
-            }
-        }
-        if options.fix_qdq_softmax {
-            let rewritten =
-                rewrite_qdq_softmax(&mut proto).map_err(|message| Error::Unsupported {
-                    path: path.to_owned(),
-                    message,
-                })?;
-            if !rewritten.is_empty() {
-                notes.push(format!(
-                    "qdq-softmax: DequantizeLinear before {} rewritten to float arithmetic \
-                     (tract {TRACT_VERSION} folds DQ->Softmax->Q into a wrong lookup table)",
-                    rewritten.join(", ")
-                ));
-            }
-        }
-        if options.qdq_integer_products {
-            let rewritten = crate::qdq::qdq_products_to_integer(&mut proto);
-            if !rewritten.is_empty() {
-                notes.push(format!(
-                    "qdq-integer: {} static-QDQ MatMul(s) with 8-bit weights run as integer products \
-                     (tract {TRACT_VERSION} dequantizes the weights and multiplies in float32)",
-                    rewritten.len()
-                ));
-            }
-        }
         let mut load_stages = vec![("read and decode", start.elapsed().as_secs_f64() * 1e3)];
-        let typed = match build_typed(&onnx, &proto, dir, fixed, options) {
+        let typed = match build_typed(&onnx, proto, dir, fixed, options) {
             Ok(built) => {
                 notes.extend(built.notes);
                 load_stages.extend(built.stages);
@@ -272,11 +213,14 @@ impl OnnxModel {
             Err(first) => {
                 // Exporters often declare output shapes / value_info that contradict the graph
                 // ("Impossible to unify Sym(batch) with Val(1)"): the graph itself is the truth.
+                // The protobuf went with the first parse (it holds a copy of every weight), so
+                // it is read again.
                 let lenient = onnx
                     .clone()
                     .with_ignore_output_shapes(true)
                     .with_ignore_value_info(true);
-                match build_typed(&lenient, &proto, dir, fixed, options) {
+                let (proto, _) = read_proto(&onnx, path, options)?;
+                match build_typed(&lenient, proto, dir, fixed, options) {
                     Ok(built) => {
                         notes.extend(built.notes);
                         load_stages.extend(built.stages);
@@ -468,17 +412,90 @@ impl Stages {
 /// [`crate::patches::expand_block_quant_for_many_rows`]).
 const BLOCK_QUANT_MIN_ROWS: usize = 16;
 
+/// The ONNX protobuf at `path`, checked (a graph, only operators tract implements) and with
+/// the protobuf-level rewrites `options` ask for; what they changed is in the notes.
+fn read_proto(
+    onnx: &tract_onnx::Onnx,
+    path: &Path,
+    options: &LoadOptions,
+) -> Result<(pb::ModelProto, Vec<String>)> {
+    let mut proto = onnx.proto_model_for_path(path).map_err(|e| {
+        Error::model(
+            path,
+            "not a valid ONNX protobuf (truncated file, or not an ONNX model?)",
+            e,
+        )
+    })?;
+    if proto.graph.as_ref().is_none_or(|g| g.node.is_empty()) {
+        return Err(Error::Unsupported {
+            path: path.to_owned(),
+            message: "not an ONNX model: the file decodes but holds no graph nodes".into(),
+        });
+    }
+    check_operators(path, onnx, &proto)?;
+    let mut notes = vec![];
+    let dir = path.parent().and_then(|p| p.to_str());
+    if options.f16_as_f32 {
+        let upcast = crate::upcast::f16_to_f32(onnx, &mut proto, dir).map_err(|message| {
+            Error::Unsupported {
+                path: path.to_owned(),
+                message,
+            }
+        })?;
+        if let Some(u) = upcast {
+            let boundary = match u.boundary {
+                0 => String::new(),
+                n => format!("; {n} float16 input(s)/output(s) kept behind casts"),
+            };
+            notes.push(format!(
+                "fp16: {} float16 tensors ({:.1} MiB) and {} cast targets run in float32{boundary} \
+                 (tract {TRACT_VERSION} has no fast float16 path on this CPU)",
+                u.tensors,
+                u.f16_bytes as f64 / (1 << 20) as f64,
+                u.nodes,
+            ));
+        }
+    }
+    if options.fix_qdq_softmax {
+        let rewritten = rewrite_qdq_softmax(&mut proto).map_err(|message| Error::Unsupported {
+            path: path.to_owned(),
+            message,
+        })?;
+        if !rewritten.is_empty() {
+            notes.push(format!(
+                "qdq-softmax: DequantizeLinear before {} rewritten to float arithmetic \
+                 (tract {TRACT_VERSION} folds DQ->Softmax->Q into a wrong lookup table)",
+                rewritten.join(", ")
+            ));
+        }
+    }
+    if options.qdq_integer_products {
+        let rewritten = crate::qdq::qdq_products_to_integer(&mut proto);
+        if !rewritten.is_empty() {
+            notes.push(format!(
+                "qdq-integer: {} static-QDQ MatMul(s) with 8-bit weights run as integer products \
+                 (tract {TRACT_VERSION} dequantizes the weights and multiplies in float32)",
+                rewritten.len()
+            ));
+        }
+    }
+    Ok((proto, notes))
+}
+
 fn build_typed(
     onnx: &tract_onnx::Onnx,
-    proto: &pb::ModelProto,
+    proto: pb::ModelProto,
     dir: Option<&str>,
     fixed: &[(&str, &[Option<usize>])],
     options: &LoadOptions,
 ) -> Result<Built, StageError> {
     let mut stages = Stages::start();
     let parsed = onnx
-        .parse(proto, dir)
+        .parse(&proto, dir)
         .map_err(|e| ("parsing the graph", e))?;
+    // Every weight is in the parsed model now: free the protobuf's copy before the stages
+    // that pack weights again (its peak would add up with theirs).
+    drop(proto);
     stages.mark("parse");
     if !parsed.unresolved_inputs.is_empty() {
         return Err((

@@ -38,14 +38,17 @@ impl ModelPackage {
             manifest,
         };
         let m = &package.manifest;
-        for (file, sha) in m
+        let files: Vec<(&String, &String)> = m
             .graph
             .iter()
             .map(|g| (&g.file, &g.sha256))
             .chain(m.file.iter().map(|f| (&f.path, &f.sha256)))
-        {
-            package.verify(file, sha)?;
-        }
+            .collect();
+        // Hashed side by side (a cold start reads every graph twice: here and to load it);
+        // the first failure in manifest order is the one reported.
+        crate::par::map(&files, |(file, sha)| package.verify(file, sha))
+            .into_iter()
+            .collect::<Result<Vec<()>>>()?;
         Ok(package)
     }
 

@@ -1,0 +1,73 @@
+//! Load-time work spread over the CPU's cores: cold start (a fresh process to its first
+//! result) is mostly graph loading and file hashing, independent jobs that a Raspberry Pi's
+//! four cores can do side by side. Inference threads are set apart, by `LoadOptions::threads`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread;
+
+fn cores() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `a()` on a second thread while `b()` runs on this one (both here on a one-core machine).
+/// A panic in either is resumed here.
+pub(crate) fn join<A: Send, B>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B) -> (A, B) {
+    if cores() < 2 {
+        let a = a();
+        return (a, b());
+    }
+    thread::scope(|s| {
+        let a = s.spawn(a);
+        let b = b();
+        match a.join() {
+            Ok(a) => (a, b),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// `f` over `items` on up to one thread per core; results in the items' order.
+pub(crate) fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let workers = cores().min(items.len());
+    if workers < 2 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<R>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| {
+            r.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect("every item was taken by a worker")
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn map_keeps_the_order_and_join_returns_both() {
+        let items: Vec<u64> = (0..100).collect();
+        let squares = super::map(&items, |x| x * x);
+        assert_eq!(squares, items.iter().map(|x| x * x).collect::<Vec<_>>());
+        assert_eq!(super::join(|| 1, || "b"), (1, "b"));
+    }
+
+    #[test]
+    #[should_panic(expected = "from the second thread")]
+    fn join_resumes_a_panic() {
+        super::join(|| panic!("from the second thread"), || ());
+    }
+}
