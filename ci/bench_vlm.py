@@ -111,6 +111,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     worst = (0.0, "")
     for v, s, o in rows:
+        # ORT's TTFT is its vision encoder on given pixel values plus the prefill; edgevlm's
+        # also decodes, resizes and normalizes the image and renders the prompt: that part is
+        # left out of the comparison and printed below (it stays in edgevlm's cold start).
+        s["ttft_ms"] -= s["preprocess_ms"]
         ratios = {
             "vision": s["vision_encode_ms"] / o["vision_ms"],
             "ttft": s["ttft_ms"] / o["ttft_ms"],
@@ -127,6 +131,10 @@ def main() -> int:
               f"| {s['peak_rss_kib'] / 1024:.0f} / {o['peak_rss_kib'] / 1024:.0f} "
               f"| {s['cold_ms']:.0f} / {o['cold_ms']:.0f} "
               f"| {', '.join(f'{r:.2f}' for r in ratios.values())} |")
+    print("\nTTFT is the vision encoder plus embedding and prefill on both sides; edgevlm's image "
+          "preprocessing and prompt rendering (ORT's side is given random pixel values) took "
+          + ", ".join(f"{v} {s['preprocess_ms']:.0f} ms" for v, s, _ in rows)
+          + " and is counted in its cold start only.")
     print(f"\nworst ratio: {worst[0]:.2f} ({worst[1]}); above 1 means edgevlm is slower or bigger")
     return 0
 
