@@ -28,7 +28,7 @@ type Builder = fn(&ParsingContext, &pb::NodeProto) -> TractResult<Parsed>;
 /// tract's own `MatMulNBits` parser, for the products this one does not take.
 static TRACT_PARSER: OnceLock<Builder> = OnceLock::new();
 
-/// Parses `MatMulNBits` with [`parse`] in `onnx` from now on, where the CPU runs
+/// Parses `MatMulNBits` with edgevlm's parser in `onnx` from now on, where the CPU runs
 /// [`Q4MatMul`] (AVX-512). Returns whether it did.
 pub fn register(onnx: &mut tract_onnx::Onnx) -> bool {
     if !crate::int8mm::available() {
