@@ -590,15 +590,15 @@ impl TypedOp for VnniMatMul {
 /// column axis, and the output's outer axes in output order (a permutation of the
 /// activation's outer axes, `n` last).
 #[derive(Debug, PartialEq)]
-struct ProductLayout {
-    contracted: String,
-    n: char,
-    k_major: bool,
-    outer: String,
-    output_outer: String,
+pub(crate) struct ProductLayout {
+    pub(crate) contracted: String,
+    pub(crate) n: char,
+    pub(crate) k_major: bool,
+    pub(crate) outer: String,
+    pub(crate) output_outer: String,
 }
 
-fn product_layout(a: &str, b: &str, outputs: &[String]) -> Option<ProductLayout> {
+pub(crate) fn product_layout(a: &str, b: &str, outputs: &[String]) -> Option<ProductLayout> {
     let [out] = outputs else { return None };
     let contracted: String = a
         .chars()
@@ -697,6 +697,41 @@ fn vnni_product(
     )))
 }
 
+/// Replaces the product `id` (an einsum with `layout`) by `op` on `inputs` (the activation
+/// first): several contracted axes are merged into one by a reshape in front, and the outer
+/// axes moved into the einsum's output order behind (`n` stays last).
+pub(crate) fn replace_product(
+    model: &mut TypedModel,
+    id: usize,
+    layout: &ProductLayout,
+    inputs: &[OutletId],
+    op: impl TypedOp,
+) -> TractResult<()> {
+    let node = model.node(id);
+    let mut patch = TypedModelPatch::new(format!("edgevlm product {}", node.name));
+    let mut taps = patch.taps(model, inputs)?;
+    let at = layout.outer.len();
+    if layout.contracted.len() > 1 {
+        let dims: TVec<TDim> = model.outlet_fact(inputs[0])?.shape[at..].into();
+        let k = dims.iter().product::<TDim>();
+        let name = format!("{}.merge_k", node.name);
+        taps[0] = patch.wire_node(name, AxisOp::Reshape(at, dims, tvec![k]), &[taps[0]])?[0];
+    }
+    let mut wire = patch.wire_node(&node.name, op, &taps)?[0];
+    let mut order: Vec<char> = layout.outer.chars().collect();
+    for (to, c) in layout.output_outer.chars().enumerate() {
+        let from = order.iter().position(|x| *x == c).unwrap();
+        if from != to {
+            let name = format!("{}.move_{from}_{to}", node.name);
+            wire = patch.wire_node(name, AxisOp::Move(from, to), &[wire])?[0];
+            let moved = order.remove(from);
+            order.insert(to, moved);
+        }
+    }
+    patch.shunt_outside(model, id.into(), wire)?;
+    patch.apply(model)
+}
+
 /// Replaces every ONNX `MatMulInteger` with a constant weight (see [`VnniMatMul`]) by the VNNI
 /// kernel, when this CPU has it. Run after tract's last declutter and before its optimizer,
 /// which then has these products out of its way. Returns how many were replaced.
@@ -712,31 +747,8 @@ pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<usize> {
     }
     for (id, (op, layout)) in targets.iter() {
         let node = model.node(*id);
-        let mut patch = TypedModelPatch::new(format!("edgevlm int8 product {}", node.name));
-        let taps = patch.taps(model, &[node.inputs[0], node.inputs[3]])?;
-        let mut act = taps[0];
-        // Several contracted axes (trailing, contiguous): one k axis for the kernel.
-        let at = layout.outer.len();
-        if layout.contracted.len() > 1 {
-            let dims: TVec<TDim> = model.outlet_fact(node.inputs[0])?.shape[at..].into();
-            let k = dims.iter().product::<TDim>();
-            let name = format!("{}.merge_k", node.name);
-            act = patch.wire_node(name, AxisOp::Reshape(at, dims, tvec![k]), &[act])?[0];
-        }
-        let mut wire = patch.wire_node(&node.name, op.clone(), &[act, taps[1]])?[0];
-        // Outer axes in the einsum's output order (n stays last).
-        let mut order: Vec<char> = layout.outer.chars().collect();
-        for (to, c) in layout.output_outer.chars().enumerate() {
-            let from = order.iter().position(|x| *x == c).unwrap();
-            if from != to {
-                let name = format!("{}.move_{from}_{to}", node.name);
-                wire = patch.wire_node(name, AxisOp::Move(from, to), &[wire])?[0];
-                let moved = order.remove(from);
-                order.insert(to, moved);
-            }
-        }
-        patch.shunt_outside(model, node.id.into(), wire)?;
-        patch.apply(model)?;
+        let inputs = [node.inputs[0], node.inputs[3]];
+        replace_product(model, *id, layout, &inputs, op.clone())?;
     }
     Ok(targets.len())
 }

@@ -20,7 +20,7 @@ use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::q4mm::{Q4MatMul, Q4Packed};
+use crate::q4mm::{PanelProduct, Q4MatMul, Q4Packed};
 
 type Parsed = (Box<dyn InferenceOp>, Vec<String>);
 type Builder = fn(&ParsingContext, &pb::NodeProto) -> TractResult<Parsed>;

@@ -646,6 +646,15 @@ fn optimize(
                  them)"
             ));
         }
+        let f32s =
+            crate::q4mm::own_f32_products(&mut typed).map_err(|e| ("packing f32 weights", e))?;
+        if f32s > 0 {
+            notes.push(format!(
+                "f32-avx512: {f32s} f32 product(s) with constant weights packed at load for \
+                 edgevlm's AVX-512 FMA kernel (tract {TRACT_VERSION}'s kernel choice is about \
+                 half as fast for a ViT's products)"
+            ));
+        }
     }
     // After tract's last declutter, which would fold the reshapes back into the products.
     let merged = crate::patches::merge_int8_product_rows(&mut typed)

@@ -173,19 +173,7 @@ pub fn qdq_products_to_integer(proto: &mut pb::ModelProto) -> Vec<String> {
                 op_type: "MatMulInteger".into(),
                 ..Default::default()
             },
-            pb::NodeProto {
-                input: vec![tmp("product")],
-                output: vec![tmp("float")],
-                name: tmp("float"),
-                op_type: "Cast".into(),
-                attribute: vec![pb::AttributeProto {
-                    name: "to".into(),
-                    r#type: pb::attribute_proto::AttributeType::Int as i32,
-                    i: F32 as i64,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
+            crate::upcast::cast_node(tmp("float"), tmp("product"), tmp("float"), F32),
             pb::NodeProto {
                 input: vec![tmp("float"), tmp("scale")],
                 output: old.output.clone(),
@@ -204,7 +192,7 @@ pub fn qdq_products_to_integer(proto: &mut pb::ModelProto) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upcast::tests::{node, value};
+    use crate::upcast::tests::{model, node, value};
     use tract_onnx::prelude::*;
 
     fn init(name: &str, dt: i32, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto {
@@ -237,33 +225,25 @@ mod tests {
             (vec![0.02], vec![0])
         };
         let wdims: Vec<i64> = if per_column { vec![n as i64] } else { vec![] };
-        pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(pb::GraphProto {
-                name: "g".into(),
-                node: vec![
-                    node("QuantizeLinear", &["x", "xs", "xz"], "xq"),
-                    node("DequantizeLinear", &["xq", "xs", "xz"], "xd"),
-                    node("DequantizeLinear", &["w", "ws", "wz"], "wd"),
-                    node("MatMul", &["xd", "wd"], "y"),
-                ],
-                initializer: vec![
-                    init("xs", F32, &[], floats(&[0.05])),
-                    init("xz", U8, &[], vec![128]),
-                    init("w", I8, &[k as i64, n as i64], w),
-                    init("ws", F32, &wdims, floats(&ws)),
-                    init("wz", I8, &wdims, wz),
-                ],
-                input: vec![value("x", F32, &[3, k as i64])],
-                output: vec![value("y", F32, &[3, n as i64])],
-                ..Default::default()
-            }),
+        model(pb::GraphProto {
+            name: "g".into(),
+            node: vec![
+                node("QuantizeLinear", &["x", "xs", "xz"], "xq"),
+                node("DequantizeLinear", &["xq", "xs", "xz"], "xd"),
+                node("DequantizeLinear", &["w", "ws", "wz"], "wd"),
+                node("MatMul", &["xd", "wd"], "y"),
+            ],
+            initializer: vec![
+                init("xs", F32, &[], floats(&[0.05])),
+                init("xz", U8, &[], vec![128]),
+                init("w", I8, &[k as i64, n as i64], w),
+                init("ws", F32, &wdims, floats(&ws)),
+                init("wz", I8, &wdims, wz),
+            ],
+            input: vec![value("x", F32, &[3, k as i64])],
+            output: vec![value("y", F32, &[3, n as i64])],
             ..Default::default()
-        }
+        })
     }
 
     fn run(proto: &pb::ModelProto) -> Vec<f32> {

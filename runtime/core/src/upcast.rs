@@ -100,8 +100,14 @@ fn has_f16(g: &pb::GraphProto) -> bool {
 }
 
 fn cast(input: String, output: String, to: i32) -> pb::NodeProto {
+    let name = format!("{output}/edgevlm_interface_cast");
+    cast_node(name, input, output, to)
+}
+
+/// A `Cast` node called `name` from `input` to `output` of ONNX element type `to`.
+pub(crate) fn cast_node(name: String, input: String, output: String, to: i32) -> pb::NodeProto {
     pb::NodeProto {
-        name: format!("{output}/edgevlm_interface_cast"),
+        name,
         input: vec![input],
         output: vec![output],
         op_type: "Cast".into(),
@@ -279,6 +285,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// An opset-17 model around `graph` (shared by the protobuf rewrite tests).
+    pub(crate) fn model(graph: pb::GraphProto) -> pb::ModelProto {
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+    }
+
     /// A node named after its single output.
     pub(crate) fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
         pb::NodeProto {
@@ -322,42 +341,34 @@ pub(crate) mod tests {
         up.attribute = to(F32);
         let mut down = node("Cast", &["xw"], "xw16");
         down.attribute = to(F16);
-        pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(pb::GraphProto {
-                name: "g".into(),
-                node: vec![
-                    constant,
-                    up,
-                    node("Mul", &["x32", "w32"], "xw"),
-                    down,
-                    node("Add", &["xw16", "c"], "y"),
-                ],
-                initializer: vec![
-                    f16_tensor("w", &[2.0, 3.0, 4.0]),
-                    // w32 is float32 on purpose: the graph mixes both, as keep_io exports do.
-                    pb::TensorProto {
-                        name: "w32".into(),
-                        dims: vec![3],
-                        data_type: F32,
-                        raw_data: [2.0f32, 3.0, 4.0]
-                            .iter()
-                            .flat_map(|v| v.to_le_bytes())
-                            .collect(),
-                        ..Default::default()
-                    },
-                ],
-                input: vec![value("x", F16, &[3])],
-                output: vec![value("y", F16, &[3])],
-                value_info: vec![value("xw16", F16, &[3])],
-                ..Default::default()
-            }),
+        model(pb::GraphProto {
+            name: "g".into(),
+            node: vec![
+                constant,
+                up,
+                node("Mul", &["x32", "w32"], "xw"),
+                down,
+                node("Add", &["xw16", "c"], "y"),
+            ],
+            initializer: vec![
+                f16_tensor("w", &[2.0, 3.0, 4.0]),
+                // w32 is float32 on purpose: the graph mixes both, as keep_io exports do.
+                pb::TensorProto {
+                    name: "w32".into(),
+                    dims: vec![3],
+                    data_type: F32,
+                    raw_data: [2.0f32, 3.0, 4.0]
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect(),
+                    ..Default::default()
+                },
+            ],
+            input: vec![value("x", F16, &[3])],
+            output: vec![value("y", F16, &[3])],
+            value_info: vec![value("xw16", F16, &[3])],
             ..Default::default()
-        }
+        })
     }
 
     fn run(proto: &pb::ModelProto) -> (DatumType, Vec<f32>) {
