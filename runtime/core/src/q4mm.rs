@@ -261,7 +261,7 @@ unsafe fn rows_against_block(
 }
 
 /// An f32 weight of `n` output columns by `k`, in 32-column panels of `[k, 32]` (the last
-/// one zero-padded): the layout [`fma_tile`] reads, so a run multiplies in place.
+/// one zero-padded): the layout the FMA tile reads, so a run multiplies in place.
 #[derive(Debug)]
 pub struct F32Panels {
     n: usize,
