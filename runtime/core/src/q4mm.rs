@@ -532,48 +532,77 @@ pub fn own_f32_products(model: &mut TypedModel) -> TractResult<usize> {
     if !crate::int8mm::available() {
         return Ok(0);
     }
-    let f32_dt = f32::datum_type();
     let mut targets = vec![];
     for node in model.nodes() {
-        let Some(op) = node.op_as::<EinSum>() else {
-            continue;
-        };
-        if node.inputs.len() != 2 || op.q_params.is_some() {
-            continue;
-        }
-        let (act, weight) = (
-            model.outlet_fact(node.inputs[0])?,
-            model.outlet_fact(node.inputs[1])?,
-        );
-        let (None, Some(w)) = (&act.konst, &weight.konst) else {
-            continue;
-        };
-        if act.datum_type != f32_dt
-            || w.datum_type() != f32_dt
-            || node.outputs[0].fact.datum_type != f32_dt
-        {
-            continue;
-        }
-        let (inputs, outputs) = op.axes.to_strs();
-        let Some(layout) = crate::int8mm::product_layout(&inputs[0], &inputs[1], &outputs) else {
-            continue;
-        };
-        let dim = |c: char| w.shape()[inputs[1].chars().position(|x| x == c).unwrap()];
-        let k: usize = layout.contracted.chars().map(dim).product();
-        let n = dim(layout.n);
-        let plain = w.try_as_plain_ram()?;
-        if let Some(panels) = F32Panels::pack(plain.as_slice::<f32>()?, k, n, layout.k_major) {
-            targets.push((node.id, node.inputs[0], layout, panels));
+        if f32_product(model, node)?.is_some() {
+            targets.push(node.name.clone());
         }
     }
-    let count = targets.len();
-    for (id, act, layout, panels) in targets {
+    // One at a time, and a big weight's original dropped (compact) right after it is packed,
+    // so the load does not hold every f32 weight twice (an lm_head alone is 113 MB at
+    // SmolVLM2-256M size). compact renumbers nodes: they are found again by name.
+    for name in &targets {
+        let node = model.node_by_name(name)?;
+        let (id, act) = (node.id, node.inputs[0]);
+        let Some((layout, k, n)) = f32_product(model, node)? else {
+            continue;
+        };
+        let packed = {
+            let weight = model.outlet_fact(node.inputs[1])?.konst.clone().unwrap();
+            let plain = weight.try_as_plain_ram()?;
+            F32Panels::pack(plain.as_slice::<f32>()?, k, n, layout.k_major)
+        };
+        let Some(panels) = packed else {
+            continue;
+        };
+        let big = panels.panels.len() * 4 >= BIG_WEIGHT_BYTES;
         let op = F32MatMul {
             weight: Arc::new(panels),
         };
         crate::int8mm::replace_product(model, id, &layout, &[act], op)?;
+        if big {
+            model.compact()?;
+        }
     }
-    Ok(count)
+    Ok(targets.len())
+}
+
+/// Weights from this size on are freed as soon as their packed copy is in place.
+const BIG_WEIGHT_BYTES: usize = 16 << 20;
+
+/// The layout, `k` and `n` of `node` if [`own_f32_products`] takes it.
+fn f32_product(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(crate::int8mm::ProductLayout, usize, usize)>> {
+    let f32_dt = f32::datum_type();
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if node.inputs.len() != 2 || op.q_params.is_some() {
+        return Ok(None);
+    }
+    let (act, weight) = (
+        model.outlet_fact(node.inputs[0])?,
+        model.outlet_fact(node.inputs[1])?,
+    );
+    let (None, Some(w)) = (&act.konst, &weight.konst) else {
+        return Ok(None);
+    };
+    if act.datum_type != f32_dt
+        || w.datum_type() != f32_dt
+        || node.outputs[0].fact.datum_type != f32_dt
+    {
+        return Ok(None);
+    }
+    let (inputs, outputs) = op.axes.to_strs();
+    let Some(layout) = crate::int8mm::product_layout(&inputs[0], &inputs[1], &outputs) else {
+        return Ok(None);
+    };
+    let dim = |c: char| w.shape()[inputs[1].chars().position(|x| x == c).unwrap()];
+    let k: usize = layout.contracted.chars().map(dim).product();
+    let n = dim(layout.n);
+    Ok((k * n == w.len()).then_some((layout, k, n)))
 }
 
 /// One activation row against one panel, straight from the nibbles: per block of 32,
