@@ -21,6 +21,7 @@ use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::tract_hir::internal::*;
 
 use crate::q4mm::{PanelProduct, Q4MatMul, Q4Packed};
+use crate::qdq::attr_int as attr;
 
 type Parsed = (Box<dyn InferenceOp>, Vec<String>);
 type Builder = fn(&ParsingContext, &pb::NodeProto) -> TractResult<Parsed>;
@@ -50,10 +51,6 @@ fn parse(ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<Parsed> {
         .get()
         .context("MatMulNBits parser used before register()")?;
     tract(ctx, node)
-}
-
-fn attr(node: &pb::NodeProto, name: &str) -> Option<i64> {
-    node.attribute.iter().find(|a| a.name == name).map(|a| a.i)
 }
 
 /// The packed weight of `node`, if it is a product [`Q4Packed::from_matmul_nbits`] takes.

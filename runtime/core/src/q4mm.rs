@@ -147,7 +147,7 @@ impl Q4Packed {
     }
 
     /// Panel `p`: decode it into `block` (`[k, 32]` f32), then every row tile against it.
-    fn panel(&self, p: usize, m: usize, a: usize, c: usize, block: &mut [f32]) {
+    fn decode_and_multiply(&self, p: usize, m: usize, a: usize, c: usize, block: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             let kb = self.k / 32;
@@ -187,39 +187,6 @@ impl Q4Packed {
             let _ = (p, m, a, c, block);
             unreachable!("Q4Packed is only built on x86_64");
         }
-    }
-}
-
-/// Runs `panel(p, block)` for every 32-column panel of an `[m, k] x [k, n]` product, on the
-/// caller's thread or, for products big enough, split by panels over tract's thread pool
-/// (each thread with its own `[k, 32]` scratch block if `scratch`).
-fn over_panels(
-    n: usize,
-    k: usize,
-    m: usize,
-    scratch: bool,
-    panel: impl Fn(usize, &mut [f32]) + Sync,
-) {
-    let panels = n.div_ceil(NR);
-    let run = |ps: std::ops::Range<usize>| {
-        let mut block = vec![0f32; if scratch { k * NR } else { 0 }];
-        for p in ps {
-            panel(p, &mut block);
-        }
-    };
-    match tract_linalg::multithread::current_tract_executor() {
-        tract_linalg::multithread::Executor::MultiThread(pool)
-            if pool.current_num_threads() > 1 && m * n * k >= THREADING_MACS =>
-        {
-            let per = panels.div_ceil(pool.current_num_threads());
-            pool.scope(|s| {
-                for first in (0..panels).step_by(per.max(1)) {
-                    let run = &run;
-                    s.spawn(move |_| run(first..(first + per).min(panels)));
-                }
-            });
-        }
-        _ => run(0..panels),
     }
 }
 
@@ -297,6 +264,7 @@ impl F32Panels {
 
 impl PanelProduct for F32Panels {
     const NAME: &'static str = "EdgevlmF32MatMul";
+    const SCRATCH: bool = false;
 
     fn k(&self) -> usize {
         self.k
@@ -306,20 +274,18 @@ impl PanelProduct for F32Panels {
         self.n
     }
 
-    fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
-        assert!(crate::int8mm::available(), "F32Panels needs AVX-512");
-        assert!(a.len() >= m * self.k && c.len() >= m * self.n);
-        let (a_addr, c_addr) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
-        over_panels(self.n, self.k, m, false, |p, _| {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU and sizes are checked above; panel p holds k * 32 floats.
-            unsafe {
-                let block = self.panels.as_ptr().add(p * self.k * NR);
-                rows_against_block(block, p, m, self.k, self.n, a_addr, c_addr)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (p, a_addr, c_addr);
-        });
+    fn panel(&self, p: usize, m: usize, a: usize, c: usize, _: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `matmul` checked the CPU and the sizes; panel p holds k * 32 floats.
+        unsafe {
+            let block = self.panels.as_ptr().add(p * self.k * NR);
+            rows_against_block(block, p, m, self.k, self.n, a, c)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (p, m, a, c);
+            unreachable!("F32Panels is only built on x86_64");
+        }
     }
 }
 
@@ -331,13 +297,47 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     fn k(&self) -> usize;
     /// Output columns.
     fn n(&self) -> usize;
-    /// `c = a w` for the `m` rows of `a` (`[m, k]` row-major) into `c` (`[m, n]`). Panics
-    /// unless [`crate::int8mm::available`] (checked by the caller once, at load).
-    fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]);
+    /// Whether [`PanelProduct::panel`] needs a `[k, 32]` f32 scratch block (to decode into).
+    const SCRATCH: bool;
+    /// Every row of `a` (`[m, k]` at address `a`) against panel `p`, into `c` (`[m, n]` at
+    /// address `c`); `matmul` has checked the CPU and the sizes.
+    fn panel(&self, p: usize, m: usize, a: usize, c: usize, block: &mut [f32]);
+
+    /// `c = a w` for the `m` rows of `a` (`[m, k]` row-major) into `c` (`[m, n]`), panel by
+    /// panel, split over tract's thread pool when big enough. Panics unless
+    /// [`crate::int8mm::available`] (checked by the caller once, at load).
+    fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
+        assert!(crate::int8mm::available(), "{} needs AVX-512", Self::NAME);
+        let (k, n) = (self.k(), self.n());
+        assert!(a.len() >= m * k && c.len() >= m * n);
+        let (a, c) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
+        let panels = n.div_ceil(NR);
+        let run = |ps: std::ops::Range<usize>| {
+            let mut block = vec![0f32; if Self::SCRATCH { k * NR } else { 0 }];
+            for p in ps {
+                self.panel(p, m, a, c, &mut block);
+            }
+        };
+        match tract_linalg::multithread::current_tract_executor() {
+            tract_linalg::multithread::Executor::MultiThread(pool)
+                if pool.current_num_threads() > 1 && m * n * k >= THREADING_MACS =>
+            {
+                let per = panels.div_ceil(pool.current_num_threads());
+                pool.scope(|s| {
+                    for first in (0..panels).step_by(per.max(1)) {
+                        let run = &run;
+                        s.spawn(move |_| run(first..(first + per).min(panels)));
+                    }
+                });
+            }
+            _ => run(0..panels),
+        }
+    }
 }
 
 impl PanelProduct for Q4Packed {
     const NAME: &'static str = "EdgevlmQ4MatMul";
+    const SCRATCH: bool = true;
 
     fn k(&self) -> usize {
         self.k
@@ -347,13 +347,8 @@ impl PanelProduct for Q4Packed {
         self.n
     }
 
-    fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
-        assert!(crate::int8mm::available(), "Q4Packed needs AVX-512");
-        assert!(a.len() >= m * self.k && c.len() >= m * self.n);
-        let (a_addr, c_addr) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
-        over_panels(self.n, self.k, m, true, |p, block| {
-            self.panel(p, m, a_addr, c_addr, block)
-        });
+    fn panel(&self, p: usize, m: usize, a: usize, c: usize, block: &mut [f32]) {
+        Q4Packed::decode_and_multiply(self, p, m, a, c, block)
     }
 }
 

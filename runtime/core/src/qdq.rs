@@ -46,7 +46,7 @@ fn is_node(n: &pb::NodeProto, op: &str) -> bool {
     n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx")
 }
 
-fn attr_int(n: &pb::NodeProto, name: &str) -> Option<i64> {
+pub(crate) fn attr_int(n: &pb::NodeProto, name: &str) -> Option<i64> {
     n.attribute.iter().find(|a| a.name == name).map(|a| a.i)
 }
 
