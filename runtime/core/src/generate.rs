@@ -418,6 +418,16 @@ impl Generator {
                 // Frames are always tile x tile after processing; fixing that lets tract type
                 // the connector's reshapes, which it cannot prove equal for symbolic sides.
                 let tile = Some(processor.config().tile as usize);
+                // The token table first: its load holds the largest protobuf of the three
+                // (an f32 vocabulary x hidden table), best read while the decoder has not
+                // grown yet on the other core.
+                let embed = OnnxModel::load(&embed_path, options)?;
+                if embed.input_index("input_ids").is_none() || embed.outputs().len() != 1 {
+                    return Err(graph_err(
+                        &embed_path,
+                        "embed_tokens must take `input_ids` and return one tensor".into(),
+                    ));
+                }
                 let encoder = OnnxModel::load_with_dims(
                     &encoder_path,
                     options,
@@ -433,13 +443,6 @@ impl Generator {
                             format!("vision encoder has no `{name}` input"),
                         ));
                     }
-                }
-                let embed = OnnxModel::load(&embed_path, options)?;
-                if embed.input_index("input_ids").is_none() || embed.outputs().len() != 1 {
-                    return Err(graph_err(
-                        &embed_path,
-                        "embed_tokens must take `input_ids` and return one tensor".into(),
-                    ));
                 }
                 Some(Vision {
                     encoder,

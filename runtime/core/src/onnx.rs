@@ -195,6 +195,16 @@ impl OnnxModel {
         options: &LoadOptions,
         fixed: &[(&str, &[Option<usize>])],
     ) -> Result<OnnxModel> {
+        // What the load frees (the protobuf, weights before packing) goes back to the system
+        // instead of staying in this thread's heap.
+        crate::alloc::while_loading(|| OnnxModel::build(path, options, fixed))
+    }
+
+    fn build(
+        path: &Path,
+        options: &LoadOptions,
+        fixed: &[(&str, &[Option<usize>])],
+    ) -> Result<OnnxModel> {
         let start = Instant::now();
         std::fs::metadata(path).map_err(|e| Error::io("opening", path, e))?;
         let mut onnx = tract_onnx::onnx();
@@ -412,13 +422,26 @@ impl Stages {
 /// [`crate::patches::expand_block_quant_for_many_rows`]).
 const BLOCK_QUANT_MIN_ROWS: usize = 16;
 
+/// Held while a graph's protobuf exists (from reading the file to parsing it): the protobuf
+/// holds a copy of every weight and parsing makes another, so two graphs loading on two
+/// threads take turns here and their peaks do not add up. The stages after parsing (typing,
+/// decluttering, optimizing: most of the load time) still run side by side.
+static PROTOBUF_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A decoded protobuf and this thread's turn at [`PROTOBUF_TURN`], released together.
+struct HeldProto {
+    proto: pb::ModelProto,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
 /// The ONNX protobuf at `path`, checked (a graph, only operators tract implements) and with
 /// the protobuf-level rewrites `options` ask for; what they changed is in the notes.
 fn read_proto(
     onnx: &tract_onnx::Onnx,
     path: &Path,
     options: &LoadOptions,
-) -> Result<(pb::ModelProto, Vec<String>)> {
+) -> Result<(HeldProto, Vec<String>)> {
+    let turn = PROTOBUF_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let mut proto = onnx.proto_model_for_path(path).map_err(|e| {
         Error::model(
             path,
@@ -479,22 +502,22 @@ fn read_proto(
             ));
         }
     }
-    Ok((proto, notes))
+    Ok((HeldProto { proto, _turn: turn }, notes))
 }
 
 fn build_typed(
     onnx: &tract_onnx::Onnx,
-    proto: pb::ModelProto,
+    proto: HeldProto,
     dir: Option<&str>,
     fixed: &[(&str, &[Option<usize>])],
     options: &LoadOptions,
 ) -> Result<Built, StageError> {
     let mut stages = Stages::start();
     let parsed = onnx
-        .parse(&proto, dir)
+        .parse(&proto.proto, dir)
         .map_err(|e| ("parsing the graph", e))?;
     // Every weight is in the parsed model now: free the protobuf's copy before the stages
-    // that pack weights again (its peak would add up with theirs).
+    // that pack weights again (its peak would add up with theirs), and let another load read.
     drop(proto);
     stages.mark("parse");
     if !parsed.unresolved_inputs.is_empty() {
