@@ -657,6 +657,15 @@ fn optimize(
                  softmaxes and repacks a heads x rows x keys tensor)"
             ));
         }
+        let softmaxes =
+            crate::attention::fast_softmaxes(&mut typed).map_err(|e| ("replacing softmax", e))?;
+        if softmaxes > 0 {
+            notes.push(format!(
+                "softmax: {softmaxes} last-axis softmax(es) on edgevlm's AVX-512 kernel (tract \
+                 {TRACT_VERSION} runs rows of a length not a multiple of 4 through generic \
+                 per-row kernels)"
+            ));
+        }
         let own = crate::int8mm::vnni_int8_products(&mut typed)
             .map_err(|e| ("packing int8 weights", e))?;
         let scaled =
