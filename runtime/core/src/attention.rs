@@ -231,6 +231,8 @@ impl Job<'_> {
                                 c: s.as_mut_ptr().add(p * KP),
                                 ldc: np,
                                 cols: KP,
+                                accumulate: false,
+                                prefetch: std::ptr::null(),
                             },
                         )
                     }

@@ -22,6 +22,8 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 pub(crate) const NR: usize = 32;
 /// Activation rows per kernel tile.
 const MR: usize = 8;
+/// Contraction values per pass of the row tiles over a panel (a 32 KiB slice of it).
+const KC: usize = 256;
 /// Fewer rows than this run row by row on the packed nibbles (a decode step) instead of
 /// decoding each panel to f32 first.
 const FEW_ROWS: usize = 4;
@@ -180,7 +182,20 @@ impl Q4Packed {
                 )
             };
             // SAFETY: `matmul` checked the CPU and the sizes; the block holds the panel.
-            unsafe { rows_against_block(block.as_ptr(), p, m, self.k, self.n, a, c) };
+            unsafe {
+                rows_against_block(
+                    Block {
+                        at: block.as_ptr(),
+                        streamed: false,
+                    },
+                    p,
+                    m,
+                    self.k,
+                    self.n,
+                    a,
+                    c,
+                )
+            };
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -190,14 +205,23 @@ impl Q4Packed {
     }
 }
 
+/// A panel's `[k, 32]` f32 block for [`rows_against_block`].
+#[derive(Clone, Copy)]
+struct Block {
+    at: *const f32,
+    /// The block is part of a packed weight read from memory panel after panel: what
+    /// follows it is prefetched while it is in use.
+    streamed: bool,
+}
+
 /// Every 8-row tile of `a` (`[m, k]` at address `a`) against panel `p`, whose `[k, 32]` f32
-/// block is at `block`, into `c` (`[m, n]` at address `c`).
+/// block is `block`, into `c` (`[m, n]` at address `c`).
 ///
 /// # Safety
 /// AVX-512 F; `a` and `c` hold `m` rows; `block` holds `k * 32` floats.
 #[cfg(target_arch = "x86_64")]
 unsafe fn rows_against_block(
-    block: *const f32,
+    block: Block,
     p: usize,
     m: usize,
     k: usize,
@@ -206,24 +230,38 @@ unsafe fn rows_against_block(
     c: usize,
 ) {
     let cols = NR.min(n - p * NR);
-    let mut r0 = 0;
-    while r0 < m {
-        let rows = MR.min(m - r0);
-        // SAFETY: rows r0..r0 + rows of a and c exist; columns p * 32 + cols <= n.
-        unsafe {
-            let t = FmaTile {
-                a: (a as *const f32).add(r0 * k),
-                lda: k,
-                b: block,
-                k,
-                scale: 1.0,
-                c: (c as *mut f32).add(r0 * n + p * NR),
-                ldc: n,
-                cols,
-            };
-            fma_tile_rows(rows, &t);
+    // The contraction in chunks of KC, each chunk of the panel (KC x 32 floats, 32 KiB) kept
+    // in L1 while every row tile passes over it; the tiles of later chunks add to `c`.
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = MR.min(m - r0);
+            // SAFETY: rows r0..r0 + rows of a and c exist; columns p * 32 + cols <= n;
+            // panel rows k0..k0 + kc exist.
+            unsafe {
+                let t = FmaTile {
+                    a: (a as *const f32).add(r0 * k + k0),
+                    lda: k,
+                    b: block.at.add(k0 * NR),
+                    k: kc,
+                    scale: 1.0,
+                    c: (c as *mut f32).add(r0 * n + p * NR),
+                    ldc: n,
+                    cols,
+                    accumulate: k0 > 0,
+                    // The first tile over a slice brings the next one (the rest of this
+                    // panel, or the next panel) towards L2 while the others reuse this one.
+                    prefetch: if block.streamed && r0 == 0 {
+                        block.at.wrapping_add((k0 + kc) * NR)
+                    } else {
+                        std::ptr::null()
+                    },
+                };
+                fma_tile_rows(rows, &t);
+            }
+            r0 += rows;
         }
-        r0 += rows;
     }
 }
 
@@ -279,7 +317,18 @@ impl PanelProduct for F32Panels {
         // SAFETY: `matmul` checked the CPU and the sizes; panel p holds k * 32 floats.
         unsafe {
             let block = self.panels.as_ptr().add(p * self.k * NR);
-            rows_against_block(block, p, m, self.k, self.n, a, c)
+            rows_against_block(
+                Block {
+                    at: block,
+                    streamed: true,
+                },
+                p,
+                m,
+                self.k,
+                self.n,
+                a,
+                c,
+            )
         };
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -688,6 +737,11 @@ pub(crate) struct FmaTile {
     pub c: *mut f32,
     pub ldc: usize,
     pub cols: usize,
+    /// Add to `c` instead of overwriting it (`scale` applies to the new part only).
+    pub accumulate: bool,
+    /// Null, or `k * 32` floats to fetch into L2 meanwhile (the next slice of a weight
+    /// streamed from memory); prefetches never fault, so it may point past an allocation.
+    pub prefetch: *const f32,
 }
 
 /// [`fma_tile`] for `rows` (1 to 8) rows.
@@ -723,6 +777,11 @@ unsafe fn fma_tile<const R: usize>(t: &FmaTile) {
         unsafe {
             let b = t.b.add(kk * NR);
             let (b0, b1) = (_mm512_loadu_ps(b), _mm512_loadu_ps(b.add(16)));
+            if !t.prefetch.is_null() {
+                let pf = t.prefetch.wrapping_add(kk * NR) as *const i8;
+                _mm_prefetch::<_MM_HINT_T1>(pf);
+                _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(64));
+            }
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*t.a.add(r * t.lda + kk));
                 acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
@@ -743,9 +802,14 @@ unsafe fn fma_tile<const R: usize>(t: &FmaTile) {
         // SAFETY: row r < R of c, its first `cols` columns (the caller's bounds).
         unsafe {
             let out = t.c.add(r * t.ldc);
-            _mm512_mask_storeu_ps(out, m0, _mm512_mul_ps(acc[0], s));
+            let (mut y0, mut y1) = (_mm512_mul_ps(acc[0], s), _mm512_mul_ps(acc[1], s));
+            if t.accumulate {
+                y0 = _mm512_add_ps(y0, _mm512_maskz_loadu_ps(m0, out));
+                y1 = _mm512_add_ps(y1, _mm512_maskz_loadu_ps(m1, out.add(16)));
+            }
+            _mm512_mask_storeu_ps(out, m0, y0);
             if m1 != 0 {
-                _mm512_mask_storeu_ps(out.add(16), m1, _mm512_mul_ps(acc[1], s));
+                _mm512_mask_storeu_ps(out.add(16), m1, y1);
             }
         }
     }
@@ -784,7 +848,14 @@ mod tests {
         }
         let mut seed = 11u64;
         let mut next = || (crate::int8mm::tests::lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0;
-        for (m, k, n) in [(1, 5, 7), (9, 33, 45), (3, 64, 32), (17, 40, 70)] {
+        // k = 600: three contraction slices (256, 256, 88), the later two added to c.
+        for (m, k, n) in [
+            (1, 5, 7),
+            (9, 33, 45),
+            (3, 64, 32),
+            (17, 40, 70),
+            (10, 600, 45),
+        ] {
             let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
             for k_major in [true, false] {
