@@ -94,20 +94,23 @@ impl PackedWeight {
         let panels_n = n.div_ceil(NR);
         let mut panels = vec![0i8; panels_n * k4 * NR * 4];
         let mut colsum = vec![0i32; panels_n * NR];
-        let mut put = |i: usize, j: usize, v: i8| {
-            panels[(j / NR) * k4 * NR * 4 + (i / 4) * NR * 4 + (j % NR) * 4 + i % 4] = v;
-            colsum[j] += v as i32;
-        };
-        if k_major {
-            for i in 0..k {
-                for j in 0..n {
-                    put(i, j, value(i * n + j));
-                }
-            }
-        } else {
-            for j in 0..n {
-                for i in 0..k {
-                    put(i, j, value(j * k + i));
+        // Panel by panel, each written in order: 4 contraction values of column 0, then of
+        // column 1, ... (a scatter over all panels at once missed the cache on every byte).
+        for (p, (panel, sums)) in panels
+            .chunks_exact_mut(k4 * NR * 4)
+            .zip(colsum.chunks_exact_mut(NR))
+            .enumerate()
+        {
+            let (j0, cols) = (p * NR, NR.min(n - p * NR));
+            for (i4, quad) in panel.chunks_exact_mut(NR * 4).enumerate() {
+                for ii in 0..4.min(k - i4 * 4) {
+                    let i = i4 * 4 + ii;
+                    for (jj, sum) in sums.iter_mut().enumerate().take(cols) {
+                        let j = j0 + jj;
+                        let v = value(if k_major { i * n + j } else { j * k + i });
+                        quad[jj * 4 + ii] = v;
+                        *sum += v as i32;
+                    }
                 }
             }
         }
