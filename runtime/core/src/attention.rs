@@ -408,7 +408,7 @@ unsafe fn pv<const W: usize>(
     }
 }
 
-/// Softmax over the last axis of an f32 tensor on the AVX-512 [`softmax_row`] kernel. tract
+/// Softmax over the last axis of an f32 tensor on the AVX-512 row softmax (`softmax_row`) kernel. tract
 /// 0.23.9 runs rows whose length is not a multiple of 4 (a decoder's prompt of 85 tokens
 /// attending to itself) through per-row calls of its generic max / exp-sum / scale kernels:
 /// ~16 ns per element, a sixth of an int8 decoder's prefill. Whatever the fast path does not
