@@ -32,15 +32,14 @@ mod glibc {
         (libc::M_TRIM_THRESHOLD, 2 * (GIB - 1) + 1),
     ];
     /// While a graph loads: blocks from 8 MiB get their own mapping and go back to the
-    /// system when freed; the heap is trimmed from 128 KiB free at its top (glibc's default).
+    /// system when freed (the heap keeps the reuse trim threshold: glibc's default of
+    /// 128 KiB made float16 loads, which convert every weight, ~0.2 s slower still).
     /// Measured on the SmolVLM2-256M-shaped packages (two graphs loading at once): a 1 MiB
     /// mmap threshold gives the lowest peaks but makes loads up to 30 % slower (every
-    /// weight-sized block faults its pages in afresh); from 8 MiB loads take the time they
-    /// took without this, and the 4-bit package's peak still drops by a sixth.
-    pub(super) const LOAD: [(libc::c_int, libc::c_int); 2] = [
-        (libc::M_MMAP_THRESHOLD, 8 << 20),
-        (libc::M_TRIM_THRESHOLD, 128 << 10),
-    ];
+    /// weight-sized block faults its pages in afresh); 8 MiB keeps most of the gain (4-bit
+    /// package 808 -> ~546 MiB) for ~0.1 s of load, more on float16 and QDQ packages
+    /// (probe: ~0.25 s and ~0.1 s).
+    pub(super) const LOAD: [(libc::c_int, libc::c_int); 1] = [(libc::M_MMAP_THRESHOLD, 8 << 20)];
 
     pub(super) fn set(params: &[(libc::c_int, libc::c_int)]) {
         for &(param, value) in params {
