@@ -323,27 +323,8 @@ impl Generator {
         let codec = TextCodec::load(dir)?;
         // The decoder loads on a second core while the vision graphs load here: cold start is
         // mostly graph loading. Its errors still come first, as when they loaded in turn.
-        // Generation runs one sequence: the batch axis of every decoder input is 1. Fixed at
-        // load, it leaves tract's declutter and optimize one symbol fewer to carry through
-        // every shape (256M int8 decoder: optimize ~450 -> ~345 ms).
-        let single: Vec<String> = [
-            "inputs_embeds",
-            "input_ids",
-            "attention_mask",
-            "position_ids",
-        ]
-        .into_iter()
-        .map(String::from)
-        .chain((0..config.text.layers).flat_map(|layer| {
-            ["key", "value"].map(|kind| format!("past_key_values.{layer}.{kind}"))
-        }))
-        .collect();
-        let batch_one: Vec<(&str, &[Option<usize>])> = single
-            .iter()
-            .map(|name| (name.as_str(), &[Some(1)][..]))
-            .collect();
         let (decoder, vision) = crate::par::join(
-            || OnnxModel::load_with_dims(&graphs.decoder, options, &batch_one),
+            || OnnxModel::load(&graphs.decoder, options),
             || Generator::load_vision(dir, graphs, options, &config, &codec),
         );
         let decoder = decoder?;

@@ -354,8 +354,8 @@ fn mistral_prompts_and_greedy_tokens_equal_the_references() {
 fn q4_reshape_fold_is_wrong_without_the_patch() {
     // docs/tract-blockquant-reshape-fold.md: once tract stops breaking block-quantized
     // weights when it folds a reshape into a product, this fails and the patch can go.
-    // The decoder graph on its own, batch axis symbolic (as `edgevlm run` loads it; the
-    // generator fixes the batch to 1, which keeps the fold away), on a 6-token prefill.
+    // The decoder graph on its own, batch axis symbolic as the exports declare it (with the
+    // batch fixed to 1 the fold does not happen), on a 6-token prefill.
     let dir = vlm_dir().join("smolvlm");
     let path = graphs(&dir, "q4").decoder;
     let logits = |fix: bool| {
