@@ -113,8 +113,8 @@ fi
 
 [ "$run_tests" = 1 ] || exit 0
 
-step "model fixtures under qemu-aarch64 -cpu cortex-a72 (tract's ARM kernels vs ONNX Runtime)"
-"${test[@]}" --release -j"$jobs" -p edgevlm-runtime --target "$triple" --test fixtures --test demo
+step "model fixtures and the load cache under qemu-aarch64 -cpu cortex-a72 (tract's ARM kernels vs ONNX Runtime)"
+"${test[@]}" --release -j"$jobs" -p edgevlm-runtime --target "$triple" --test fixtures --test demo --test cache
 step "generation under qemu-aarch64: preprocessing, prompt ids and greedy tokens vs transformers / ONNX Runtime"
 "${test[@]}" --release -j"$jobs" -p edgevlm-runtime --target "$triple" --test generate
 

@@ -14,6 +14,7 @@
 pub mod alloc;
 #[allow(unsafe_code)]
 pub mod attention;
+pub mod cache;
 pub mod classify;
 pub mod error;
 pub mod generate;

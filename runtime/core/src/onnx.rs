@@ -41,6 +41,10 @@ pub struct LoadOptions {
     /// Run static-QDQ `MatMul`s with a constant 8-bit weight as integer products (see
     /// [`crate::qdq`]) instead of tract's float32 product between quantize/dequantize passes.
     pub qdq_integer_products: bool,
+    /// Keep each graph's decluttered model in this directory in tract's NNEF form and load it
+    /// from there next time, skipping the ONNX protobuf, parsing, typing and decluttering
+    /// (see [`crate::cache`]). A stale or unreadable entry is rebuilt; the notes say so.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -53,6 +57,7 @@ impl Default for LoadOptions {
             avx512_kernels: true,
             f16_as_f32: true,
             qdq_integer_products: true,
+            cache_dir: None,
         }
     }
 }
@@ -207,48 +212,73 @@ impl OnnxModel {
     ) -> Result<OnnxModel> {
         let start = Instant::now();
         std::fs::metadata(path).map_err(|e| Error::io("opening", path, e))?;
-        let mut onnx = tract_onnx::onnx();
-        if options.avx512_kernels {
-            crate::nbits::register(&mut onnx);
-        }
-        let (proto, mut notes) = read_proto(&onnx, path, options)?;
-        let dir = path.parent().and_then(|p| p.to_str());
-        let mut load_stages = vec![("read and decode", start.elapsed().as_secs_f64() * 1e3)];
-        let typed = match build_typed(&onnx, proto, dir, fixed, options) {
-            Ok(built) => {
+        let mut notes = vec![];
+        let mut load_stages = vec![];
+        let slot = match options.cache_dir.as_deref() {
+            Some(dir) => match crate::cache::Slot::new(dir, path, options, fixed) {
+                Ok(slot) => Some(slot),
+                Err(e) => {
+                    notes.push(format!("cache: not used ({e})"));
+                    None
+                }
+            },
+            None => None,
+        };
+        let read = slot.as_ref().map(|slot| slot.read());
+        let typed = match read {
+            Some(Ok((mut decluttered, cached_notes))) => {
+                notes.extend(cached_notes);
+                load_stages.push(("read cache", start.elapsed().as_secs_f64() * 1e3));
+                // NNEF spells some ops in its own primitives (unsqueeze, literal constants):
+                // one more declutter gives back the model the ONNX path hands on, which the
+                // rewrites after the cache point expect (a 4-bit product's row switch needs
+                // its activation's shape in the decluttered form).
+                let redeclutter = Instant::now();
+                let cached = slot_path(&slot);
+                decluttered.declutter().map_err(|e| {
+                    Error::model(path, format!("decluttering the cached model {cached}"), e)
+                })?;
+                load_stages.push((
+                    "declutter cached",
+                    redeclutter.elapsed().as_secs_f64() * 1e3,
+                ));
+                let built = finish(decluttered, options).map_err(|(stage, e)| {
+                    Error::model(
+                        path,
+                        format!("{stage} (of the cached model {})", slot_path(&slot)),
+                        e,
+                    )
+                })?;
+                notes.extend(built.notes);
+                load_stages.extend(built.stages);
+                notes.push(format!(
+                    "cache: decluttered model read from {}",
+                    slot_path(&slot)
+                ));
+                built.model
+            }
+            miss => {
+                let keep = slot.is_some();
+                let (decluttered, built) =
+                    from_onnx(path, options, fixed, keep, &mut notes, &mut load_stages)?;
+                if let (Some(slot), Some(decluttered), Some(Err(miss))) = (&slot, decluttered, miss)
+                {
+                    // The notes of the stages the cache skips, before the optimizer's.
+                    let skipped = notes.clone();
+                    let writing = Instant::now();
+                    notes.push(match slot.write(decluttered, &skipped) {
+                        Ok(bytes) => format!(
+                            "cache: {miss}; decluttered model written to {} ({:.1} MiB)",
+                            slot.archive().display(),
+                            bytes as f64 / (1 << 20) as f64
+                        ),
+                        Err(e) => format!("cache: {miss}; not written ({e})"),
+                    });
+                    load_stages.push(("write cache", writing.elapsed().as_secs_f64() * 1e3));
+                }
                 notes.extend(built.notes);
                 load_stages.extend(built.stages);
                 built.model
-            }
-            Err(first) => {
-                // Exporters often declare output shapes / value_info that contradict the graph
-                // ("Impossible to unify Sym(batch) with Val(1)"): the graph itself is the truth.
-                // The protobuf went with the first parse (it holds a copy of every weight), so
-                // it is read again.
-                let lenient = onnx
-                    .clone()
-                    .with_ignore_output_shapes(true)
-                    .with_ignore_value_info(true);
-                let (proto, _) = read_proto(&onnx, path, options)?;
-                match build_typed(&lenient, proto, dir, fixed, options) {
-                    Ok(built) => {
-                        notes.extend(built.notes);
-                        load_stages.extend(built.stages);
-                        let m = built.model;
-                        notes.push(format!(
-                            "declared output shapes / value_info contradict the graph and were ignored ({})",
-                            first.1.root_cause()
-                        ));
-                        m
-                    }
-                    Err((stage, e)) => {
-                        return Err(Error::model(
-                            path,
-                            format!("{stage} (also tried with declared output shapes and value_info ignored)"),
-                            e,
-                        ))
-                    }
-                }
             }
         };
         let inputs = facts(
@@ -385,9 +415,76 @@ impl OnnxModel {
     }
 }
 
+/// The cache archive's path, for messages.
+fn slot_path(slot: &Option<crate::cache::Slot>) -> String {
+    slot.as_ref()
+        .map(|s| s.archive().display().to_string())
+        .unwrap_or_default()
+}
+
+/// Loads `path` from its ONNX protobuf: the decluttered model (a copy, when `keep`, for the
+/// cache) and the optimized one. What the load changed goes to `notes`, the stage times to
+/// `stages`. Exporters often declare output shapes / value_info that contradict the graph
+/// ("Impossible to unify Sym(batch) with Val(1)"): when the strict load fails, the graph
+/// itself is the truth and the load is tried again with those ignored.
+fn from_onnx(
+    path: &Path,
+    options: &LoadOptions,
+    fixed: &[(&str, &[Option<usize>])],
+    keep: bool,
+    notes: &mut Vec<String>,
+    stages: &mut Vec<(&'static str, f64)>,
+) -> Result<(Option<TypedModel>, Built)> {
+    let start = Instant::now();
+    let mut onnx = tract_onnx::onnx();
+    if options.avx512_kernels {
+        crate::nbits::register(&mut onnx);
+    }
+    let dir = path.parent().and_then(|p| p.to_str());
+    let attempt = |onnx: &tract_onnx::Onnx, proto: HeldProto| {
+        let front = declutter(onnx, proto, dir, fixed, options)?;
+        let kept = keep.then(|| front.model.clone());
+        let back = finish(front.model, options)?;
+        Ok::<_, StageError>((kept, front.notes, front.stages, back))
+    };
+    let (proto, proto_notes) = read_proto(&onnx, path, options)?;
+    notes.extend(proto_notes);
+    stages.push(("read and decode", start.elapsed().as_secs_f64() * 1e3));
+    let (kept, front_notes, front_stages, built) = match attempt(&onnx, proto) {
+        Ok(done) => done,
+        Err(first) => {
+            // The protobuf went with the first parse (it holds a copy of every weight), so
+            // it is read again.
+            let lenient = onnx
+                .clone()
+                .with_ignore_output_shapes(true)
+                .with_ignore_value_info(true);
+            let (proto, _) = read_proto(&onnx, path, options)?;
+            let done = attempt(&lenient, proto).map_err(|(stage, e)| {
+                Error::model(
+                    path,
+                    format!(
+                        "{stage} (also tried with declared output shapes and value_info ignored)"
+                    ),
+                    e,
+                )
+            })?;
+            notes.push(format!(
+                "declared output shapes / value_info contradict the graph and were ignored ({})",
+                first.1.root_cause()
+            ));
+            done
+        }
+    };
+    notes.extend(front_notes);
+    stages.extend(front_stages);
+    Ok((kept, built))
+}
+
 type StageError = (&'static str, TractError);
 
-/// A typed, optimized model with what the load changed and how long each stage took.
+/// A typed model (decluttered or optimized) with what the load changed and how long each
+/// stage took.
 struct Built {
     model: TypedModel,
     notes: Vec<String>,
@@ -505,7 +602,9 @@ fn read_proto(
     Ok((HeldProto { proto, _turn: turn }, notes))
 }
 
-fn build_typed(
+/// The parsed, typed and decluttered model, with edgevlm's rewrites that belong before or
+/// right after tract's declutter: the load cache's point (see [`crate::cache`]).
+fn declutter(
     onnx: &tract_onnx::Onnx,
     proto: HeldProto,
     dir: Option<&str>,
@@ -595,7 +694,20 @@ fn build_typed(
     // After decluttering: the weights' constants have reached the products by then.
     crate::patches::faster_dynamic_quantize(&mut typed)
         .map_err(|e| ("replacing DynamicQuantizeLinear", e))?;
+    stages.mark("dynamic quantize");
+    Ok(Built {
+        model: typed,
+        notes,
+        stages: stages.done,
+    })
+}
 
+/// The decluttered model's prefill plans and optimization: what every load runs, from the
+/// ONNX file or from the cache.
+fn finish(typed: TypedModel, options: &LoadOptions) -> Result<Built, StageError> {
+    let mut typed = typed;
+    let mut notes = vec![];
+    let mut stages = Stages::start();
     if options.prefill_plans {
         let compile = |single: TypedModel| {
             let (mut notes, mut stages) = (vec![], Stages::start());

@@ -117,6 +117,33 @@ impl Q4Packed {
         Some(packed)
     }
 
+    /// The packed weight's parts: `n`, `k`, the panel scales and the nibbles, as
+    /// [`Q4Packed::from_parts`] takes them back (the load cache stores them as they are).
+    pub(crate) fn parts(&self) -> (usize, usize, &[f32], &[u8]) {
+        (self.n, self.k, &self.scales, &self.nibbles)
+    }
+
+    /// A packed weight from the parts [`Q4Packed::parts`] gave. `None` unless `k` is a
+    /// multiple of 32 and both lengths are those of an `[n, k]` weight's panels.
+    pub(crate) fn from_parts(
+        n: usize,
+        k: usize,
+        scales: Vec<f32>,
+        nibbles: Vec<u8>,
+    ) -> Option<Q4Packed> {
+        let blocks = n.div_ceil(NR) * (k / 32);
+        (k.is_multiple_of(32)
+            && n > 0
+            && scales.len() == blocks * NR
+            && nibbles.len() == blocks * 32 * 16)
+            .then_some(Q4Packed {
+                n,
+                k,
+                scales,
+                nibbles,
+            })
+    }
+
     /// The packed layout from `scale(row, block)` and `code(row, block, index in block)`.
     fn pack(
         n: usize,

@@ -465,3 +465,45 @@ fn stop_strings_cut_the_text_and_sampling_repeats_with_its_seed() {
     assert_eq!(first, sample(1), "same seed, same tokens");
     assert_ne!(first, sample(2), "another seed draws other tokens");
 }
+
+/// The SmolVLM trio (vision encoder loaded for its tile size, token table, decoder) read back
+/// from the load cache generates the same tokens and prefill logits, bit for bit, as from its
+/// ONNX files, in fp32, int8 and 4-bit.
+#[test]
+fn smolvlm_from_the_load_cache_generates_as_from_onnx() {
+    let reference = reference("smolvlm");
+    let case = &reference["cases"][0];
+    let dir = vlm_dir().join("smolvlm");
+    let cache = tempfile::tempdir().unwrap();
+    let cached = LoadOptions {
+        cache_dir: Some(cache.path().to_owned()),
+        ..LoadOptions::default()
+    };
+    for variant in ["fp32", "int8", "q4"] {
+        let run = |options: &LoadOptions| {
+            let mut g = Generator::load(&dir, &graphs(&dir, variant), options)
+                .unwrap_or_else(|e| panic!("smolvlm {variant}: {e:#}"));
+            apply_overrides(&mut g, case);
+            let prompt = case["prompt_text"].as_str().unwrap();
+            let image = reference_rgb(case);
+            let r = g
+                .generate(prompt, Some(&image), &greedy(8), &mut |_, _| {})
+                .unwrap();
+            let logits = g.prefill_logits(prompt, Some(&image)).unwrap();
+            (r.token_ids, logits, g.notes().to_vec())
+        };
+        let (ids, logits, _) = run(&LoadOptions::default());
+        let (_, _, written) = run(&cached);
+        let (cached_ids, cached_logits, read) = run(&cached);
+        let count =
+            |notes: &[String], text: &str| notes.iter().filter(|n| n.contains(text)).count();
+        assert_eq!(
+            count(&written, "decluttered model written to"),
+            3,
+            "{written:?}"
+        );
+        assert_eq!(count(&read, "decluttered model read from"), 3, "{read:?}");
+        assert_eq!(cached_ids, ids, "smolvlm {variant}");
+        assert_eq!(cached_logits, logits, "smolvlm {variant}");
+    }
+}

@@ -65,6 +65,8 @@ pub struct Cmd {
     /// Threads for matrix products.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    #[command(flatten)]
+    cache: super::CacheArgs,
     /// One JSON object at the end (text, token ids, timings) instead of streamed text.
     #[arg(long)]
     json: bool,
@@ -95,6 +97,7 @@ impl Cmd {
             prefill_plans: !self.no_prefill_plans,
             avx512_kernels: !self.no_avx512_kernels,
             f16_as_f32: !self.keep_f16,
+            cache_dir: self.cache.dir(),
             ..Default::default()
         };
         let (package, mut generator) = Generator::open(&self.model, &options)

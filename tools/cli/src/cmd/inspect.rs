@@ -34,6 +34,8 @@ pub struct Cmd {
     /// Threads for matrix products.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    #[command(flatten)]
+    cache: super::CacheArgs,
     /// Exit with code 1 when any part is NG.
     #[arg(long)]
     fail_on_ng: bool,
@@ -101,6 +103,7 @@ impl Cmd {
         let images = collect_images(&self.paths)?;
         let options = LoadOptions {
             threads: self.threads as usize,
+            cache_dir: self.cache.dir(),
             ..Default::default()
         };
         let manifest = Manifest::load(&self.model.join(edgevlm_runtime::package::MANIFEST))

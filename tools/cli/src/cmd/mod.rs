@@ -15,6 +15,33 @@ mod models;
 mod push;
 mod run;
 
+/// Where loads keep their cache of decluttered graphs (`edgevlm_runtime::cache`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheArgs {
+    /// Keep each graph's decluttered model in DIR (tract's NNEF form) and start from it next
+    /// time: later cold starts skip parsing and decluttering the ONNX file. A stale or
+    /// unreadable entry is rebuilt. Default: $EDGEVLM_CACHE_DIR, else no cache.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<std::path::PathBuf>,
+    /// Load from the ONNX files only, even with $EDGEVLM_CACHE_DIR set.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+}
+
+impl CacheArgs {
+    /// The cache directory to use, if any.
+    pub fn dir(&self) -> Option<std::path::PathBuf> {
+        if self.no_cache {
+            return None;
+        }
+        self.cache_dir.clone().or_else(|| {
+            std::env::var_os("EDGEVLM_CACHE_DIR")
+                .filter(|d| !d.is_empty())
+                .map(Into::into)
+        })
+    }
+}
+
 /// Exit code: something failed (bad input, unreadable model, I/O).
 pub const EXIT_ERROR: u8 = 2;
 /// Exit code: the command worked but a check failed (`inspect --fail-on-ng` saw an NG part).

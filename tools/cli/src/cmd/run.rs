@@ -30,6 +30,8 @@ pub struct Cmd {
     /// Threads for matrix products.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    #[command(flatten)]
+    cache: super::CacheArgs,
     /// Seed for synthesized inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -82,6 +84,7 @@ impl Cmd {
             avx512_kernels: !self.no_avx512_kernels,
             f16_as_f32: !self.keep_f16,
             qdq_integer_products: !self.keep_qdq_products,
+            cache_dir: self.cache.dir(),
         };
         let mut files = vec![];
         for arg in &self.inputs {

@@ -1,0 +1,716 @@
+//! The load cache: each graph's decluttered model in tract's NNEF form, so that a cold start
+//! skips reading the ONNX protobuf, parsing it, typing it and decluttering it.
+//!
+//! A load with [`crate::LoadOptions::cache_dir`] set looks for its slot there: `<graph
+//! stem>-<16 hex digits>.nnef.tar` (tract's NNEF archive) and, beside it, `.json` (the stamp
+//! and the load notes). The slot's name comes from the graph's path, the load options and the
+//! fixed input dims; the stamp records what the cached model was built from: the cache
+//! format, the tract and edgevlm versions, the running executable (size, mtime, inode: a new
+//! build of edgevlm may rewrite graphs differently), the CPU features the rewrites depend on,
+//! and the size, mtime and inode of the graph file and of its external-data files (siblings
+//! whose name starts with the graph's). A slot whose stamp differs is stale and is rebuilt
+//! in place; one that does not read back (truncated, corrupt) too. Neither is ever an
+//! error: the load falls back to the ONNX file and says why in its notes.
+//!
+//! The cache point is after tract's declutter and the rewrites edgevlm makes before it (the
+//! 4-bit products [`crate::nbits`] parses, the block-quant guards, fused GELUs) and the
+//! dynamic-quantize replacement; the later rewrites and tract's optimization run on every
+//! load, cached or not, so a cached load builds the same plan. NNEF has no words for those
+//! edgevlm ops nor for a few tract ops a quantized ONNX graph declutters into (quantize and
+//! dequantize with constant parameters, lookup tables): [`nnef`] registers them in an
+//! `edgevlm` extension. A graph with an op neither knows is loaded without cache (the note
+//! names the op).
+//!
+//! Writes go to a temporary file renamed into place, the stamp last, so a reader never sees
+//! a half-written slot as valid.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tract_nnef::internal::*;
+use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+use tract_onnx::tract_core::ops::quant::{
+    DequantizeLinearF32, LookupTable, QuantizeLinearI8, QuantizeLinearU8,
+};
+use tract_onnx::WithOnnx;
+use tract_transformers::WithTractTransformers;
+
+use crate::patches::{DynamicQuantizeU8, ExpandWeight, FoldBarrier};
+use crate::q4mm::{Q4MatMul, Q4Packed};
+use crate::LoadOptions;
+
+/// Bumped when what the cache holds changes meaning (the cache point, an op's encoding).
+const FORMAT: u32 = 1;
+
+/// Identity of a file on disk: a replaced or rewritten file changes at least one of these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileId {
+    path: String,
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<FileId> {
+        let meta = std::fs::metadata(path)?;
+        let mtime_ns = match meta.modified()?.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i128,
+            Err(e) => -(e.duration().as_nanos() as i128),
+        };
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Ok(FileId {
+            path: path.display().to_string(),
+            size: meta.len(),
+            mtime_ns,
+            inode,
+        })
+    }
+}
+
+/// What a cached model was built from; a slot is used only when all of it matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    format: u32,
+    tract: String,
+    edgevlm: String,
+    executable: Option<FileId>,
+    cpu: String,
+    sources: Vec<FileId>,
+    options: String,
+    fixed: String,
+}
+
+impl Stamp {
+    /// The first field where `self` (the slot's) differs from `now`, for the note.
+    fn difference(&self, now: &Stamp) -> String {
+        if self.format != now.format {
+            format!("cache format {} (now {})", self.format, now.format)
+        } else if self.tract != now.tract {
+            format!("tract {} (now {})", self.tract, now.tract)
+        } else if self.edgevlm != now.edgevlm || self.executable != now.executable {
+            "built by another edgevlm executable".into()
+        } else if self.cpu != now.cpu {
+            format!("CPU features {} (now {})", self.cpu, now.cpu)
+        } else if self.sources != now.sources {
+            "the graph or its data files changed since".into()
+        } else {
+            "other load options".into()
+        }
+    }
+}
+
+/// The slot's second file: the stamp, the notes of the stages the cache skips, and the
+/// archive's size (a truncated archive is caught before tract reads it).
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    stamp: Stamp,
+    notes: Vec<String>,
+    archive_bytes: u64,
+    /// CRC-32 of the archive, checked as it is read: a flipped bit in a weight would
+    /// otherwise load and compute garbage.
+    archive_crc32: u32,
+    /// The model's input and output names: NNEF identifiers cannot hold every ONNX name
+    /// (`past_key_values.0.key` comes back as `past_key_values_0_key`).
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+/// The names of `model`'s inputs (their source nodes) and outputs (their labels, else their
+/// nodes), as [`crate::OnnxModel`] reports them.
+fn io_names(model: &TypedModel) -> TractResult<(Vec<String>, Vec<String>)> {
+    let inputs = model
+        .input_outlets()?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    let outputs = model
+        .output_outlets()?
+        .iter()
+        .map(|o| {
+            model
+                .outlet_label(*o)
+                .unwrap_or(&model.node(o.node).name)
+                .to_string()
+        })
+        .collect();
+    Ok((inputs, outputs))
+}
+
+/// tract 0.23.9's NNEF writer prints a constant of symbolic-dimension type (`TDim`, what
+/// ONNX shape arithmetic in int64 becomes) as a plain literal, which reads back as an
+/// integer: an `Iff` between it and a `TDim` wire then fails to load ("TDim vs I32"). It
+/// prints any wire whose value is known as a literal, so a cast after an integer constant
+/// does not help either. Such constants (concrete values only) are written through this op,
+/// whose output the writer does not know, and read back as the `TDim` constants they were.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct TDimConst(Arc<Tensor>);
+
+impl Op for TDimConst {
+    fn name(&self) -> StaticName {
+        "EdgevlmTDimConst".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for TDimConst {
+    /// Never folded: the op exists only to keep its value unknown to the writer.
+    fn eval_out_of_plan(&self, _inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        Ok(None)
+    }
+
+    fn eval(&self, _ctx: &EvalContext, _inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        Ok(tvec!(self.0.cast_to::<TDim>()?.into_owned().into_tvalue()))
+    }
+}
+
+impl TypedOp for TDimConst {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(TDim::fact(self.0.shape())))
+    }
+
+    as_op!();
+}
+
+/// Replaces `model`'s `TDim` constants by [`TDimConst`]s (see there). Returns how many.
+fn tdim_consts_for_writing(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    let targets: Vec<(usize, Tensor)> = model
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let k = n.op_as::<Const>()?.val();
+            (k.datum_type() == TDim::datum_type())
+                .then(|| k.cast_to::<i64>().ok().map(|t| (n.id, t.into_owned())))
+                .flatten()
+        })
+        .collect();
+    for (id, ints) in targets.iter().cloned() {
+        let node = model.node(id);
+        let patch = TypedModelPatch::replace_single_op(
+            model,
+            node,
+            &[],
+            TDimConst(ints.into_arc_tensor()),
+        )?;
+        patch.apply(model)?;
+    }
+    Ok(targets.len())
+}
+
+fn dump_tdim_const(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &TDimConst,
+) -> TractResult<Option<Arc<RValue>>> {
+    let values = ast.konst_variable(format!("{}.values", node.name), &op.0)?;
+    Ok(Some(invocation("edgevlm_tdim_const", &[values], &[])))
+}
+
+fn load_tdim_const(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
+    let values: Arc<Tensor> = i.named_arg_as(b, "values")?;
+    let dims = values.cast_to::<TDim>()?.into_owned().into_arc_tensor();
+    b.wire(tract_onnx::tract_core::ops::konst::Const::new(dims)?, &[])
+}
+
+/// Gives the inputs and outputs of `model`, read back from NNEF, the names they had.
+fn restore_names(model: &mut TypedModel, meta: &Meta) -> TractResult<()> {
+    let (inputs, outputs) = (
+        model.input_outlets()?.to_vec(),
+        model.output_outlets()?.to_vec(),
+    );
+    ensure!(
+        inputs.len() == meta.inputs.len() && outputs.len() == meta.outputs.len(),
+        "{} inputs and {} outputs, {} and {} written",
+        inputs.len(),
+        outputs.len(),
+        meta.inputs.len(),
+        meta.outputs.len()
+    );
+    for (outlet, name) in inputs.iter().zip(&meta.inputs) {
+        model.node_mut(outlet.node).name = name.clone();
+    }
+    for (outlet, name) in outputs.iter().zip(&meta.outputs) {
+        model.set_outlet_label(*outlet, name.clone())?;
+    }
+    Ok(())
+}
+
+/// Why a slot was not used.
+#[derive(Debug)]
+pub(crate) enum Miss {
+    /// No cached model yet.
+    Absent,
+    /// Built from something else (the reason).
+    Stale(String),
+    /// Present but unreadable (the reason).
+    Broken(String),
+}
+
+impl std::fmt::Display for Miss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Miss::Absent => write!(f, "none yet"),
+            Miss::Stale(why) => write!(f, "stale: {why}"),
+            Miss::Broken(why) => write!(f, "unreadable: {why}"),
+        }
+    }
+}
+
+/// One graph's place in a cache directory.
+pub(crate) struct Slot {
+    archive: PathBuf,
+    meta: PathBuf,
+    stamp: Stamp,
+}
+
+impl Slot {
+    /// The slot of `graph` loaded with `options` and `fixed` input dims in `dir`.
+    pub(crate) fn new(
+        dir: &Path,
+        graph: &Path,
+        options: &LoadOptions,
+        fixed: &[(&str, &[Option<usize>])],
+    ) -> std::io::Result<Slot> {
+        let graph = std::fs::canonicalize(graph)?;
+        let options = format!(
+            "{:?}",
+            LoadOptions {
+                threads: 1,
+                cache_dir: None,
+                ..options.clone()
+            }
+        );
+        let fixed = format!("{fixed:?}");
+        let name = graph
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let stem = name.strip_suffix(".onnx").unwrap_or(&name);
+        let mut sources = vec![FileId::of(&graph)?];
+        if let Some(parent) = graph.parent() {
+            let mut data = vec![];
+            for entry in std::fs::read_dir(parent)? {
+                let entry = entry?;
+                let sibling = entry.file_name().to_string_lossy().into_owned();
+                if sibling != name && sibling.starts_with(stem) && entry.file_type()?.is_file() {
+                    data.push(FileId::of(&entry.path())?);
+                }
+            }
+            data.sort_by(|a, b| a.path.cmp(&b.path));
+            sources.extend(data);
+        }
+        let id = Sha256::digest(format!("{}\n{options}\n{fixed}", graph.display()));
+        let hex: String = id[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let safe: String = stem
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let base = dir.join(format!("{safe}-{hex}"));
+        Ok(Slot {
+            archive: base.with_extension("nnef.tar"),
+            meta: base.with_extension("json"),
+            stamp: Stamp {
+                format: FORMAT,
+                tract: crate::TRACT_VERSION.into(),
+                edgevlm: env!("CARGO_PKG_VERSION").into(),
+                executable: std::env::current_exe()
+                    .ok()
+                    .and_then(|p| FileId::of(&p).ok()),
+                cpu: if crate::int8mm::available() {
+                    "avx512".into()
+                } else {
+                    "baseline".into()
+                },
+                sources,
+                options,
+                fixed,
+            },
+        })
+    }
+
+    /// The archive's path (for notes).
+    pub(crate) fn archive(&self) -> &Path {
+        &self.archive
+    }
+
+    /// The cached decluttered model and the notes of the stages it skips, or why not.
+    pub(crate) fn read(&self) -> Result<(TypedModel, Vec<String>), Miss> {
+        let text = match std::fs::read_to_string(&self.meta) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Miss::Absent),
+            Err(e) => return Err(Miss::Broken(format!("{}: {e}", self.meta.display()))),
+        };
+        let unreadable =
+            |e: serde_json::Error| Miss::Broken(format!("{}: {e}", self.meta.display()));
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(unreadable)?;
+        // The stamp first: an entry of another cache format is stale, not broken.
+        if let Some(Ok(stamp)) = value.get("stamp").map(Stamp::deserialize) {
+            if stamp != self.stamp {
+                return Err(Miss::Stale(stamp.difference(&self.stamp)));
+            }
+        }
+        let meta = Meta::deserialize(value).map_err(unreadable)?;
+        let broken =
+            |e: &dyn std::fmt::Display| Miss::Broken(format!("{}: {e}", self.archive.display()));
+        let file = std::fs::File::open(&self.archive).map_err(|e| broken(&e))?;
+        let size = file.metadata().map_err(|e| broken(&e))?.len();
+        if size != meta.archive_bytes {
+            return Err(broken(&format!(
+                "{size} bytes, {} written",
+                meta.archive_bytes
+            )));
+        }
+        let mut reader = Checksummed::new(std::io::BufReader::with_capacity(1 << 20, file));
+        // tract's NNEF reader is not written for hostile input: a corrupt archive may panic.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let proto = nnef().proto_model_for_read(&mut reader)?;
+            std::io::copy(&mut reader, &mut std::io::sink())?;
+            let crc = reader.crc.clone().finalize();
+            ensure!(
+                crc == meta.archive_crc32,
+                "checksum {crc:08x}, {:08x} written",
+                meta.archive_crc32
+            );
+            let mut model = nnef().model_for_proto_model(&proto)?;
+            restore_names(&mut model, &meta)?;
+            Ok::<_, TractError>(model)
+        }));
+        match read {
+            Ok(Ok(model)) => Ok((model, meta.notes)),
+            Ok(Err(e)) => Err(broken(&e.root_cause())),
+            Err(_) => Err(broken(&"tract's NNEF reader panicked")),
+        }
+    }
+
+    /// Stores `model` (decluttered) and `notes` in the slot; returns the archive's size.
+    pub(crate) fn write(&self, model: TypedModel, notes: &[String]) -> Result<u64, String> {
+        let mut model = model;
+        tdim_consts_for_writing(&mut model).map_err(|e| format!("{e:#}"))?;
+        let dir = self.archive.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // A stale stamp must not outlive the archive it describes.
+        let _ = std::fs::remove_file(&self.meta);
+        let tmp = |path: &Path| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(format!(".tmp{}", std::process::id()));
+            PathBuf::from(name)
+        };
+        let (archive_tmp, meta_tmp) = (tmp(&self.archive), tmp(&self.meta));
+        let result = (|| {
+            let file = std::fs::File::create(&archive_tmp)
+                .map_err(|e| format!("{}: {e}", archive_tmp.display()))?;
+            let out = Checksummed::new(std::io::BufWriter::with_capacity(1 << 20, file));
+            let out = nnef()
+                .write_to_tar(&model, out)
+                .map_err(|e| format!("{:#}", e))?;
+            let archive_crc32 = out.crc.clone().finalize();
+            let file = out
+                .inner
+                .into_inner()
+                .map_err(|e| format!("{}: {}", archive_tmp.display(), e.error()))?;
+            file.sync_all()
+                .map_err(|e| format!("{}: {e}", archive_tmp.display()))?;
+            let archive_bytes = file
+                .metadata()
+                .map_err(|e| format!("{}: {e}", archive_tmp.display()))?
+                .len();
+            let (inputs, outputs) = io_names(&model).map_err(|e| format!("{e:#}"))?;
+            let meta = Meta {
+                stamp: self.stamp.clone(),
+                notes: notes.to_vec(),
+                archive_bytes,
+                archive_crc32,
+                inputs,
+                outputs,
+            };
+            let mut out = std::fs::File::create(&meta_tmp)
+                .map_err(|e| format!("{}: {e}", meta_tmp.display()))?;
+            out.write_all(serde_json::to_string_pretty(&meta).unwrap().as_bytes())
+                .and_then(|_| out.sync_all())
+                .map_err(|e| format!("{}: {e}", meta_tmp.display()))?;
+            std::fs::rename(&archive_tmp, &self.archive)
+                .and_then(|_| std::fs::rename(&meta_tmp, &self.meta))
+                .map_err(|e| format!("{}: {e}", self.meta.display()))?;
+            Ok(archive_bytes)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&archive_tmp);
+            let _ = std::fs::remove_file(&meta_tmp);
+        }
+        result
+    }
+}
+
+/// A reader or writer that keeps the CRC-32 of the bytes through it.
+struct Checksummed<T> {
+    inner: T,
+    crc: crc32fast::Hasher,
+}
+
+impl<T> Checksummed<T> {
+    fn new(inner: T) -> Self {
+        Checksummed {
+            inner,
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Checksummed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// tract's NNEF framework with the registries a cached graph needs: tract-core's, ONNX's,
+/// tract-transformers' and edgevlm's (see the module docs).
+pub fn nnef() -> &'static tract_nnef::framework::Nnef {
+    static NNEF: OnceLock<tract_nnef::framework::Nnef> = OnceLock::new();
+    NNEF.get_or_init(|| {
+        tract_nnef::nnef()
+            .with_onnx()
+            .with_tract_transformers()
+            .with_registry(registry())
+    })
+}
+
+fn registry() -> Registry {
+    let mut r = Registry::new("edgevlm")
+        .with_doc("Extension `edgevlm`: edgevlm's own ops and tract ops NNEF has no words for.");
+    let input = || TypeName::Scalar.tensor().named("input");
+    let int = |name: &str| TypeName::Integer.named(name);
+    let output = [("output", TypeName::Scalar.tensor())];
+
+    r.register_dumper(dump_tdim_const);
+    r.register_primitive(
+        "edgevlm_tdim_const",
+        &[TypeName::Integer.tensor().named("values")],
+        &output,
+        load_tdim_const,
+    );
+    r.register_dumper(dump_q4);
+    r.register_primitive(
+        "edgevlm_q4_matmul",
+        &[
+            input(),
+            TypeName::Scalar.tensor().named("scales"),
+            TypeName::Integer.tensor().named("nibbles"),
+            int("n"),
+            int("k"),
+        ],
+        &output,
+        load_q4,
+    );
+    r.register_dumper(|ast, node, _: &FoldBarrier| unary(ast, node, "edgevlm_fold_barrier", &[]));
+    r.register_primitive("edgevlm_fold_barrier", &[input()], &output, |b, i| {
+        wire_unary(b, i, FoldBarrier)
+    });
+    r.register_dumper(|ast, node, _: &ExpandWeight| unary(ast, node, "edgevlm_expand_weight", &[]));
+    r.register_primitive("edgevlm_expand_weight", &[input()], &output, |b, i| {
+        wire_unary(b, i, ExpandWeight)
+    });
+    r.register_dumper(|ast, node, _: &DynamicQuantizeU8| {
+        unary(ast, node, "edgevlm_dynamic_quantize_u8", &[])
+    });
+    r.register_primitive(
+        "edgevlm_dynamic_quantize_u8",
+        &[input()],
+        &[
+            ("output", TypeName::Integer.tensor()),
+            ("scale", TypeName::Scalar.tensor()),
+            ("zero_point", TypeName::Integer.tensor()),
+        ],
+        |b, i| wire_unary(b, i, DynamicQuantizeU8),
+    );
+    r.register_dumper(|ast, node, op: &DequantizeLinearF32| {
+        let args = [
+            ("scale_bits", numeric(op.scale.to_bits())),
+            ("zero_point", numeric(op.zero_point)),
+        ];
+        unary(ast, node, "edgevlm_dequantize_linear_f32", &args)
+    });
+    r.register_primitive(
+        "edgevlm_dequantize_linear_f32",
+        &[input(), int("scale_bits"), int("zero_point")],
+        &output,
+        |b, i| {
+            let op = DequantizeLinearF32 {
+                scale: f32::from_bits(i.named_arg_as::<i64>(b, "scale_bits")? as u32),
+                zero_point: i.named_arg_as::<i64>(b, "zero_point")? as i32,
+            };
+            wire_unary(b, i, op)
+        },
+    );
+    let quantize = [input(), int("scale_bits"), int("zero_point"), int("signed")];
+    r.register_element_wise(
+        "edgevlm_quantize_linear",
+        std::any::TypeId::of::<QuantizeLinearI8>(),
+        Box::new(dump_quantize),
+        quantize.to_vec(),
+        load_quantize,
+    );
+    r.register_element_wise(
+        "edgevlm_quantize_linear",
+        std::any::TypeId::of::<QuantizeLinearU8>(),
+        Box::new(dump_quantize),
+        quantize.to_vec(),
+        load_quantize,
+    );
+    r.register_element_wise(
+        "edgevlm_lookup_table",
+        std::any::TypeId::of::<LookupTable>(),
+        Box::new(dump_lookup_table),
+        vec![input(), TypeName::Integer.tensor().named("table")],
+        load_lookup_table,
+    );
+    r
+}
+
+/// `id(input, args...)` for a node with one input.
+fn unary(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    id: &str,
+    args: &[(&str, RValue)],
+) -> TractResult<Option<Arc<RValue>>> {
+    let input = ast.mapping[&node.inputs[0]].clone();
+    Ok(Some(invocation(id, &[input], args)))
+}
+
+/// Wires `op` on the invocation's `input`.
+fn wire_unary(
+    b: &mut ModelBuilder,
+    i: &ResolvedInvocation,
+    op: impl Into<Box<dyn TypedOp>>,
+) -> TractResult<Value> {
+    let input: OutletId = i.named_arg_as(b, "input")?;
+    b.wire(op, &[input])
+}
+
+fn dump_q4(ast: &mut IntoAst, node: &TypedNode, op: &Q4MatMul) -> TractResult<Option<Arc<RValue>>> {
+    let input = ast.mapping[&node.inputs[0]].clone();
+    let (n, k, scales, nibbles) = op.weight.parts();
+    let scales = ast.konst_variable(format!("{}.scales", node.name), &rctensor1(scales))?;
+    let nibbles = ast.konst_variable(format!("{}.nibbles", node.name), &rctensor1(nibbles))?;
+    Ok(Some(invocation(
+        "edgevlm_q4_matmul",
+        &[input, scales, nibbles],
+        &[("n", numeric(n)), ("k", numeric(k))],
+    )))
+}
+
+fn load_q4(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
+    let input: OutletId = i.named_arg_as(b, "input")?;
+    let scales: Arc<Tensor> = i.named_arg_as(b, "scales")?;
+    let nibbles: Arc<Tensor> = i.named_arg_as(b, "nibbles")?;
+    let (n, k) = (
+        i.named_arg_as::<usize>(b, "n")?,
+        i.named_arg_as::<usize>(b, "k")?,
+    );
+    let scales = scales.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let nibbles = nibbles.try_as_plain_ram()?.as_slice::<u8>()?.to_vec();
+    let weight = Q4Packed::from_parts(n, k, scales, nibbles)
+        .with_context(|| format!("edgevlm_q4_matmul: parts do not fit n = {n}, k = {k}"))?;
+    b.wire(
+        Q4MatMul {
+            weight: Arc::new(weight),
+        },
+        &[input],
+    )
+}
+
+fn element_wise(node: &TypedNode) -> TractResult<&ElementWiseOp> {
+    node.op_as::<ElementWiseOp>()
+        .with_context(|| format!("{} is not element-wise", node.name))
+}
+
+fn dump_quantize(ast: &mut IntoAst, node: &TypedNode) -> TractResult<Option<Arc<RValue>>> {
+    let ElementWiseOp(op, None) = element_wise(node)? else {
+        return Ok(None);
+    };
+    let (scale, zero_point, signed) = if let Some(q) = op.downcast_ref::<QuantizeLinearI8>() {
+        (q.scale, q.zero_point as i64, 1)
+    } else if let Some(q) = op.downcast_ref::<QuantizeLinearU8>() {
+        (q.scale, q.zero_point as i64, 0)
+    } else {
+        return Ok(None);
+    };
+    let args = [
+        ("scale_bits", numeric(scale.to_bits())),
+        ("zero_point", numeric(zero_point)),
+        ("signed", numeric(signed)),
+    ];
+    unary(ast, node, "edgevlm_quantize_linear", &args)
+}
+
+fn load_quantize(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
+    let input: OutletId = i.named_arg_as(b, "input")?;
+    let scale = f32::from_bits(i.named_arg_as::<i64>(b, "scale_bits")? as u32);
+    let zero_point = i.named_arg_as::<i64>(b, "zero_point")?;
+    let op: Box<dyn ElementWiseMiniOp> = if i.named_arg_as::<i64>(b, "signed")? != 0 {
+        Box::new(QuantizeLinearI8 {
+            scale,
+            zero_point: zero_point as i8,
+        })
+    } else {
+        Box::new(QuantizeLinearU8 {
+            scale,
+            zero_point: zero_point as u8,
+        })
+    };
+    b.wire(ElementWiseOp(op, None), &[input])
+}
+
+fn dump_lookup_table(ast: &mut IntoAst, node: &TypedNode) -> TractResult<Option<Arc<RValue>>> {
+    let ElementWiseOp(op, None) = element_wise(node)? else {
+        return Ok(None);
+    };
+    let Some(op) = op.downcast_ref::<LookupTable>() else {
+        return Ok(None);
+    };
+    let input = ast.mapping[&node.inputs[0]].clone();
+    let table = ast.konst_variable(format!("{}.table", node.name), &rctensor1(op.table.table()))?;
+    Ok(Some(invocation(
+        "edgevlm_lookup_table",
+        &[input, table],
+        &[],
+    )))
+}
+
+fn load_lookup_table(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
+    let input: OutletId = i.named_arg_as(b, "input")?;
+    let table: Arc<Tensor> = i.named_arg_as(b, "table")?;
+    let table = tract_linalg::routines::lut_u8(table.try_as_plain_ram()?.as_slice::<u8>()?)?;
+    b.wire(
+        ElementWiseOp(Box::new(LookupTable { table }), None),
+        &[input],
+    )
+}
