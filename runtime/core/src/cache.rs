@@ -31,6 +31,10 @@ use std::sync::{Arc, OnceLock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tract_nnef::internal::*;
+use tract_onnx::tract_core::ops::array::Slice;
+use tract_onnx::tract_core::ops::binary::{BinMiniOp, TypedBinOp};
+use tract_onnx::tract_core::ops::einsum::einsum_matmul::EinSumMatMul;
+use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::{
     DequantizeLinearF32, LookupTable, QuantizeLinearI8, QuantizeLinearU8,
@@ -495,10 +499,10 @@ impl<W: Write> Write for Checksummed<W> {
 pub fn nnef() -> &'static tract_nnef::framework::Nnef {
     static NNEF: OnceLock<tract_nnef::framework::Nnef> = OnceLock::new();
     NNEF.get_or_init(|| {
-        tract_nnef::nnef()
-            .with_onnx()
-            .with_tract_transformers()
-            .with_registry(registry())
+        let mut nnef = tract_nnef::nnef().with_onnx().with_tract_transformers();
+        // First, so its dumpers for tract ops (products, slices) win over tract's.
+        nnef.registries.insert(0, registry());
+        nnef
     })
 }
 
@@ -509,6 +513,66 @@ fn registry() -> Registry {
     let int = |name: &str| TypeName::Integer.named(name);
     let output = [("output", TypeName::Scalar.tensor())];
 
+    r.register_dumper(dump_einsum);
+    r.register_dumper(|ast, node, op: &EinSumMatMul| dump_einsum(ast, node, &op.op));
+    r.register_primitive(
+        "edgevlm_einsum",
+        &[
+            TypeName::Scalar.tensor().array().named("inputs"),
+            TypeName::String.named("expr"),
+            TypeName::String.named("acc"),
+            TypeName::String.named("output"),
+        ],
+        &output,
+        load_einsum,
+    );
+    // tract's registries check binary ops by their mini op; ours comes first, so these
+    // names win when writing, and as primitives they read back without tract's casts.
+    {
+        use tract_onnx::tract_core::ops::math;
+        let binary = [
+            TypeName::Scalar.tensor().named("a"),
+            TypeName::Scalar.tensor().named("b"),
+        ];
+        let ops: [(&str, &dyn BinMiniOp, ToTract); 7] = [
+            ("edgevlm_add", &math::Add, |b, i| {
+                wire_binary(b, i, Box::new(math::Add))
+            }),
+            ("edgevlm_sub", &math::Sub, |b, i| {
+                wire_binary(b, i, Box::new(math::Sub))
+            }),
+            ("edgevlm_mul", &math::Mul, |b, i| {
+                wire_binary(b, i, Box::new(math::Mul))
+            }),
+            ("edgevlm_div", &math::Div, |b, i| {
+                wire_binary(b, i, Box::new(math::Div))
+            }),
+            ("edgevlm_max", &math::Max, |b, i| {
+                wire_binary(b, i, Box::new(math::Max))
+            }),
+            ("edgevlm_min", &math::Min, |b, i| {
+                wire_binary(b, i, Box::new(math::Min))
+            }),
+            ("edgevlm_pow", &math::Pow, |b, i| {
+                wire_binary(b, i, Box::new(math::Pow))
+            }),
+        ];
+        for (id, op, load) in ops {
+            r.register_binary(id, op);
+            r.register_primitive(id, &binary, &output, load);
+        }
+    }
+    r.register_dumper(dump_slice);
+    r.register_primitive(
+        "edgevlm_slice",
+        &[
+            input(),
+            int("axis"),
+            TypeName::Integer.array().named("bounds"),
+        ],
+        &output,
+        load_slice,
+    );
     r.register_dumper(dump_tdim_const);
     r.register_primitive(
         "edgevlm_tdim_const",
@@ -613,6 +677,92 @@ fn wire_unary(
 ) -> TractResult<Value> {
     let input: OutletId = i.named_arg_as(b, "input")?;
     b.wire(op, &[input])
+}
+
+/// A product as it is (those tract's writer leaves as products: the quantized ones; it turns
+/// the others into NNEF `matmul` between reshapes, which the declutter after reading folds
+/// back). tract's own spelling reads a quantized product back with its seven parameters
+/// behind casts. A product tract has prepared for a matrix kernel (`EinSumMatMul`) is
+/// written as its product, as tract writes it: the rewrites after the cache point look for
+/// products.
+fn dump_einsum(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &EinSum,
+) -> TractResult<Option<Arc<RValue>>> {
+    let inputs = node
+        .inputs
+        .iter()
+        .map(|i| ast.mapping[i].as_ref().clone())
+        .collect();
+    Ok(Some(invocation(
+        "edgevlm_einsum",
+        &[Arc::new(RValue::Array(inputs))],
+        &[
+            ("expr", string(op.axes.to_string())),
+            ("acc", string(format!("{:?}", op.operating_dt))),
+            (
+                "output",
+                string(op.q_params.map(|dt| format!("{dt:?}")).unwrap_or_default()),
+            ),
+        ],
+    )))
+}
+
+fn load_einsum(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
+    let inputs: TVec<OutletId> = i.named_arg_as(b, "inputs")?;
+    let axes = i
+        .named_arg_as::<String>(b, "expr")?
+        .parse::<AxesMapping>()?;
+    let operating_dt: DatumType = i.named_arg_as::<String>(b, "acc")?.parse()?;
+    let output = i.named_arg_as::<String>(b, "output")?;
+    let q_params = if output.is_empty() {
+        None
+    } else {
+        Some(output.parse::<DatumType>()?)
+    };
+    let op = EinSum {
+        axes,
+        operating_dt,
+        q_params,
+    };
+    b.wire(op, &inputs)
+}
+
+/// An arithmetic binary op between operands that already have its type and rank: tract's
+/// NNEF reader casts both operands of every `add` / `mul` to a common type (a cast node each,
+/// ~190 in a 4-layer int8 decoder, that the declutter after reading removes again).
+fn wire_binary(
+    b: &mut ModelBuilder,
+    i: &ResolvedInvocation,
+    op: Box<dyn BinMiniOp>,
+) -> TractResult<Value> {
+    let (x, y): (OutletId, OutletId) = (i.named_arg_as(b, "a")?, i.named_arg_as(b, "b")?);
+    b.wire(TypedBinOp(op, None), &[x, y])
+}
+
+/// A slice as it is: tract's NNEF `slice` reads back as a clamping subgraph and a `DynSlice`
+/// when a bound is symbolic (a decoder's rotary tables).
+fn dump_slice(ast: &mut IntoAst, node: &TypedNode, op: &Slice) -> TractResult<Option<Arc<RValue>>> {
+    let args = [
+        ("axis", numeric(op.axis)),
+        (
+            "bounds",
+            tract_nnef::ser::tdims(&[op.start.clone(), op.end.clone()]),
+        ),
+    ];
+    unary(ast, node, "edgevlm_slice", &args)
+}
+
+fn load_slice(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
+    let input: OutletId = i.named_arg_as(b, "input")?;
+    let axis: usize = i.named_arg_as(b, "axis")?;
+    let bounds: TVec<TDim> = i.named_arg_as(b, "bounds")?;
+    ensure!(bounds.len() == 2, "edgevlm_slice: {} bounds", bounds.len());
+    b.wire(
+        Slice::new(axis, bounds[0].clone(), bounds[1].clone()),
+        &[input],
+    )
 }
 
 fn dump_q4(ast: &mut IntoAst, node: &TypedNode, op: &Q4MatMul) -> TractResult<Option<Arc<RValue>>> {
