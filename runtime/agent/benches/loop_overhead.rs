@@ -24,6 +24,7 @@ fn config(triggers: usize, period_ms: u64) -> AgentConfig {
         model: ModelSection {
             package: models.join("demo"),
             threads: 1,
+            cache_dir: None,
         },
         sim: Some(SimSection {
             images: models.join("demo/samples"),

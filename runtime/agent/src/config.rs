@@ -8,6 +8,7 @@
 //! [model]
 //! package = "/var/lib/edgevlm/models/active"   # a model package directory
 //! threads = 1
+//! # cache_dir = "/var/cache/edgevlm"   # keep decluttered graphs here: later starts skip the ONNX parse
 //!
 //! [sim]                           # kind = "sim": image-folder camera and scripted triggers
 //! images = "/usr/share/edgevlm/samples"
@@ -91,6 +92,22 @@ pub struct ModelSection {
     /// Inference threads.
     #[serde(default = "one")]
     pub threads: usize,
+    /// The load cache's directory (see `edgevlm_runtime::cache`): the first start writes
+    /// each graph's decluttered model there, later starts and reloads read it. None: load
+    /// from the ONNX files every time.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl ModelSection {
+    /// The load options this section asks for.
+    pub fn load_options(&self) -> edgevlm_runtime::LoadOptions {
+        edgevlm_runtime::LoadOptions {
+            threads: self.threads,
+            cache_dir: self.cache_dir.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 /// `[sim]`: the camera and where triggers come from (exactly one of `triggers` +

@@ -7,7 +7,7 @@ use edgevlm_board_sim::{
     parse_script, FolderCamera, LineTrigger, PatternCamera, PinRecorder, RecordedPin,
     ScheduleTrigger, SimError, ThreadDelay,
 };
-use edgevlm_runtime::{Inspector, LoadOptions};
+use edgevlm_runtime::Inspector;
 
 use crate::config::{AgentConfig, BoardKind, OnError, OutputMode};
 use crate::ngstore::NgStore;
@@ -109,10 +109,7 @@ pub fn pin_mode(config: &AgentConfig) -> PinMode {
 /// Loads the config's model package (a classifier, or a vision-language model with an
 /// `[inspection]` section).
 pub fn load_inspector(config: &AgentConfig) -> Result<Inspector, SetupError> {
-    let options = LoadOptions {
-        threads: config.model.threads,
-        ..Default::default()
-    };
+    let options = config.model.load_options();
     Inspector::load(&config.model.package, &options).map_err(|source| SetupError::Model {
         package: config.model.package.clone(),
         source,

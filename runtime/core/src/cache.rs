@@ -147,6 +147,29 @@ fn io_names(model: &TypedModel) -> TractResult<(Vec<String>, Vec<String>)> {
     Ok((inputs, outputs))
 }
 
+/// Removes the entries in `dir` whose graph file is gone (a package replaced by a new
+/// version at another path, a deleted model), so the cache does not grow with every model a
+/// board has had. Entries that cannot be read are left alone.
+fn remove_orphans(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let graph = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|v| v["stamp"]["sources"][0]["path"].as_str().map(PathBuf::from));
+        if graph.is_some_and(|g| !g.exists()) {
+            let _ = std::fs::remove_file(path.with_extension("nnef.tar"));
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// tract 0.23.9's NNEF writer prints a constant of symbolic-dimension type (`TDim`, what
 /// ONNX shape arithmetic in int64 becomes) as a plain literal, which reads back as an
 /// integer: an `Iff` between it and a `TDim` wire then fails to load ("TDim vs I32"). It
@@ -455,6 +478,7 @@ impl Slot {
             let _ = std::fs::remove_file(&archive_tmp);
             let _ = std::fs::remove_file(&meta_tmp);
         }
+        remove_orphans(dir);
         result
     }
 }

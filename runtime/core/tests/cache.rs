@@ -243,6 +243,25 @@ fn stale_and_damaged_entries_are_rebuilt_and_say_why() {
     let next = load(&graph, &options);
     assert!(cache_note(&next).starts_with("cache: decluttered model read from"));
 
+    // An entry whose graph is gone is removed when another is written.
+    let gone = work.path().join("gone.onnx");
+    std::fs::copy(&graph, &gone).unwrap();
+    load(&gone, &options);
+    let slots = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
+    let with_gone = slots(&cache);
+    std::fs::remove_file(&gone).unwrap();
+    let third = LoadOptions {
+        fix_qdq_softmax: false,
+        ..options.clone()
+    };
+    load(&graph, &third);
+    assert_eq!(slots(&cache), with_gone, "one entry written, one removed");
+    assert!(std::fs::read_dir(&cache).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("gone-")));
+
     // A cache directory that cannot be created: the load works and says so.
     let blocked = LoadOptions {
         cache_dir: Some(graph.join("cache")),

@@ -176,10 +176,7 @@ fn handle_signals(
                         "event=reload model={:?}",
                         c.model.package.display().to_string()
                     ));
-                    let options = edgevlm_runtime::LoadOptions {
-                        threads: c.model.threads,
-                        ..Default::default()
-                    };
+                    let options = c.model.load_options();
                     handle.load_model(c.model.package, options);
                 }
                 Err(e) => {

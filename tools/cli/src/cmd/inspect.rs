@@ -315,6 +315,7 @@ impl Cmd {
             model: ModelSection {
                 package: self.model.clone(),
                 threads: self.threads as usize,
+                cache_dir: self.cache.dir(),
             },
             sim: Some(SimSection {
                 images: folder.clone(),
