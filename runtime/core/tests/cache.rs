@@ -4,27 +4,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use edgevlm_runtime::{npy, LoadOptions, OnnxModel, Tensor};
-use serde::Deserialize;
 
-#[derive(Deserialize)]
-struct Index {
-    fixture: Vec<Fixture>,
-}
-
-#[derive(Deserialize)]
-struct Fixture {
-    name: String,
-    model: String,
-    inputs: BTreeMap<String, String>,
-}
+use common::Fixture;
 
 fn fixtures() -> Vec<Fixture> {
-    let text = std::fs::read_to_string(common::models().join("fixtures/fixtures.toml")).unwrap();
-    toml::from_str::<Index>(&text).unwrap().fixture
+    common::index().fixture
 }
 
 fn fixture_dir() -> PathBuf {

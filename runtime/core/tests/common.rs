@@ -21,3 +21,27 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// `models/fixtures/fixtures.toml`: the committed fixture graphs and their ONNX Runtime
+/// references (models/gen/generate.py).
+#[derive(serde::Deserialize)]
+pub struct Index {
+    pub fixture: Vec<Fixture>,
+}
+
+/// One fixture graph: its inputs and ORT's outputs as `.npy` files, and the tolerance.
+#[derive(serde::Deserialize)]
+pub struct Fixture {
+    pub name: String,
+    pub model: String,
+    pub description: String,
+    pub atol: f32,
+    pub inputs: std::collections::BTreeMap<String, String>,
+    pub outputs: std::collections::BTreeMap<String, String>,
+}
+
+/// The fixture index.
+pub fn index() -> Index {
+    let text = std::fs::read_to_string(models().join("fixtures/fixtures.toml")).unwrap();
+    toml::from_str(&text).unwrap()
+}

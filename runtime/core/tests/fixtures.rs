@@ -6,28 +6,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use edgevlm_runtime::{npy, values, LoadOptions, OnnxModel, Tensor};
-use serde::Deserialize;
 
-#[derive(Deserialize)]
-struct Index {
-    fixture: Vec<Fixture>,
-}
-
-#[derive(Deserialize)]
-struct Fixture {
-    name: String,
-    model: String,
-    #[allow(dead_code)]
-    description: String,
-    atol: f32,
-    inputs: BTreeMap<String, String>,
-    outputs: BTreeMap<String, String>,
-}
-
-fn index() -> Index {
-    let text = std::fs::read_to_string(common::models().join("fixtures/fixtures.toml")).unwrap();
-    toml::from_str(&text).unwrap()
-}
+use common::{index, Fixture};
 
 /// Runs a fixture and returns the largest absolute difference per output.
 fn max_errors(f: &Fixture, options: &LoadOptions) -> BTreeMap<String, f32> {
