@@ -26,17 +26,24 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// references (models/gen/generate.py).
 #[derive(serde::Deserialize)]
 pub struct Index {
+    /// The fixtures, in file order.
     pub fixture: Vec<Fixture>,
 }
 
 /// One fixture graph: its inputs and ORT's outputs as `.npy` files, and the tolerance.
 #[derive(serde::Deserialize)]
 pub struct Fixture {
+    /// Short name, used in messages.
     pub name: String,
+    /// The graph, relative to `models/fixtures`.
     pub model: String,
+    /// What the graph exercises.
     pub description: String,
+    /// Largest absolute difference from ONNX Runtime's outputs allowed.
     pub atol: f32,
+    /// Input name to `.npy` file, relative to `models/fixtures`.
     pub inputs: std::collections::BTreeMap<String, String>,
+    /// Output name to ONNX Runtime's `.npy` file, relative to `models/fixtures`.
     pub outputs: std::collections::BTreeMap<String, String>,
 }
 
