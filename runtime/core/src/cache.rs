@@ -206,6 +206,56 @@ impl TypedOp for TDimConst {
     as_op!();
 }
 
+/// A product on its way to the archive. tract's writer rewrites every f32 product into NNEF
+/// `matmul` between merge / unmerge reshapes before serializing (`rewrite_model`), which the
+/// declutter after reading has to fold back (about half of that declutter's time, ~1 s on
+/// the SmolVLM2-256M int8 decoder). Products are wrapped in this op, which the rewrite does
+/// not know, written by [`dump_einsum`] as themselves and read back as the `EinSum` they were.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct WrittenEinSum(EinSum);
+
+impl Op for WrittenEinSum {
+    fn name(&self) -> StaticName {
+        "EdgevlmWrittenEinSum".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for WrittenEinSum {
+    op_out_of_plan!();
+
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        self.0.eval(ctx, inputs)
+    }
+}
+
+impl TypedOp for WrittenEinSum {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        self.0.output_facts(inputs)
+    }
+
+    as_op!();
+}
+
+/// Wraps `model`'s products (`EinSum`, and `EinSumMatMul` as its product) in
+/// [`WrittenEinSum`]s. Returns how many.
+fn einsums_for_writing(model: &mut TypedModel) -> usize {
+    let mut wrapped = 0;
+    for node in model.nodes_mut() {
+        let product = if let Some(op) = node.op_as::<EinSum>() {
+            op.clone()
+        } else if let Some(op) = node.op_as::<EinSumMatMul>() {
+            op.op.clone()
+        } else {
+            continue;
+        };
+        node.op = Box::new(WrittenEinSum(product));
+        wrapped += 1;
+    }
+    wrapped
+}
+
 /// Replaces `model`'s `TDim` constants by [`TDimConst`]s (see there). Returns how many.
 fn tdim_consts_for_writing(model: &mut TypedModel) -> TractResult<usize> {
     use tract_onnx::tract_core::ops::konst::Const;
@@ -427,6 +477,7 @@ impl Slot {
     pub(crate) fn write(&self, model: TypedModel, notes: &[String]) -> Result<u64, String> {
         let mut model = model;
         tdim_consts_for_writing(&mut model).map_err(|e| format!("{e:#}"))?;
+        einsums_for_writing(&mut model);
         let dir = self.archive.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         // A stale stamp must not outlive the archive it describes.
@@ -539,6 +590,7 @@ fn registry() -> Registry {
 
     r.register_dumper(dump_einsum);
     r.register_dumper(|ast, node, op: &EinSumMatMul| dump_einsum(ast, node, &op.op));
+    r.register_dumper(|ast, node, op: &WrittenEinSum| dump_einsum(ast, node, &op.0));
     r.register_primitive(
         "edgevlm_einsum",
         &[
