@@ -476,6 +476,19 @@ impl Slot {
     /// Stores `model` (decluttered) and `notes` in the slot; returns the archive's size.
     pub(crate) fn write(&self, model: TypedModel, notes: &[String]) -> Result<u64, String> {
         let mut model = model;
+        // tract writes a binary op as its name alone: an output type of its own (quantized
+        // arithmetic) would not come back. None of the graphs edgevlm loads has one; a graph
+        // that does is not cached rather than cached wrong.
+        if let Some(n) = model
+            .nodes()
+            .iter()
+            .find(|n| n.op_as::<TypedBinOp>().is_some_and(|op| op.1.is_some()))
+        {
+            return Err(format!(
+                "{}: a binary op with its own output type, which NNEF does not keep",
+                n.name
+            ));
+        }
         tdim_consts_for_writing(&mut model).map_err(|e| format!("{e:#}"))?;
         einsums_for_writing(&mut model);
         let dir = self.archive.parent().unwrap_or(Path::new("."));

@@ -224,37 +224,18 @@ impl OnnxModel {
             },
             None => None,
         };
-        let read = slot.as_ref().map(|slot| slot.read());
-        let typed = match read {
-            Some(Ok((mut decluttered, cached_notes))) => {
+        // A cached model that reads back but then fails to build is a broken entry like any
+        // other: the load goes on from the ONNX file and rewrites it.
+        let cached = slot.as_ref().map(|slot| {
+            slot.read().and_then(|(model, cached_notes)| {
+                from_cache(slot, model, options, start).map(|b| (b, cached_notes))
+            })
+        });
+        let typed = match cached {
+            Some(Ok((built, cached_notes))) => {
                 notes.extend(cached_notes);
-                load_stages.push(("read cache", start.elapsed().as_secs_f64() * 1e3));
-                // NNEF spells some ops in its own primitives (unsqueeze, literal constants):
-                // one more declutter gives back the model the ONNX path hands on, which the
-                // rewrites after the cache point expect (a 4-bit product's row switch needs
-                // its activation's shape in the decluttered form).
-                let redeclutter = Instant::now();
-                let cached = slot_path(&slot);
-                decluttered.declutter().map_err(|e| {
-                    Error::model(path, format!("decluttering the cached model {cached}"), e)
-                })?;
-                load_stages.push((
-                    "declutter cached",
-                    redeclutter.elapsed().as_secs_f64() * 1e3,
-                ));
-                let built = finish(decluttered, options).map_err(|(stage, e)| {
-                    Error::model(
-                        path,
-                        format!("{stage} (of the cached model {})", slot_path(&slot)),
-                        e,
-                    )
-                })?;
                 notes.extend(built.notes);
                 load_stages.extend(built.stages);
-                notes.push(format!(
-                    "cache: decluttered model read from {}",
-                    slot_path(&slot)
-                ));
                 built.model
             }
             miss => {
@@ -415,11 +396,42 @@ impl OnnxModel {
     }
 }
 
-/// The cache archive's path, for messages.
-fn slot_path(slot: &Option<crate::cache::Slot>) -> String {
-    slot.as_ref()
-        .map(|s| s.archive().display().to_string())
-        .unwrap_or_default()
+/// The optimized model from a cached decluttered one, with every stage's time from `start`
+/// on (reading the entry included). A failure is the entry's: the caller loads from ONNX.
+fn from_cache(
+    slot: &crate::cache::Slot,
+    mut decluttered: TypedModel,
+    options: &LoadOptions,
+    start: Instant,
+) -> std::result::Result<Built, crate::cache::Miss> {
+    let broken = |stage: &str, e: TractError| {
+        crate::cache::Miss::Broken(format!(
+            "{}: {stage}: {}",
+            slot.archive().display(),
+            e.root_cause()
+        ))
+    };
+    let mut stages = vec![("read cache", start.elapsed().as_secs_f64() * 1e3)];
+    // NNEF spells some ops in its own primitives (unsqueeze, literal constants): one more
+    // declutter gives back the model the ONNX path hands on, which the rewrites after the
+    // cache point expect (a 4-bit product's row switch needs its activation's shape in the
+    // decluttered form).
+    let redeclutter = Instant::now();
+    decluttered
+        .declutter()
+        .map_err(|e| broken("decluttering", e))?;
+    stages.push((
+        "declutter cached",
+        redeclutter.elapsed().as_secs_f64() * 1e3,
+    ));
+    let mut built = finish(decluttered, options).map_err(|(stage, e)| broken(stage, e))?;
+    stages.append(&mut built.stages);
+    built.stages = stages;
+    built.notes.push(format!(
+        "cache: decluttered model read from {}",
+        slot.archive().display()
+    ));
+    Ok(built)
 }
 
 /// Loads `path` from its ONNX protobuf: the decluttered model (a copy, when `keep`, for the
