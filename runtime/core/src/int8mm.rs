@@ -78,42 +78,94 @@ pub struct PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs a `[k, n]` weight (`k_major`) or `[n, k]` one, read in memory order: `value(x)` is
-    /// the element at flat index `x` minus 128 if the weight is `u8` (`signed` false), i.e. as
-    /// the kernel's signed byte; `zero(j)` is column `j`'s zero point.
+    /// Packs a `[k, n]` weight (`k_major`) or `[n, k]` one from its bytes in memory order:
+    /// `i8` values if `signed`, else `u8` ones (moved to the kernel's signed byte by
+    /// subtracting 128); `zero(j)` is column `j`'s zero point.
     pub fn pack(
         k: usize,
         n: usize,
         signed: bool,
         k_major: bool,
-        value: impl Fn(usize) -> i8,
+        w: &[u8],
         zero: impl Fn(usize) -> i32,
     ) -> PackedWeight {
+        assert_eq!(
+            w.len(),
+            k * n,
+            "PackedWeight::pack: {} bytes for {k} x {n}",
+            w.len()
+        );
         let b_shift = if signed { 0 } else { 128 };
+        // `v ^ 0x80` is `v - 128` for a `u8` read as `i8`.
+        let flip = if signed { 0u8 } else { 0x80 };
+        let flip4 = u32::from_le_bytes([flip; 4]);
         let k4 = k.div_ceil(4);
         let panels_n = n.div_ceil(NR);
-        let mut panels = vec![0i8; panels_n * k4 * NR * 4];
+        let mut panels = vec![0u8; panels_n * k4 * NR * 4];
         let mut colsum = vec![0i32; panels_n * NR];
         // Panel by panel, each written in order: 4 contraction values of column 0, then of
         // column 1, ... (a scatter over all panels at once missed the cache on every byte).
-        for (p, (panel, sums)) in panels
-            .chunks_exact_mut(k4 * NR * 4)
-            .zip(colsum.chunks_exact_mut(NR))
+        // A large weight is split into runs of panels packed side by side, one per core:
+        // packing is most of a cold start's optimize stage (page faults included).
+        let panel_bytes = k4 * NR * 4;
+        let parts = if panels.len() >= 1 << 20 {
+            crate::par::cores().min(panels_n)
+        } else {
+            1
+        };
+        let per_part = panels_n.div_ceil(parts.max(1));
+        let runs = panels
+            .chunks_mut(per_part * panel_bytes)
+            .zip(colsum.chunks_mut(per_part * NR))
             .enumerate()
-        {
-            let (j0, cols) = (p * NR, NR.min(n - p * NR));
-            for (i4, quad) in panel.chunks_exact_mut(NR * 4).enumerate() {
-                for ii in 0..4.min(k - i4 * 4) {
-                    let i = i4 * 4 + ii;
-                    for (jj, sum) in sums.iter_mut().enumerate().take(cols) {
-                        let j = j0 + jj;
-                        let v = value(if k_major { i * n + j } else { j * k + i });
-                        quad[jj * 4 + ii] = v;
-                        *sum += v as i32;
+            .collect();
+        crate::par::each(runs, |(run, (panels, colsum))| {
+            for (p, (panel, sums)) in panels
+                .chunks_exact_mut(panel_bytes)
+                .zip(colsum.chunks_exact_mut(NR))
+                .enumerate()
+            {
+                let p = run * per_part + p;
+                let (j0, cols) = (p * NR, NR.min(n - p * NR));
+                for (i4, quad) in panel.chunks_exact_mut(NR * 4).enumerate() {
+                    let rows = 4.min(k - i4 * 4);
+                    if k_major && rows == 4 && cols == NR {
+                        // Whole step: interleave four source rows, a 32-bit word per column.
+                        let r: [&[u8]; 4] =
+                            std::array::from_fn(|ii| &w[(i4 * 4 + ii) * n + j0..][..NR]);
+                        for (jj, dst) in quad.chunks_exact_mut(4).enumerate() {
+                            let v = u32::from_le_bytes([r[0][jj], r[1][jj], r[2][jj], r[3][jj]]);
+                            dst.copy_from_slice(&(v ^ flip4).to_le_bytes());
+                        }
+                    } else if k_major {
+                        for ii in 0..rows {
+                            let row = &w[(i4 * 4 + ii) * n + j0..][..cols];
+                            for (jj, &b) in row.iter().enumerate() {
+                                quad[jj * 4 + ii] = b ^ flip;
+                            }
+                        }
+                    } else {
+                        // Column `j` is `w[j * k..][..k]`: a 4-byte run per column and step.
+                        for (jj, dst) in quad.chunks_exact_mut(4).take(cols).enumerate() {
+                            let run = &w[(j0 + jj) * k + i4 * 4..][..rows];
+                            for (d, &b) in dst.iter_mut().zip(run) {
+                                *d = b ^ flip;
+                            }
+                        }
+                    }
+                    // Column sums of the signed bytes (the padding is zero).
+                    let q: &[u8; NR * 4] = (&*quad).try_into().expect("whole step");
+                    for (jj, sum) in sums.iter_mut().enumerate() {
+                        *sum += (q[jj * 4] as i8 as i32)
+                            + (q[jj * 4 + 1] as i8 as i32)
+                            + (q[jj * 4 + 2] as i8 as i32)
+                            + (q[jj * 4 + 3] as i8 as i32);
                     }
                 }
             }
-        }
+        });
+        // The kernel reads signed bytes.
+        let panels = panels.into_iter().map(|b| b as i8).collect();
         let mut beta = vec![0i32; panels_n * NR];
         for (j, b) in beta.iter_mut().take(n).enumerate() {
             *b = zero(j) - b_shift;
@@ -685,10 +737,13 @@ fn vnni_product(
     let plain = w.try_as_plain_ram()?;
     let packed = if weight.datum_type == i8::datum_type() {
         let ws = plain.as_slice::<i8>()?;
-        PackedWeight::pack(k, n, true, k_axis == 0, |x| ws[x], zero)
+        // SAFETY: `i8` and `u8` have the same size and alignment, and every bit pattern is
+        // valid for both.
+        let bytes = unsafe { std::slice::from_raw_parts(ws.as_ptr() as *const u8, ws.len()) };
+        PackedWeight::pack(k, n, true, k_axis == 0, bytes, zero)
     } else {
         let ws = plain.as_slice::<u8>()?;
-        PackedWeight::pack(k, n, false, k_axis == 0, |x| (ws[x] ^ 0x80) as i8, zero)
+        PackedWeight::pack(k, n, false, k_axis == 0, ws, zero)
     };
     Ok(Some((
         VnniMatMul {
@@ -890,6 +945,9 @@ pub(crate) mod tests {
             (17, 3, 70),
             (64, 512, 200),
             (300, 2048, 32),
+            // Over 1 MiB packed: packed in runs of panels, one per core.
+            (2, 1024, 1100),
+            (3, 1024, 1100),
         ] {
             for act_signed in [false, true] {
                 for w_signed in [false, true] {
@@ -909,18 +967,20 @@ pub(crate) mod tests {
                             .map(|_| range(&mut seed, w_signed))
                             .collect();
                         let za = range(&mut seed, act_signed);
-                        let b_shift = if w_signed { 0 } else { 128 };
                         // Both memory layouts: [k, n] as is, [n, k] transposed.
                         let k_major = (m + k) % 2 == 0;
-                        let value = |x: usize| {
-                            let (i, j) = if k_major {
-                                (x / n, x % n)
-                            } else {
-                                (x % k, x / k)
-                            };
-                            (w[i * n + j] - b_shift) as i8
-                        };
-                        let packed = PackedWeight::pack(k, n, w_signed, k_major, value, |j| {
+                        let bytes: Vec<u8> = (0..k * n)
+                            .map(|x| {
+                                let (i, j) = if k_major {
+                                    (x / n, x % n)
+                                } else {
+                                    (x % k, x / k)
+                                };
+                                // The stored byte: two's complement for i8, as is for u8.
+                                w[i * n + j] as u8
+                            })
+                            .collect();
+                        let packed = PackedWeight::pack(k, n, w_signed, k_major, &bytes, |j| {
                             zbs[if per_col { j } else { 0 }]
                         });
                         let a_tensor = if act_signed {

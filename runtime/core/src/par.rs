@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::thread;
 
-fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -55,6 +55,20 @@ pub(crate) fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> 
         .collect()
 }
 
+/// `f` on each of `items`, one thread per item (the first on this one): for work already cut
+/// into one part per core. A panic in any is resumed here.
+pub(crate) fn each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {
+    let mut items = items.into_iter();
+    let Some(first) = items.next() else { return };
+    let f = &f;
+    thread::scope(|s| {
+        for item in items {
+            s.spawn(move || f(item));
+        }
+        f(first);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -63,6 +77,15 @@ mod tests {
         let squares = super::map(&items, |x| x * x);
         assert_eq!(squares, items.iter().map(|x| x * x).collect::<Vec<_>>());
         assert_eq!(super::join(|| 1, || "b"), (1, "b"));
+    }
+
+    #[test]
+    fn each_runs_every_part() {
+        let mut data = vec![0u32; 100];
+        super::each(data.chunks_mut(30).enumerate().collect(), |(i, part)| {
+            part.fill(i as u32 + 1)
+        });
+        assert_eq!((data[0], data[29], data[30], data[99]), (1, 1, 2, 4));
     }
 
     #[test]
