@@ -454,7 +454,7 @@ impl Slot {
         let mut reader = Checksummed::new(std::io::BufReader::with_capacity(1 << 20, file));
         // tract's NNEF reader is not written for hostile input: a corrupt archive may panic.
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let proto = nnef().proto_model_for_read(&mut reader)?;
+            let proto = read_proto(&mut reader)?;
             std::io::copy(&mut reader, &mut std::io::sink())?;
             let crc = reader.crc.clone().finalize();
             ensure!(
@@ -545,6 +545,66 @@ impl Slot {
         remove_orphans(dir);
         result
     }
+}
+
+/// The parts of an archive [`Slot::write`] wrote (tract's `proto_model_for_read`, with
+/// the text parsed on a second core while the tensors are read: together they are most of
+/// a cached load's reading time). tract writes the graph's text first.
+fn read_proto(reader: &mut impl std::io::Read) -> TractResult<tract_nnef::ast::ProtoModel> {
+    use std::io::Read;
+    use tract_nnef::resource::{GRAPH_NNEF_FILENAME, GRAPH_QUANT_FILENAME};
+    let mut archive = tar::Archive::new(reader);
+    let mut entries = archive.entries()?;
+    let mut text = String::new();
+    {
+        let mut first = entries.next().context("empty archive")??;
+        let path = first.path()?.into_owned();
+        ensure!(
+            path == Path::new(GRAPH_NNEF_FILENAME),
+            "{} first, not {GRAPH_NNEF_FILENAME}",
+            path.display()
+        );
+        first.read_to_string(&mut text)?;
+    }
+    let (doc, parts) = crate::par::join(
+        || {
+            // The framework too: its registries parse tract's NNEF library.
+            nnef();
+            crate::nnef_text::parse_document(&text)
+        },
+        || -> TractResult<_> {
+            let mut tensors = HashMap::new();
+            let mut quantization = None;
+            for entry in entries {
+                let mut entry = entry?;
+                if entry.header().entry_type().is_dir() {
+                    continue;
+                }
+                let path = entry.path()?.into_owned();
+                if path.extension().is_some_and(|e| e == "dat") {
+                    let id = tract_nnef::resource::resource_path_to_id(&path)?;
+                    let tensor = tract_nnef::tensors::read_tensor(&mut entry)
+                        .with_context(|| format!("tensor {}", path.display()))?;
+                    tensors.insert(Identifier::from(&*id), Arc::new(tensor));
+                } else if path == Path::new(GRAPH_QUANT_FILENAME) {
+                    let mut text = String::new();
+                    entry.read_to_string(&mut text)?;
+                    let quant = tract_nnef::ast::quant::parse_quantization(&text)?;
+                    quantization = Some(quant.into_iter().collect());
+                } else {
+                    bail!("unexpected entry {}", path.display());
+                }
+            }
+            Ok((tensors, quantization))
+        },
+    );
+    let (tensors, quantization) = parts?;
+    Ok(tract_nnef::ast::ProtoModel {
+        doc: doc?,
+        tensors,
+        quantization,
+        resources: HashMap::new(),
+    })
 }
 
 /// A reader or writer that keeps the CRC-32 of the bytes through it.

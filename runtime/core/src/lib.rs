@@ -27,6 +27,7 @@ pub mod import;
 pub mod int8mm;
 pub mod manifest;
 pub mod nbits;
+pub mod nnef_text;
 pub mod npy;
 pub mod onnx;
 pub mod package;

@@ -108,6 +108,28 @@ fn fixtures_read_from_the_cache_run_as_from_onnx() {
                 "{name}: outputs differ from the ONNX load"
             );
         }
+        graph_texts_read_as_tract_reads_them(dir.path());
+    }
+}
+
+/// edgevlm's reader of the archives' NNEF text keeps to its fast subset on every fixture's
+/// text and gives tract's parser's document.
+fn graph_texts_read_as_tract_reads_them(dir: &Path) {
+    use std::io::Read;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().ends_with(".nnef.tar") {
+            continue;
+        }
+        let mut archive = tar::Archive::new(std::fs::File::open(&path).unwrap());
+        let mut first = archive.entries().unwrap().next().unwrap().unwrap();
+        assert_eq!(first.path().unwrap().to_str(), Some("graph.nnef"));
+        let mut text = String::new();
+        first.read_to_string(&mut text).unwrap();
+        let tract = tract_nnef::ast::parse::parse_document(&text).unwrap();
+        let ours = edgevlm_runtime::nnef_text::parse_subset(&text);
+        assert!(ours.is_some(), "{}: left to tract's parser", path.display());
+        assert!(ours == Some(tract), "{}: another document", path.display());
     }
 }
 
