@@ -424,7 +424,7 @@ fn from_cache(
         "declutter cached",
         redeclutter.elapsed().as_secs_f64() * 1e3,
     ));
-    let mut built = finish(decluttered, options).map_err(|(stage, e)| broken(stage, e))?;
+    let mut built = finish(decluttered, true, options).map_err(|(stage, e)| broken(stage, e))?;
     stages.append(&mut built.stages);
     built.stages = stages;
     built.notes.push(format!(
@@ -456,7 +456,7 @@ fn from_onnx(
     let attempt = |onnx: &tract_onnx::Onnx, proto: HeldProto| {
         let front = declutter(onnx, proto, dir, fixed, options)?;
         let kept = keep.then(|| front.model.clone());
-        let back = finish(front.model, options)?;
+        let back = finish(front.model, false, options)?;
         Ok::<_, StageError>((kept, front.notes, front.stages, back))
     };
     let (proto, proto_notes) = read_proto(&onnx, path, options)?;
@@ -716,14 +716,19 @@ fn declutter(
 
 /// The decluttered model's prefill plans and optimization: what every load runs, from the
 /// ONNX file or from the cache.
-fn finish(typed: TypedModel, options: &LoadOptions) -> Result<Built, StageError> {
+fn finish(
+    typed: TypedModel,
+    decluttered: bool,
+    options: &LoadOptions,
+) -> Result<Built, StageError> {
     let mut typed = typed;
+    let mut decluttered = decluttered;
     let mut notes = vec![];
     let mut stages = Stages::start();
     if options.prefill_plans {
         let compile = |single: TypedModel| {
             let (mut notes, mut stages) = (vec![], Stages::start());
-            optimize(single, options, &mut notes, &mut stages)
+            optimize(single, false, options, &mut notes, &mut stages)
                 .map_err(|(_, e)| e)?
                 .into_runnable_with_options(&run_options(options))
         };
@@ -735,6 +740,7 @@ fn finish(typed: TypedModel, options: &LoadOptions) -> Result<Built, StageError>
         )
         .map_err(|e| ("compiling prefill plans", e))?;
         if switched > 0 {
+            decluttered = false;
             notes.push(format!(
                 "prefill-plans: {switched} 4-bit product(s) with a run-time row count also \
                  get a plan on f32 kernels, taken from {BLOCK_QUANT_MIN_ROWS} rows (their \
@@ -744,7 +750,7 @@ fn finish(typed: TypedModel, options: &LoadOptions) -> Result<Built, StageError>
         }
         stages.mark("prefill plans");
     }
-    let typed = optimize(typed, options, &mut notes, &mut stages)?;
+    let typed = optimize(typed, decluttered, options, &mut notes, &mut stages)?;
     Ok(Built {
         model: typed,
         notes,
@@ -762,15 +768,20 @@ fn run_options(options: &LoadOptions) -> RunOptions {
 }
 
 /// tract's optimization, then the rewrites that need an optimized model; what they changed
-/// goes to `notes`.
+/// goes to `notes`. `decluttered`: `typed` is what tract's declutter left, unchanged since,
+/// so a declutter would change nothing (each costs a pass of symbolic shape algebra over
+/// every node: ~20 ms of a 30M-parameter decoder's load).
 fn optimize(
     typed: TypedModel,
+    decluttered: bool,
     options: &LoadOptions,
     notes: &mut Vec<String>,
     stages: &mut Stages,
 ) -> Result<TypedModel, StageError> {
     let mut typed = typed;
-    typed.declutter().map_err(|e| ("optimizing", e))?;
+    if !decluttered {
+        typed.declutter().map_err(|e| ("optimizing", e))?;
+    }
     if options.avx512_kernels {
         let fused =
             crate::attention::fuse_attention(&mut typed).map_err(|e| ("fusing attention", e))?;
