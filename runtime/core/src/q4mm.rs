@@ -307,22 +307,35 @@ impl F32Panels {
         if w.len() != k * n || k == 0 || n == 0 {
             return None;
         }
-        let mut panels = vec![0f32; n.div_ceil(NR) * k * NR];
-        for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
-            let (j0, cols) = (p * NR, NR.min(n - p * NR));
-            if k_major {
-                // Each panel row is a run of the weight's row.
-                for (row, src) in panel.chunks_exact_mut(NR).zip(w.chunks_exact(n)) {
-                    row[..cols].copy_from_slice(&src[j0..j0 + cols]);
-                }
-            } else {
-                for (jj, src) in w[j0 * k..(j0 + cols) * k].chunks_exact(k).enumerate() {
-                    for (dst, &v) in panel[jj..].iter_mut().step_by(NR).zip(src) {
-                        *dst = v;
+        let panels_n = n.div_ceil(NR);
+        let mut panels = vec![0f32; panels_n * k * NR];
+        // A large weight in runs of panels packed side by side, one per core (packing is
+        // most of a cold start's optimize stage, page faults included).
+        let parts = if panels.len() * 4 >= 1 << 20 {
+            crate::par::cores().min(panels_n)
+        } else {
+            1
+        };
+        let per_part = panels_n.div_ceil(parts);
+        let runs = panels.chunks_mut(per_part * k * NR).enumerate().collect();
+        crate::par::each(runs, |(run, panels): (usize, &mut [f32])| {
+            for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
+                let p = run * per_part + p;
+                let (j0, cols) = (p * NR, NR.min(n - p * NR));
+                if k_major {
+                    // Each panel row is a run of the weight's row.
+                    for (row, src) in panel.chunks_exact_mut(NR).zip(w.chunks_exact(n)) {
+                        row[..cols].copy_from_slice(&src[j0..j0 + cols]);
+                    }
+                } else {
+                    for (jj, src) in w[j0 * k..(j0 + cols) * k].chunks_exact(k).enumerate() {
+                        for (dst, &v) in panel[jj..].iter_mut().step_by(NR).zip(src) {
+                            *dst = v;
+                        }
                     }
                 }
             }
-        }
+        });
         Some(F32Panels { n, k, panels })
     }
 }
@@ -882,6 +895,8 @@ mod tests {
             (3, 64, 32),
             (17, 40, 70),
             (10, 600, 45),
+            // Over 1 MiB packed: packed in runs of panels, one per core.
+            (2, 600, 450),
         ] {
             let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
