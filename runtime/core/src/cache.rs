@@ -462,7 +462,7 @@ impl Slot {
                 "checksum {crc:08x}, {:08x} written",
                 meta.archive_crc32
             );
-            let mut model = nnef().model_for_proto_model(&proto)?;
+            let mut model = nnef_reader().model_for_proto_model(&proto)?;
             restore_names(&mut model, &meta)?;
             Ok::<_, TractError>(model)
         }));
@@ -568,8 +568,8 @@ fn read_proto(reader: &mut impl std::io::Read) -> TractResult<tract_nnef::ast::P
     }
     let (doc, parts) = crate::par::join(
         || {
-            // The framework too: its registries parse tract's NNEF library.
-            nnef();
+            // The framework too: its `tract_nnef` registry parses tract's NNEF library.
+            nnef_reader();
             crate::nnef_text::parse_document(&text)
         },
         || -> TractResult<_> {
@@ -646,12 +646,32 @@ impl<W: Write> Write for Checksummed<W> {
 /// tract-transformers' and edgevlm's (see the module docs).
 pub fn nnef() -> &'static tract_nnef::framework::Nnef {
     static NNEF: OnceLock<tract_nnef::framework::Nnef> = OnceLock::new();
+    NNEF.get_or_init(|| framework(tract_nnef::nnef()))
+}
+
+/// [`nnef`] for reading only: without tract's library of NNEF fragment definitions
+/// (`Nnef::stdlib`), which only its writer looks up. `Nnef::default` parses that library
+/// once for itself and once more for the `tract_nnef` registry, ~5-8 ms each with tract's
+/// parser, on the path of every cached cold start. The same registries, in the same order.
+fn nnef_reader() -> &'static tract_nnef::framework::Nnef {
+    static NNEF: OnceLock<tract_nnef::framework::Nnef> = OnceLock::new();
     NNEF.get_or_init(|| {
-        let mut nnef = tract_nnef::nnef().with_onnx().with_tract_transformers();
-        // First, so its dumpers for tract ops (products, slices) win over tract's.
-        nnef.registries.insert(0, registry());
-        nnef
+        framework(tract_nnef::framework::Nnef {
+            stdlib: vec![],
+            registries: vec![tract_nnef::ops::tract_nnef(), tract_nnef::ops::tract_core()],
+            // Archives are read by `read_proto`, not through resource loaders.
+            resource_loaders: vec![],
+            allow_extended_identifier_syntax: false,
+            extern_all_constants: false,
+        })
     })
+}
+
+fn framework(base: tract_nnef::framework::Nnef) -> tract_nnef::framework::Nnef {
+    let mut nnef = base.with_onnx().with_tract_transformers();
+    // First, so its dumpers for tract ops (products, slices) win over tract's.
+    nnef.registries.insert(0, registry());
+    nnef
 }
 
 fn registry() -> Registry {
