@@ -113,9 +113,11 @@ impl PackedWeight {
         } else {
             1
         };
-        let per_part = panels_n.div_ceil(parts.max(1));
+        // At least one panel per run and one byte per chunk: an empty weight (`k` or `n`
+        // zero) has no panels, so no runs.
+        let per_part = panels_n.div_ceil(parts.max(1)).max(1);
         let runs = panels
-            .chunks_mut(per_part * panel_bytes)
+            .chunks_mut((per_part * panel_bytes).max(1))
             .zip(colsum.chunks_mut(per_part * NR))
             .enumerate()
             .collect();
@@ -901,6 +903,15 @@ pub(crate) mod tests {
     }
 
     /// Which einsum axis layouts the kernel takes, and how their axes map onto it.
+    #[test]
+    fn empty_weights_pack_to_nothing() {
+        for (k, n) in [(8, 0), (0, 5), (0, 0)] {
+            let packed = PackedWeight::pack(k, n, true, true, &[], |_| 0);
+            assert_eq!((packed.k(), packed.n()), (k, n));
+            assert!(packed.panels.is_empty());
+        }
+    }
+
     #[test]
     fn product_layouts() {
         let layout = |a: &str, b: &str, out: &str| product_layout(a, b, &[out.to_string()]);
