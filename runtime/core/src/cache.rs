@@ -697,39 +697,13 @@ fn registry() -> Registry {
     );
     // tract's registries check binary ops by their mini op; ours comes first, so these
     // names win when writing, and as primitives they read back without tract's casts.
-    {
-        use tract_onnx::tract_core::ops::math;
-        let binary = [
-            TypeName::Scalar.tensor().named("a"),
-            TypeName::Scalar.tensor().named("b"),
-        ];
-        let ops: [(&str, &dyn BinMiniOp, ToTract); 7] = [
-            ("edgevlm_add", &math::Add, |b, i| {
-                wire_binary(b, i, Box::new(math::Add))
-            }),
-            ("edgevlm_sub", &math::Sub, |b, i| {
-                wire_binary(b, i, Box::new(math::Sub))
-            }),
-            ("edgevlm_mul", &math::Mul, |b, i| {
-                wire_binary(b, i, Box::new(math::Mul))
-            }),
-            ("edgevlm_div", &math::Div, |b, i| {
-                wire_binary(b, i, Box::new(math::Div))
-            }),
-            ("edgevlm_max", &math::Max, |b, i| {
-                wire_binary(b, i, Box::new(math::Max))
-            }),
-            ("edgevlm_min", &math::Min, |b, i| {
-                wire_binary(b, i, Box::new(math::Min))
-            }),
-            ("edgevlm_pow", &math::Pow, |b, i| {
-                wire_binary(b, i, Box::new(math::Pow))
-            }),
-        ];
-        for (id, op, load) in ops {
-            r.register_binary(id, op);
-            r.register_primitive(id, &binary, &output, load);
-        }
+    let binary = [
+        TypeName::Scalar.tensor().named("a"),
+        TypeName::Scalar.tensor().named("b"),
+    ];
+    for (id, op) in BINARIES {
+        r.register_binary(id, &*op());
+        r.register_primitive(id, &binary, &output, load_binary);
     }
     r.register_dumper(dump_slice);
     r.register_primitive(
@@ -901,13 +875,32 @@ fn load_einsum(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Valu
 /// An arithmetic binary op between operands that already have its type and rank: tract's
 /// NNEF reader casts both operands of every `add` / `mul` to a common type (a cast node each,
 /// ~190 in a 4-layer int8 decoder, that the declutter after reading removes again).
-fn wire_binary(
-    b: &mut ModelBuilder,
-    i: &ResolvedInvocation,
-    op: Box<dyn BinMiniOp>,
-) -> TractResult<Value> {
+/// Makes one binary mini op.
+type MakeBinary = fn() -> Box<dyn BinMiniOp>;
+
+/// The binary ops written as themselves (`edgevlm_add(a, b)`), by NNEF name.
+const BINARIES: [(&str, MakeBinary); 7] = {
+    use tract_onnx::tract_core::ops::math;
+    [
+        ("edgevlm_add", || Box::new(math::Add)),
+        ("edgevlm_sub", || Box::new(math::Sub)),
+        ("edgevlm_mul", || Box::new(math::Mul)),
+        ("edgevlm_div", || Box::new(math::Div)),
+        ("edgevlm_max", || Box::new(math::Max)),
+        ("edgevlm_min", || Box::new(math::Min)),
+        ("edgevlm_pow", || Box::new(math::Pow)),
+    ]
+};
+
+/// Reads one of [`BINARIES`] back as the binary op it was, without casts.
+fn load_binary(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
+    let name = &i.invocation.id.0;
+    let (_, op) = BINARIES
+        .iter()
+        .find(|(id, _)| id == name)
+        .with_context(|| format!("{name}: not an edgevlm binary op"))?;
     let (x, y): (OutletId, OutletId) = (i.named_arg_as(b, "a")?, i.named_arg_as(b, "b")?);
-    b.wire(TypedBinOp(op, None), &[x, y])
+    b.wire(TypedBinOp(op(), None), &[x, y])
 }
 
 /// A slice as it is: tract's NNEF `slice` reads back as a clamping subgraph and a `DynSlice`

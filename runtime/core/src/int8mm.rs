@@ -108,14 +108,8 @@ impl PackedWeight {
         // A large weight is split into runs of panels packed side by side, one per core:
         // packing is most of a cold start's optimize stage (page faults included).
         let panel_bytes = k4 * NR * 4;
-        let parts = if panels.len() >= 1 << 20 {
-            crate::par::cores().min(panels_n)
-        } else {
-            1
-        };
-        // At least one panel per run and one byte per chunk: an empty weight (`k` or `n`
-        // zero) has no panels, so no runs.
-        let per_part = panels_n.div_ceil(parts.max(1)).max(1);
+        // An empty weight (`k` or `n` zero) has no panels, so no runs.
+        let per_part = crate::par::units_per_run(panels_n, panels.len());
         let runs = panels
             .chunks_mut((per_part * panel_bytes).max(1))
             .zip(colsum.chunks_mut(per_part * NR))

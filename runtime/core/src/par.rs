@@ -55,6 +55,18 @@ pub(crate) fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> 
         .collect()
 }
 
+/// How many of `units` (`bytes` in all) each core takes when work on them is split into one
+/// run per core ([`each`]): all of them below 1 MiB, where a thread costs more than it
+/// saves; at least 1, so that chunking by it never takes zero-sized steps.
+pub(crate) fn units_per_run(units: usize, bytes: usize) -> usize {
+    let runs = if bytes >= 1 << 20 {
+        cores().min(units)
+    } else {
+        1
+    };
+    units.div_ceil(runs.max(1)).max(1)
+}
+
 /// `f` on each of `items`, one thread per item (the first on this one): for work already cut
 /// into one part per core. A panic in any is resumed here.
 pub(crate) fn each<T: Send>(items: Vec<T>, f: impl Fn(T) + Sync) {

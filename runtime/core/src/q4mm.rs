@@ -311,12 +311,7 @@ impl F32Panels {
         let mut panels = vec![0f32; panels_n * k * NR];
         // A large weight in runs of panels packed side by side, one per core (packing is
         // most of a cold start's optimize stage, page faults included).
-        let parts = if panels.len() * 4 >= 1 << 20 {
-            crate::par::cores().min(panels_n)
-        } else {
-            1
-        };
-        let per_part = panels_n.div_ceil(parts);
+        let per_part = crate::par::units_per_run(panels_n, panels.len() * 4);
         let runs = panels.chunks_mut(per_part * k * NR).enumerate().collect();
         crate::par::each(runs, |(run, panels): (usize, &mut [f32])| {
             for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
