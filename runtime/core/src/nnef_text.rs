@@ -110,10 +110,10 @@ impl<'a> Reader<'a> {
         self.expect("graph")?;
         let id = self.identifier()?;
         self.expect("(")?;
-        let parameters = self.identifiers(")")?;
+        let parameters = self.list(")", Self::identifier)?;
         self.expect("->")?;
         self.expect("(")?;
-        let results = self.identifiers(")")?;
+        let results = self.list(")", Self::identifier)?;
         self.expect("{")?;
         let mut body = vec![];
         while !self.eat("}") {
@@ -166,17 +166,16 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Identifiers separated by commas up to `close` (consumed).
-    fn identifiers(&mut self, close: &str) -> Option<Vec<Identifier>> {
-        let mut ids = vec![];
+    /// Items separated by commas up to `close` (consumed); none is an empty list.
+    fn list<T>(&mut self, close: &str, item: fn(&mut Self) -> Option<T>) -> Option<Vec<T>> {
+        let mut items = vec![];
         if self.eat(close) {
-            return Some(ids);
+            return Some(items);
         }
         loop {
-            ids.push(self.identifier()?);
-            self.skip();
+            items.push(item(self)?);
             if self.eat(close) {
-                return Some(ids);
+                return Some(items);
             }
             self.expect(",")?;
         }
@@ -290,16 +289,7 @@ impl<'a> Reader<'a> {
         self.skip();
         for (open, close, array) in [("[", "]", true), ("(", ")", false)] {
             if self.eat(open) {
-                let mut items = vec![];
-                if !self.eat(close) {
-                    loop {
-                        items.push(self.lvalue()?);
-                        if self.eat(close) {
-                            break;
-                        }
-                        self.expect(",")?;
-                    }
-                }
+                let items = self.list(close, Self::lvalue)?;
                 return Some(if array {
                     LValue::Array(items)
                 } else {
@@ -368,16 +358,7 @@ impl<'a> Reader<'a> {
             {
                 return None;
             }
-            let mut items = vec![];
-            if !self.eat(close) {
-                loop {
-                    items.push(self.rvalue()?);
-                    if self.eat(close) {
-                        break;
-                    }
-                    self.expect(",")?;
-                }
-            }
+            let mut items = self.list(close, Self::rvalue)?;
             return Some(if b == b'[' {
                 RValue::Array(items)
             } else if items.len() == 1 {
@@ -439,16 +420,7 @@ impl<'a> Reader<'a> {
 
     /// The arguments after `id(`, to the closing parenthesis.
     fn invocation(&mut self, id: Identifier, generic: Option<TypeName>) -> Option<RValue> {
-        let mut arguments = vec![];
-        if !self.eat(")") {
-            loop {
-                arguments.push(self.argument()?);
-                if self.eat(")") {
-                    break;
-                }
-                self.expect(",")?;
-            }
-        }
+        let arguments = self.list(")", Self::argument)?;
         Some(RValue::Invocation(Invocation {
             id,
             generic_type_name: generic,
