@@ -35,8 +35,6 @@ const MR: usize = 8;
 /// Packed weight bytes a row block walks before the next one starts: the panels stay in L2
 /// while every row block of the activation passes over them.
 const PANEL_GROUP_BYTES: usize = 256 << 10;
-/// Below this many multiply-adds a product stays on the caller's thread.
-const THREADING_MACS: usize = 1 << 22;
 
 /// Does this CPU have the instructions [`VnniMatMul`] needs (AVX-512 F, BW and VNNI)?
 pub fn available() -> bool {
@@ -239,38 +237,27 @@ impl PackedWeight {
             scales: scales.as_deref(),
             c,
         };
-        let threads = match tract_linalg::multithread::current_tract_executor() {
-            tract_linalg::multithread::Executor::MultiThread(pool)
-                if m * self.n * self.k >= THREADING_MACS =>
-            {
-                Some(pool)
-            }
-            _ => None,
+        let threads = if crate::team::worth_splitting(m * self.k * self.n, self.k * self.n) {
+            crate::team::threads()
+        } else {
+            1
         };
-        match threads {
-            Some(pool) if pool.current_num_threads() > 1 => {
-                let t = pool.current_num_threads();
-                // Columns, so each thread streams only its share of the weight (rows would
-                // have every thread read all of it), unless there are too few panels.
-                let by_rows = panels_n < 2 * t && m >= MR * 2 * t;
-                let units = if by_rows { m.div_ceil(MR) } else { panels_n };
-                let per = units.div_ceil(t);
-                pool.scope(|s| {
-                    for first in (0..units).step_by(per.max(1)) {
-                        let last = (first + per).min(units);
-                        let job = &job;
-                        s.spawn(move |_| {
-                            if by_rows {
-                                job.run(first * MR..(last * MR).min(m), 0..panels_n)
-                            } else {
-                                job.run(0..m, first..last)
-                            }
-                        });
-                    }
-                });
-            }
-            _ => job.run(0..m, 0..panels_n),
+        if threads < 2 {
+            return job.run(0..m, 0..panels_n);
         }
+        // Columns, so each thread streams only its share of the weight (rows would have
+        // every thread read all of it), unless there are too few panels.
+        let by_rows = panels_n < 2 * threads && m >= MR * 2 * threads;
+        let units = if by_rows { m.div_ceil(MR) } else { panels_n };
+        let per = units.div_ceil(threads).max(1);
+        crate::team::for_each_part(units.div_ceil(per), |part| {
+            let (first, last) = (part * per, ((part + 1) * per).min(units));
+            if by_rows {
+                job.run(first * MR..(last * MR).min(m), 0..panels_n)
+            } else {
+                job.run(0..m, first..last)
+            }
+        });
     }
 }
 
@@ -1010,7 +997,11 @@ pub(crate) mod tests {
                             scaled: false,
                         };
                         let inputs = tvec!(a_tensor.into_tvalue(), za_tensor.into_tvalue());
-                        let threads = if m * k * n >= THREADING_MACS { 2 } else { 1 };
+                        let threads = if crate::team::worth_splitting(m * k * n, k * n) {
+                            2
+                        } else {
+                            1
+                        };
                         let executor = crate::int8mm::tests::executor(threads);
                         let eval = |op: &VnniMatMul, inputs: TVec<TValue>| {
                             tract_linalg::multithread::multithread_tract_scope(

@@ -42,6 +42,8 @@ pub mod quant;
 pub mod resample;
 pub mod sampling;
 pub mod synth;
+#[allow(unsafe_code)]
+mod team;
 pub mod text;
 pub mod trace;
 pub mod upcast;

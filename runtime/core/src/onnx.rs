@@ -1,10 +1,11 @@
 //! Loading ONNX graphs through tract: operator check, load-time rewrites, optimized plans, runs.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
+use tract_linalg::multithread::Executor;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::RunOptions;
@@ -761,10 +762,27 @@ fn finish(
 /// Executor settings for plans built with `options`.
 fn run_options(options: &LoadOptions) -> RunOptions {
     RunOptions {
-        executor: (options.threads > 1)
-            .then(|| tract_linalg::multithread::Executor::multithread(options.threads)),
+        executor: shared_executor(options.threads),
         ..Default::default()
     }
+}
+
+/// The process's one tract executor for `threads` (`None` for one thread): every plan
+/// loaded for the same thread count shares its rayon pool (a package's three graphs and
+/// their prefill plans used to start one pool each), and edgevlm's kernels read the thread
+/// count from it (`team::threads`).
+fn shared_executor(threads: usize) -> Option<Executor> {
+    static POOLS: Mutex<Vec<(usize, Executor)>> = Mutex::new(Vec::new());
+    if threads < 2 {
+        return None;
+    }
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, e)) = pools.iter().find(|(t, _)| *t == threads) {
+        return Some(e.clone());
+    }
+    let executor = Executor::multithread(threads);
+    pools.push((threads, executor.clone()));
+    Some(executor)
 }
 
 /// tract's optimization, then the rewrites that need an optimized model; what they changed

@@ -27,8 +27,6 @@ const KC: usize = 256;
 /// Fewer rows than this run row by row on the packed nibbles (a decode step) instead of
 /// decoding each panel to f32 first.
 const FEW_ROWS: usize = 4;
-/// Below this many multiply-adds a product stays on the caller's thread.
-const THREADING_MACS: usize = 1 << 22;
 
 /// A `Q4_0` weight of `n` rows (output columns) by `k` (contraction), repacked: for panel `p`
 /// (32 rows) and block `b` (32 contraction values), 32 f32 scales (one per column), then for
@@ -338,6 +336,7 @@ impl F32Panels {
 impl PanelProduct for F32Panels {
     const NAME: &'static str = "EdgevlmF32MatMul";
     const SCRATCH: bool = false;
+    const WEIGHT_BITS: usize = 32;
 
     fn k(&self) -> usize {
         self.k
@@ -383,6 +382,8 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     fn n(&self) -> usize;
     /// Whether [`PanelProduct::panel`] needs a `[k, 32]` f32 scratch block (to decode into).
     const SCRATCH: bool;
+    /// Bits per weight value (scales included, roughly), for the threading decision.
+    const WEIGHT_BITS: usize;
     /// Every row of `a` (`[m, k]` at address `a`) against panel `p`, into `c` (`[m, n]` at
     /// address `c`); `matmul` has checked the CPU and the sizes.
     fn panel(&self, p: usize, m: usize, a: usize, c: usize, block: &mut [f32]);
@@ -402,26 +403,22 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                 self.panel(p, m, a, c, &mut block);
             }
         };
-        match tract_linalg::multithread::current_tract_executor() {
-            tract_linalg::multithread::Executor::MultiThread(pool)
-                if pool.current_num_threads() > 1 && m * n * k >= THREADING_MACS =>
-            {
-                let per = panels.div_ceil(pool.current_num_threads());
-                pool.scope(|s| {
-                    for first in (0..panels).step_by(per.max(1)) {
-                        let run = &run;
-                        s.spawn(move |_| run(first..(first + per).min(panels)));
-                    }
-                });
-            }
-            _ => run(0..panels),
-        }
+        let threads = if crate::team::worth_splitting(m * n * k, k * n * Self::WEIGHT_BITS / 8) {
+            crate::team::threads()
+        } else {
+            1
+        };
+        let per = panels.div_ceil(threads).max(1);
+        crate::team::for_each_part(panels.div_ceil(per), |part| {
+            run(part * per..((part + 1) * per).min(panels))
+        });
     }
 }
 
 impl PanelProduct for Q4Packed {
     const NAME: &'static str = "EdgevlmQ4MatMul";
     const SCRATCH: bool = true;
+    const WEIGHT_BITS: usize = 5;
 
     fn k(&self) -> usize {
         self.k

@@ -237,9 +237,17 @@ fn smolvlm_quantized_greedy_tokens_agree_with_onnx_runtime() {
             // size (tract folds weights under 4 MiB itself) and has its own unit test.
             let notes = g.notes().join("\n");
             assert!(notes.contains("gelu: 2 "), "{notes}");
-            // The vision encoder's attention runs fused where the CPU has AVX-512.
+            // The vision encoder's attention and the decoder's grouped-query attention run
+            // fused where the CPU has AVX-512.
             if edgevlm_runtime::int8mm::available() {
-                assert!(notes.contains("attention: 2 "), "{notes}");
+                for graph in ["vision_encoder", "decoder_model_merged"] {
+                    assert!(
+                        g.notes()
+                            .iter()
+                            .any(|n| n.contains(graph) && n.contains(": attention: 2 ")),
+                        "{graph}: {notes}"
+                    );
+                }
             }
             // The vision encoder's 4-bit products (16 patch rows) run on edgevlm's AVX-512
             // kernel, or else on expanded weights; the decoder's (symbolic rows) run on that
