@@ -850,6 +850,7 @@ fn optimize(
              (tract {TRACT_VERSION} would loop over them around matrix-vector products)"
         ));
     }
+    stages.mark("edgevlm kernels");
     typed.optimize().map_err(|e| ("optimizing", e))?;
     stages.mark("optimize");
     let (pairs, quants, dequants) =
