@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub store: PathBuf,
     /// Board profile name for the hello (`sim`, `rpi5`).
     pub board: String,
+    /// The load cache benchmarks load through (see [`bench::run`]); `None`: from the ONNX
+    /// files every time.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Severity of a log line: its syslog priority, which journald turns into the entry's level.
@@ -89,6 +92,7 @@ pub struct ServeStats {
 pub struct Server {
     store: ModelStore,
     board: String,
+    cache_dir: Option<PathBuf>,
     traces: Mutex<VecDeque<RunTrace>>,
     next_run: AtomicU32,
     log: Box<LogFn>,
@@ -106,10 +110,16 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Opens (creating if needed) the model store and makes a server for it.
     pub fn new(config: ServerConfig) -> Result<Server, store::Error> {
-        Ok(Server::with_store(
-            ModelStore::open(config.store)?,
-            &config.board,
-        ))
+        Ok(
+            Server::with_store(ModelStore::open(config.store)?, &config.board)
+                .with_cache_dir(config.cache_dir),
+        )
+    }
+
+    /// Benchmarks load through the load cache in `dir` (see [`bench::run`]).
+    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Server {
+        self.cache_dir = dir;
+        self
     }
 
     /// A server over an already opened store (tests inject a free-space probe this way).
@@ -123,6 +133,7 @@ impl Server {
         Server {
             store,
             board: board.to_owned(),
+            cache_dir: None,
             traces: Mutex::new(VecDeque::new()),
             next_run: AtomicU32::new(seed),
             log: Box::new(|_, _| {}),
@@ -582,12 +593,19 @@ impl Server {
             " run={} model={} version={}",
             run.0, spec.model.name, spec.model.version
         );
-        let outcome = bench::run(&self.store, spec, run, cancel, |batch| {
-            link.send(&AgentMessage::Event {
-                id,
-                event: Event::Trace(batch.clone()),
-            });
-        });
+        let outcome = bench::run(
+            &self.store,
+            spec,
+            run,
+            self.cache_dir.as_deref(),
+            cancel,
+            |batch| {
+                link.send(&AgentMessage::Event {
+                    id,
+                    event: Event::Trace(batch.clone()),
+                });
+            },
+        );
         if outcome.trace.batches() > 0 || outcome.result.is_ok() {
             let mut traces = self.traces.lock().unwrap();
             if traces.len() == KEPT_RUNS {
@@ -598,9 +616,14 @@ impl Server {
         let summary = outcome.result?;
         let _ = write!(
             detail,
-            " iterations={} load_us={} p50_us={} p99_us={} peak_rss_kib={} dropped={}",
+            " iterations={} load_us={} load={} p50_us={} p99_us={} peak_rss_kib={} dropped={}",
             summary.iterations,
             summary.load_us,
+            match outcome.cached_load {
+                Some(true) => "cache",
+                Some(false) => "onnx-uncached",
+                None => "onnx",
+            },
             summary.latency.p50_us,
             summary.latency.p99_us,
             summary.peak_rss_kib,

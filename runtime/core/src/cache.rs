@@ -320,6 +320,16 @@ fn restore_names(model: &mut TypedModel, meta: &Meta) -> TractResult<()> {
     Ok(())
 }
 
+/// The words of the load note that says a load wrote its graph's cache entry.
+pub const WRITTEN_NOTE: &str = "decluttered model written to";
+/// The words of the load note that says a load came from its graph's cache entry.
+pub const READ_NOTE: &str = "decluttered model read from";
+
+/// Did the load whose notes these are write a cache entry?
+pub fn wrote_entry(notes: &[String]) -> bool {
+    notes.iter().any(|n| n.contains(WRITTEN_NOTE))
+}
+
 /// Why a slot was not used.
 #[derive(Debug)]
 pub(crate) enum Miss {

@@ -250,7 +250,8 @@ impl OnnxModel {
                     let writing = Instant::now();
                     notes.push(match slot.write(decluttered, &skipped) {
                         Ok(bytes) => format!(
-                            "cache: {miss}; decluttered model written to {} ({:.1} MiB)",
+                            "cache: {miss}; {} {} ({:.1} MiB)",
+                            crate::cache::WRITTEN_NOTE,
                             slot.archive().display(),
                             bytes as f64 / (1 << 20) as f64
                         ),
@@ -429,7 +430,8 @@ fn from_cache(
     stages.append(&mut built.stages);
     built.stages = stages;
     built.notes.push(format!(
-        "cache: decluttered model read from {}",
+        "cache: {} {}",
+        crate::cache::READ_NOTE,
         slot.archive().display()
     ));
     Ok(built)

@@ -44,12 +44,15 @@ pub(crate) fn threads() -> usize {
 }
 
 /// `f(i)` for every `i` in `0..parts`, each once, on this thread and up to `threads() - 1`
-/// workers, parts taken in order by whichever thread is free. Returns when all are done; a
-/// panic in any part is resumed here. Runs everything here when one thread is asked for, or
-/// when the team is busy with another split (a split inside a split, or a second plan
-/// running on another thread at the same time).
+/// workers (no more threads than cores: a spinning worker on a core another one needs would
+/// hold up the split it waits for), parts taken in order by whichever thread is free.
+/// Returns when all are done; a panic in any part is resumed here. Runs everything here
+/// when one thread is asked for, or when the team is busy with another split (a split
+/// inside a split, or a second plan running on another thread at the same time).
 pub(crate) fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
-    let helpers = threads().min(parts).saturating_sub(1);
+    static CORES: OnceLock<usize> = OnceLock::new();
+    let cores = *CORES.get_or_init(crate::par::cores);
+    let helpers = threads().min(cores).min(parts).saturating_sub(1);
     if helpers == 0 {
         return (0..parts).for_each(f);
     }

@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -70,12 +71,24 @@ fn connect_with(
     Result<Client, ClientError>,
     JoinHandle<io::Result<ServeStats>>,
 ) {
-    let (host, agent) = UnixStream::pair().unwrap();
     let server = Server::new(ServerConfig {
         store: store.to_owned(),
         board: "sim".into(),
+        cache_dir: None,
     })
     .unwrap();
+    connect_server(server, wrap)
+}
+
+/// One link to `server`, served on its own thread.
+fn connect_server(
+    server: Server,
+    wrap: impl FnOnce(UnixStream) -> Box<dyn Write + Send>,
+) -> (
+    Result<Client, ClientError>,
+    JoinHandle<io::Result<ServeStats>>,
+) {
+    let (host, agent) = UnixStream::pair().unwrap();
     let served = std::thread::spawn(move || server.serve(agent.try_clone().unwrap(), agent));
     let writer = wrap(host.try_clone().unwrap());
     let reader = host.try_clone().unwrap();
@@ -574,6 +587,78 @@ fn bench_produces_a_full_record() {
     close(client, served);
 }
 
+/// With a load cache, a benchmark's timed load comes from it, as the station's next start
+/// does: the first benchmark writes the entry (untimed) and loads again from it, the next one
+/// reads it without writing; the agent's log line says where the load came from.
+#[test]
+fn benchmarks_load_through_the_load_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = lines.clone();
+    let server = Server::new(ServerConfig {
+        store: tmp.path().join("store"),
+        board: "sim".into(),
+        cache_dir: Some(cache.clone()),
+    })
+    .unwrap()
+    .with_log(move |_, line| log.lock().unwrap().push(line.to_owned()));
+    let (client, served) = connect_server(server, |s| Box::new(s));
+    let mut client = client.unwrap();
+    let package = LocalPackage::scan(&demo()).unwrap();
+    client
+        .push(&package, &PushOptions::default(), |_| {})
+        .unwrap();
+    let spec = BenchSpec {
+        model: package.model_ref(),
+        warmup: 1,
+        iterations: 2,
+        min_duration_ms: 0,
+        threads: 1,
+        input: BenchInput::Synthetic { seed: 0 },
+        prompt: Default::default(),
+        max_new_tokens: 0,
+        trace: proto::TraceOptions::NONE,
+    };
+    let entries = || -> Vec<(PathBuf, std::time::SystemTime)> {
+        let mut found: Vec<_> = std::fs::read_dir(&cache)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        found.retain(|p: &PathBuf| p.to_string_lossy().ends_with(".nnef.tar"));
+        found.sort();
+        found
+            .into_iter()
+            .map(|p| {
+                let modified = std::fs::metadata(&p).unwrap().modified().unwrap();
+                (p, modified)
+            })
+            .collect()
+    };
+    let bench_lines = |lines: &Mutex<Vec<String>>| -> Vec<String> {
+        let lines = lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| l.contains("load_us="))
+            .cloned()
+            .collect()
+    };
+    assert!(entries().is_empty());
+    let first = client.bench(&spec, |_| {}).unwrap();
+    assert!(first.summary.load_us > 0);
+    let written = entries();
+    assert_eq!(written.len(), 1, "{written:?}");
+    let second = client.bench(&spec, |_| {}).unwrap();
+    assert!(second.summary.load_us > 0);
+    assert_eq!(entries(), written, "the second benchmark rewrote the cache");
+    let logged = bench_lines(&lines);
+    assert_eq!(logged.len(), 2, "{logged:?}");
+    assert!(
+        logged.iter().all(|l| l.contains(" load=cache ")),
+        "{logged:?}"
+    );
+    close(client, served);
+}
+
 #[test]
 fn a_running_benchmark_can_be_cancelled() {
     let tmp = tempfile::tempdir().unwrap();
@@ -750,6 +835,7 @@ fn push_and_bench_over_a_serial_line() {
     let server = Server::new(ServerConfig {
         store: tmp.path().join("store"),
         board: "uart-board".into(),
+        cache_dir: Some(tmp.path().join("cache")),
     })
     .unwrap();
     let master = std::fs::File::from(master);

@@ -53,6 +53,19 @@ pub struct Cmd {
     /// Board profile name the server reports to the host (`rpi5`, `sim`) [default: unknown].
     #[arg(long, value_name = "NAME", requires = "link")]
     board: Option<String>,
+    /// The load cache benchmarks load through, as the station does: a benchmark's timed load
+    /// reads the package's graphs from it (a first, untimed load writes it) [default: `cache`
+    /// beside the store, /var/lib/edgevlm/cache for the default store, the station's default]
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "link",
+        conflicts_with = "no_cache"
+    )]
+    cache_dir: Option<PathBuf>,
+    /// Benchmarks load from the ONNX files every time.
+    #[arg(long, requires = "link")]
+    no_cache: bool,
 }
 
 impl Cmd {
@@ -96,10 +109,20 @@ impl Cmd {
             .store
             .unwrap_or_else(|| "/var/lib/edgevlm/store".into());
         let board = self.board.unwrap_or_else(|| "unknown".into());
+        let cache_dir = match (self.no_cache, self.cache_dir) {
+            (true, _) => None,
+            (false, Some(dir)) => Some(dir),
+            (false, None) => Some(
+                store
+                    .parent()
+                    .map_or_else(|| "cache".into(), |p| p.join("cache")),
+            ),
+        };
         let log = Logger::new();
         let server = Server::new(ServerConfig {
             store: store.clone(),
             board: board.clone(),
+            cache_dir,
         })
         .with_context(|| format!("opening the model store {}", store.display()))?
         .with_log(move |level: Level, line: &str| log.line(level as u8, line));
