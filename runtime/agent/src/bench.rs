@@ -138,8 +138,9 @@ impl RunTrace {
 pub struct BenchOutcome {
     /// The summary, or why the run failed.
     pub result: Result<BenchSummary, Error>,
-    /// Where the timed load came from: `Some(true)` the load cache, `Some(false)` the ONNX
-    /// files although there is a cache (a graph it cannot hold), `None` no cache.
+    /// Where the timed load came from: `Some(true)` the load cache for every graph,
+    /// `Some(false)` an ONNX file for at least one although there is a cache (a graph it
+    /// cannot hold), `None` no cache.
     pub cached_load: Option<bool>,
     /// What was streamed.
     pub trace: RunTrace,
@@ -149,7 +150,8 @@ pub struct BenchOutcome {
 ///
 /// With a `cache_dir` (the load cache, see `edgevlm_runtime::cache`), the timed load is the
 /// one the station's next start does: from the cache, which a first, untimed load writes
-/// when it has no entry for the package yet. Without, the load parses the ONNX files.
+/// when it has no entry for the package yet; the peak memory figures start after that first
+/// load (the memory samples streamed show both). Without, the load parses the ONNX files.
 ///
 /// `emit` gets every trace batch, in order, on a batcher thread (it may block on the link: the
 /// benchmark does not wait for it). `cancel` is checked between iterations and passes; once set,
@@ -176,6 +178,8 @@ pub fn run(
     // Peak RSS from the kernel's high-water mark covers spikes between samples; it only means
     // "during this run" once reset.
     let hwm_reset = Memory::reset_peak();
+    // Set when the load that wrote the load cache is done with: the peaks start again.
+    let reset_peaks = AtomicBool::new(false);
     let dropped = Dropped::default();
     let (result, trace, sampled) = std::thread::scope(|s| {
         let (tx, rx) = crossbeam_channel::bounded(EVENT_QUEUE);
@@ -186,11 +190,15 @@ pub fn run(
         };
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let interval = u64::from(spec.trace.memory_interval_ms);
+        let reset_peaks = &reset_peaks;
         let sampler = (interval > 0).then(|| {
             let sink = sink.clone();
-            s.spawn(move || sample_memory(&sink, start, Duration::from_millis(interval), stop_rx))
+            s.spawn(move || {
+                let interval = Duration::from_millis(interval);
+                sample_memory(&sink, start, interval, stop_rx, reset_peaks)
+            })
         });
-        let result = measure(&package, spec, cache_dir, &sink, start, cancel);
+        let result = measure(&package, spec, cache_dir, &sink, start, cancel, reset_peaks);
         drop(stop_tx);
         let sampled = sampler
             .map(|h| h.join().expect("memory sampler panicked"))
@@ -403,10 +411,19 @@ struct Peaks {
     pss_kib: u64,
 }
 
-fn sample_memory(sink: &Sink, start: Instant, interval: Duration, stop: Receiver<()>) -> Peaks {
+fn sample_memory(
+    sink: &Sink,
+    start: Instant,
+    interval: Duration,
+    stop: Receiver<()>,
+    reset: &AtomicBool,
+) -> Peaks {
     let mut peaks = Peaks::default();
     let mut next = Instant::now();
     loop {
+        if reset.swap(false, Ordering::Relaxed) {
+            peaks = Peaks::default();
+        }
         let rss = Memory::sample().rss_kb;
         let pss = Memory::pss_kb().unwrap_or(0);
         peaks.rss_kib = peaks.rss_kib.max(rss);
@@ -498,6 +515,7 @@ fn measure(
     sink: &Sink,
     start: Instant,
     cancel: &AtomicBool,
+    reset_peaks: &AtomicBool,
 ) -> Result<Measured, Error> {
     let options = LoadOptions {
         threads: usize::from(spec.threads.max(1)),
@@ -513,24 +531,38 @@ fn measure(
         )),
         BenchInput::Image(bytes) => Some((bytes.to_vec(), "request image".to_owned())),
     };
+    let cancelled = || cancel.load(Ordering::Relaxed);
+    let second = options.cache_dir.is_some().then(|| image.clone());
     let load_start = Instant::now();
-    let mut work = load(package, spec, &options, image.clone())?;
+    let mut work = load(package, spec, &options, image)?;
     let mut load_us = micros(load_start.elapsed());
-    // A first load with the cache writes it (and times the writing too): load again, from
-    // the cache, as the station's next start will.
-    if options.cache_dir.is_some() && edgevlm_runtime::cache::wrote_entry(&work.notes()) {
+    // A first load with the cache writes it (and times the writing, and peaks at the ONNX
+    // parse): load again, from the cache, as the station's next start will, and measure
+    // memory from there.
+    let wrote = work
+        .graphs()
+        .iter()
+        .any(|g| edgevlm_runtime::cache::wrote_entry(g.notes()));
+    if let (true, Some(image)) = (wrote, second) {
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
         drop(work);
+        Memory::reset_peak();
+        reset_peaks.store(true, Ordering::Relaxed);
         let again = Instant::now();
         work = load(package, spec, &options, image)?;
         load_us = micros(again.elapsed());
     }
+    // From the cache only if every graph came from it.
     let cached_load = options.cache_dir.as_ref().map(|_| {
-        work.notes()
-            .iter()
-            .any(|n| n.contains(edgevlm_runtime::cache::READ_NOTE))
+        work.graphs().iter().all(|g| {
+            g.notes()
+                .iter()
+                .any(|n| n.contains(edgevlm_runtime::cache::READ_NOTE))
+        })
     });
 
-    let cancelled = || cancel.load(Ordering::Relaxed);
     if cancelled() {
         return Err(Error::Cancelled);
     }
@@ -684,12 +716,12 @@ fn load(
 }
 
 impl Workload {
-    /// The load notes of its graphs.
-    fn notes(&self) -> Vec<String> {
+    /// Its graphs.
+    fn graphs(&self) -> Vec<&OnnxModel> {
         match self {
-            Workload::Synthetic { model, .. } => model.notes().to_vec(),
-            Workload::Pipeline { classifier, .. } => classifier.model().notes().to_vec(),
-            Workload::Generate { generator, .. } => generator.notes(),
+            Workload::Synthetic { model, .. } => vec![model],
+            Workload::Pipeline { classifier, .. } => vec![classifier.model()],
+            Workload::Generate { generator, .. } => generator.graphs(),
         }
     }
 

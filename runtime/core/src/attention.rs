@@ -676,13 +676,39 @@ fn attention_einsums(layout: Layout) -> [([&'static str; 2], &'static str); 2] {
     }
 }
 
-/// Is `node` a reshape at axis 1 from `from` axes to `to` axes (the split or merge of a
-/// grouped attention's heads), with one consumer? Its successor.
-fn heads_reshape(model: &TypedModel, node: usize, from: usize, to: usize) -> Option<usize> {
+/// Do `q`, `k` and `v` share their batch, head (group) and width axes exactly, as
+/// [`FusedAttention`] needs? tract's einsum would also broadcast an axis of size 1.
+fn operands_fit(layout: Layout, q: &ShapeFact, k: &ShapeFact, v: &ShapeFact) -> bool {
+    // (axis of q, axis of k, axis of v) that must be equal; keys of k and v too.
+    let same: &[(usize, usize, usize)] = match layout {
+        Layout::RowsMajor => &[(0, 0, 0), (2, 2, 2)],
+        Layout::Grouped => &[(0, 0, 0), (1, 1, 1)],
+    };
+    let (d_q, d_k, keys) = match layout {
+        Layout::RowsMajor => (3, 3, 1),
+        Layout::Grouped => (4, 3, 2),
+    };
+    same.iter().all(|&(a, b, c)| q[a] == k[b] && q[a] == v[c])
+        && q[d_q] == k[d_k]
+        && k[keys] == v[keys]
+}
+
+/// The dims a reshape at axis 1 turns into others.
+type HeadsReshape = (TVec<TDim>, TVec<TDim>);
+
+/// Is `node` a reshape at axis 1 from `from` axes to `to` axes (the merge or split of a
+/// grouped attention's heads), with one consumer? Its successor and its dims.
+fn heads_reshape(
+    model: &TypedModel,
+    node: usize,
+    from: usize,
+    to: usize,
+) -> Option<(usize, HeadsReshape)> {
     let n = model.node(node);
     match n.op_as::<AxisOp>()? {
         AxisOp::Reshape(1, f, t) if f.len() == from && t.len() == to => {
-            only_successor(model, OutletId::new(node, 0))
+            let next = only_successor(model, OutletId::new(node, 0))?;
+            Some((next, (f.clone(), t.clone())))
         }
         _ => None,
     }
@@ -750,6 +776,7 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         // on either side of the Mul (a model read back from the load cache has the Mul
         // pushed before it).
         let mut scaled = false;
+        let mut merge: Option<HeadsReshape> = None;
         for step in 0..2 {
             if !scaled {
                 if let Some((s, n)) = scale_step(model, at, next)? {
@@ -759,7 +786,9 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
             }
             if step == 0 && layout == Layout::Grouped {
                 let Some(reshape) = next else { break };
-                next = heads_reshape(model, reshape, 2, 1);
+                let found = heads_reshape(model, reshape, 2, 1);
+                next = found.as_ref().map(|(n, _)| *n);
+                merge = found.map(|(_, dims)| dims);
                 at = reshape;
             }
         }
@@ -807,9 +836,16 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         let mut weights = OutletId::new(sm.id, 0);
         let mut next = only_successor(model, weights);
         if layout == Layout::Grouped {
-            // [x, h, r, k] -> [x, g, p, r, k]
+            // [x, h, r, k] -> [x, g, p, r, k], splitting the heads as they were merged.
             let Some(reshape) = next else { continue };
-            next = heads_reshape(model, reshape, 1, 2);
+            next = match (heads_reshape(model, reshape, 1, 2), &merge) {
+                (Some((n, (from, to))), Some((merged_from, merged_to)))
+                    if from == *merged_to && to == *merged_from =>
+                {
+                    Some(n)
+                }
+                _ => None,
+            };
             weights = OutletId::new(reshape, 0);
         }
         let Some(pv) = next.map(|n| model.node(n)) else {
@@ -820,7 +856,13 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
             .op_as::<EinSum>()
             .is_some_and(|op| einsum_fits(op, inputs, output))
             && pv.inputs[0] == weights
-            && model.outlet_fact(pv.inputs[1])?.datum_type == f32::datum_type();
+            && model.outlet_fact(pv.inputs[1])?.datum_type == f32::datum_type()
+            && operands_fit(
+                layout,
+                &model.outlet_fact(node.inputs[0])?.shape,
+                &model.outlet_fact(node.inputs[1])?.shape,
+                &model.outlet_fact(pv.inputs[1])?.shape,
+            );
         if pv_ok {
             chains.push(Chain {
                 first: node.id,

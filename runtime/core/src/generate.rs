@@ -493,13 +493,18 @@ impl Generator {
         self.vision.is_some()
     }
 
-    /// What the loader changed or noticed in each graph, prefixed with the file.
-    pub fn notes(&self) -> Vec<String> {
+    /// Its graphs: the decoder, then the vision encoder and the embedding if it has them.
+    pub fn graphs(&self) -> Vec<&OnnxModel> {
         let mut models = vec![&self.decoder];
         if let Some(v) = &self.vision {
             models.extend([&v.encoder, &v.embed]);
         }
         models
+    }
+
+    /// What the loader changed or noticed in each graph, prefixed with the file.
+    pub fn notes(&self) -> Vec<String> {
+        self.graphs()
             .iter()
             .flat_map(|m| {
                 m.notes()
