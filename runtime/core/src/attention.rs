@@ -244,39 +244,6 @@ struct Span {
 }
 
 impl Job<'_> {
-    fn span(&self, b: usize, g: usize) -> Span {
-        let Dims {
-            rows,
-            keys,
-            groups,
-            per_group,
-            d,
-            e,
-            ..
-        } = self.dims;
-        match self.layout {
-            // [batch, rows, heads, dim]: a row of one head every `groups` rows.
-            Layout::RowsMajor => Span {
-                rows,
-                q: ((b * rows * groups + g) * d, groups * d),
-                k: ((b * keys * groups + g) * d, groups * d),
-                v: ((b * keys * groups + g) * e, groups * e),
-                o: ((b * rows * groups + g) * e, groups * e),
-            },
-            // [batch, groups, per_group, rows, dim]: the group's query rows are contiguous.
-            Layout::Grouped => {
-                let unit = b * groups + g;
-                Span {
-                    rows: per_group * rows,
-                    q: (unit * per_group * rows * d, d),
-                    k: (unit * keys * d, d),
-                    v: (unit * keys * e, e),
-                    o: (unit * per_group * rows * e, e),
-                }
-            }
-        }
-    }
-
     /// Key / value head `unit % groups` of batch item `unit / groups`, for all its query
     /// heads, into the output at address `o`.
     fn unit(&self, unit: usize, o: usize) {
@@ -292,7 +259,25 @@ impl Job<'_> {
                 ..
             } = self.dims;
             let (b, g) = (unit / groups, unit % groups);
-            let span = self.span(b, g);
+            let span = match self.layout {
+                // [batch, rows, heads, dim]: a row of one head every `groups` rows.
+                Layout::RowsMajor => Span {
+                    rows,
+                    q: ((b * rows * groups + g) * d, groups * d),
+                    k: ((b * keys * groups + g) * d, groups * d),
+                    v: ((b * keys * groups + g) * e, groups * e),
+                    o: ((b * rows * groups + g) * e, groups * e),
+                },
+                // [batch, groups, per_group, rows, dim]: the group's query rows are
+                // contiguous.
+                Layout::Grouped => Span {
+                    rows: per_group * rows,
+                    q: (unit * per_group * rows * d, d),
+                    k: (unit * keys * d, d),
+                    v: (unit * keys * e, e),
+                    o: (unit * per_group * rows * e, e),
+                },
+            };
             let panels = keys.div_ceil(KP);
             let np = panels * KP;
             let ep = e.next_multiple_of(16);
@@ -777,20 +762,24 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         // pushed before it).
         let mut scaled = false;
         let mut merge: Option<HeadsReshape> = None;
-        for step in 0..2 {
+        loop {
             if !scaled {
                 if let Some((s, n)) = scale_step(model, at, next)? {
                     (scale, scaled, at) = (s, true, n);
                     next = only_successor(model, OutletId::new(at, 0));
+                    continue;
                 }
             }
-            if step == 0 && layout == Layout::Grouped {
-                let Some(reshape) = next else { break };
-                let found = heads_reshape(model, reshape, 2, 1);
-                next = found.as_ref().map(|(n, _)| *n);
-                merge = found.map(|(_, dims)| dims);
-                at = reshape;
+            if let (Layout::Grouped, None, Some(reshape)) = (layout, &merge, next) {
+                if let Some((n, dims)) = heads_reshape(model, reshape, 2, 1) {
+                    (at, next, merge) = (reshape, Some(n), Some(dims));
+                    continue;
+                }
             }
+            break;
+        }
+        if layout == Layout::Grouped && merge.is_none() {
+            continue;
         }
         if let Some(n) = next.map(|n| model.node(n)) {
             if let Some(bin) = n.op_as::<TypedBinOp>() {

@@ -258,25 +258,16 @@ impl PackedWeight {
             scales: scales.as_deref(),
             c,
         };
-        let threads = if crate::team::worth_splitting(m * self.k * self.n, self.k * self.n) {
-            crate::team::threads()
-        } else {
-            1
-        };
-        if threads < 2 {
-            return job.run(0..m, 0..panels_n);
-        }
+        let threads = crate::team::threads_for(m * self.k * self.n, self.k * self.n);
         // Columns, so each thread streams only its share of the weight (rows would have
         // every thread read all of it), unless there are too few panels.
-        let by_rows = panels_n < 2 * threads && m >= MR * 2 * threads;
+        let by_rows = threads > 1 && panels_n < 2 * threads && m >= MR * 2 * threads;
         let units = if by_rows { m.div_ceil(MR) } else { panels_n };
-        let per = units.div_ceil(threads).max(1);
-        crate::team::for_each_part(units.div_ceil(per), |part| {
-            let (first, last) = (part * per, ((part + 1) * per).min(units));
+        crate::team::for_each_run(units, threads, |run| {
             if by_rows {
-                job.run(first * MR..(last * MR).min(m), 0..panels_n)
+                job.run(run.start * MR..(run.end * MR).min(m), 0..panels_n)
             } else {
-                job.run(0..m, first..last)
+                job.run(0..m, run)
             }
         });
     }

@@ -403,15 +403,8 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                 self.panel(p, m, a, c, &mut block);
             }
         };
-        let threads = if crate::team::worth_splitting(m * n * k, k * n * Self::WEIGHT_BITS / 8) {
-            crate::team::threads()
-        } else {
-            1
-        };
-        let per = panels.div_ceil(threads).max(1);
-        crate::team::for_each_part(panels.div_ceil(per), |part| {
-            run(part * per..((part + 1) * per).min(panels))
-        });
+        let threads = crate::team::threads_for(m * n * k, k * n * Self::WEIGHT_BITS / 8);
+        crate::team::for_each_run(panels, threads, run);
     }
 }
 

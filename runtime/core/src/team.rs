@@ -35,6 +35,28 @@ pub(crate) fn worth_splitting(macs: usize, weight_bytes: usize) -> bool {
     macs >= SPLIT_MACS || weight_bytes >= SPLIT_WEIGHT_BYTES
 }
 
+/// Threads for such a product: the plan's when [`worth_splitting`], else 1.
+pub(crate) fn threads_for(macs: usize, weight_bytes: usize) -> usize {
+    if worth_splitting(macs, weight_bytes) {
+        threads()
+    } else {
+        1
+    }
+}
+
+/// `f` over `0..units` cut into one run of consecutive units per thread (`threads` of
+/// them, at least one unit each), through [`for_each_part`].
+pub(crate) fn for_each_run(
+    units: usize,
+    threads: usize,
+    f: impl Fn(std::ops::Range<usize>) + Sync,
+) {
+    let per = units.div_ceil(threads.max(1)).max(1);
+    for_each_part(units.div_ceil(per), |part| {
+        f(part * per..((part + 1) * per).min(units))
+    });
+}
+
 /// Threads the running plan may use: its tract executor's, 1 outside a multi-threaded plan.
 pub(crate) fn threads() -> usize {
     match tract_linalg::multithread::current_tract_executor() {
@@ -50,6 +72,9 @@ pub(crate) fn threads() -> usize {
 /// when one thread is asked for, or when the team is busy with another split (a split
 /// inside a split, or a second plan running on another thread at the same time).
 pub(crate) fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
+    if parts < 2 {
+        return (0..parts).for_each(f);
+    }
     static CORES: OnceLock<usize> = OnceLock::new();
     let cores = *CORES.get_or_init(crate::par::cores);
     let helpers = threads().min(cores).min(parts).saturating_sub(1);
