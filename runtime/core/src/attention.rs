@@ -28,8 +28,14 @@ use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 /// Keys per panel of the score kernel: two 16-lane registers.
 const KP: usize = crate::q4mm::NR;
-/// Query rows per block.
-const RB: usize = 8;
+/// Query rows per block: a panel of 32 keys (`d * 32` floats) is read once from L2 for all
+/// of them, and a chunk of value rows once for all of them.
+const RB: usize = 32;
+/// Rows per score tile (the FMA tile's height).
+const TILE: usize = 8;
+/// Value rows per pass of the weighted sum (`VC * 64` floats, 32 KiB at a head size of 64,
+/// stay in L1 while every row of the block passes over them).
+const VC: usize = 128;
 
 /// `softmax(q k^T * scale + bias) v` for every query head, with `q`, `k` (keys as rows), `v`
 /// and the output laid out as [`Layout`] says; `bias` (optional input 3) broadcasts to
@@ -303,31 +309,33 @@ impl Job<'_> {
             let [sb_b, sb_h, sb_r, sb_k] = self.bias_strides;
             for r0 in (0..span.rows).step_by(RB) {
                 let rb = RB.min(span.rows - r0);
-                qt.fill(0.0);
                 for r in 0..rb {
                     qt[r * d..(r + 1) * d]
                         .copy_from_slice(&self.q[span.q.0 + (r0 + r) * span.q.1..][..d]);
                 }
-                // The scores, one panel of 32 keys at a time.
+                // The scores, one panel of 32 keys at a time, every tile of the block against it.
                 for p in 0..panels {
-                    // SAFETY: `unit` is only reached through a plan built when `available()`;
-                    // the buffers are sized above for whole panels and vectors.
-                    unsafe {
-                        crate::q4mm::fma_tile_rows(
-                            RB,
-                            &crate::q4mm::FmaTile {
-                                a: qt.as_ptr(),
-                                lda: d,
-                                b: kt.as_ptr().add(p * d * KP),
-                                k: d,
-                                scale: self.scale,
-                                c: s.as_mut_ptr().add(p * KP),
-                                ldc: np,
-                                cols: KP,
-                                accumulate: false,
-                                prefetch: std::ptr::null(),
-                            },
-                        )
+                    for t0 in (0..rb).step_by(TILE) {
+                        // SAFETY: `unit` is only reached through a plan built when
+                        // `available()`; the buffers are sized above for RB rows, whole
+                        // panels and vectors.
+                        unsafe {
+                            crate::q4mm::fma_tile_rows(
+                                TILE.min(rb - t0),
+                                &crate::q4mm::FmaTile {
+                                    a: qt.as_ptr().add(t0 * d),
+                                    lda: d,
+                                    b: kt.as_ptr().add(p * d * KP),
+                                    k: d,
+                                    scale: self.scale,
+                                    c: s.as_mut_ptr().add(t0 * np + p * KP),
+                                    ldc: np,
+                                    cols: KP,
+                                    accumulate: false,
+                                    prefetch: std::ptr::null(),
+                                },
+                            )
+                        }
                     }
                 }
                 for r in 0..rb {
@@ -352,7 +360,7 @@ impl Job<'_> {
                     unsafe { softmax_row(row) };
                 }
                 // SAFETY: as above.
-                unsafe { weighted_values(&s, np, keys, &vh, ep, &mut orow) };
+                unsafe { weighted_values(&s, np, rb, keys, &vh, ep, &mut orow) };
                 for r in 0..rb {
                     let dst = o as *mut f32;
                     let at = span.o.0 + (r0 + r) * span.o.1;
@@ -444,48 +452,68 @@ unsafe fn softmax_row(row: &mut [f32]) {
     }
 }
 
-/// `o[r] = sum_j s[r][j] v[j]` for the [`RB`] rows of `s` (stride `np`, `keys` used) and `v`
-/// (`[keys, ep]`), into `o` (`[RB, ep]`): 4 rows by up to 64 columns per pass.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn weighted_values(s: &[f32], np: usize, keys: usize, v: &[f32], ep: usize, o: &mut [f32]) {
-    assert!(s.len() >= RB * np && v.len() >= keys * ep && o.len() >= RB * ep && keys <= np);
-    for r0 in (0..RB).step_by(4) {
-        let mut c0 = 0;
-        while c0 < ep {
-            let w = (ep - c0).min(64) / 16;
-            // SAFETY: the asserts above bound every row and column these kernels touch.
-            unsafe {
-                match w {
-                    4 => pv::<4>(s, np, keys, v, ep, o, r0, c0),
-                    3 => pv::<3>(s, np, keys, v, ep, o, r0, c0),
-                    2 => pv::<2>(s, np, keys, v, ep, o, r0, c0),
-                    _ => pv::<1>(s, np, keys, v, ep, o, r0, c0),
-                }
-            }
-            c0 += w * 16;
-        }
-    }
-}
-
-/// Rows `r0..r0 + 4`, columns `c0..c0 + 16 W` of [`weighted_values`].
+/// `o[r] = sum_j s[r][j] v[j]` for the first `rows` (at most [`RB`]) rows of `s` (stride
+/// `np`, `keys` used) and `v` (`[keys, ep]`), into `o` (`[RB, ep]`; rows up to the next
+/// multiple of 4 are written too): [`VC`] value rows at a time, 4 rows by up to 64 columns
+/// per pass over them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv<const W: usize>(
+unsafe fn weighted_values(
     s: &[f32],
     np: usize,
+    rows: usize,
     keys: usize,
     v: &[f32],
     ep: usize,
     o: &mut [f32],
+) {
+    assert!(rows <= RB && s.len() >= RB * np && v.len() >= keys * ep && o.len() >= RB * ep);
+    assert!(keys <= np);
+    for j0 in (0..keys).step_by(VC) {
+        let js = j0..VC.min(keys - j0) + j0;
+        for r0 in (0..rows).step_by(4) {
+            let mut c0 = 0;
+            while c0 < ep {
+                let w = (ep - c0).min(64) / 16;
+                let at = Pv {
+                    r0,
+                    c0,
+                    js: js.clone(),
+                };
+                // SAFETY: the asserts above bound every row and column these kernels touch.
+                unsafe {
+                    match w {
+                        4 => pv::<4>(s, np, v, ep, o, at),
+                        3 => pv::<3>(s, np, v, ep, o, at),
+                        2 => pv::<2>(s, np, v, ep, o, at),
+                        _ => pv::<1>(s, np, v, ep, o, at),
+                    }
+                }
+                c0 += w * 16;
+            }
+        }
+    }
+}
+
+/// Where one [`pv`] call works: rows `r0..r0 + 4`, columns from `c0`, value rows `js`.
+struct Pv {
     r0: usize,
     c0: usize,
-) {
+    js: std::ops::Range<usize>,
+}
+
+/// Rows `r0..r0 + 4`, columns `c0..c0 + 16 W` of [`weighted_values`] over the value rows
+/// `js`: stored for the first rows, added after.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pv<const W: usize>(s: &[f32], np: usize, v: &[f32], ep: usize, o: &mut [f32], at: Pv) {
     use std::arch::x86_64::*;
+    let Pv { r0, c0, js } = at;
+    let first = js.start == 0;
     let mut acc = [[_mm512_setzero_ps(); W]; 4];
     let (sp, vp) = (s.as_ptr(), v.as_ptr());
-    for j in 0..keys {
+    for j in js {
         // SAFETY: j < keys, rows r0..r0 + 4 <= RB and columns c0 + 16 W <= ep (the caller).
         unsafe {
             let mut vv = [_mm512_setzero_ps(); W];
@@ -503,7 +531,15 @@ unsafe fn pv<const W: usize>(
     for (r, acc) in acc.iter().enumerate() {
         for (w, a) in acc.iter().enumerate() {
             // SAFETY: as above.
-            unsafe { _mm512_storeu_ps(o.as_mut_ptr().add((r0 + r) * ep + c0 + 16 * w), *a) };
+            unsafe {
+                let out = o.as_mut_ptr().add((r0 + r) * ep + c0 + 16 * w);
+                let y = if first {
+                    *a
+                } else {
+                    _mm512_add_ps(*a, _mm512_loadu_ps(out))
+                };
+                _mm512_storeu_ps(out, y);
+            }
         }
     }
 }
@@ -904,7 +940,7 @@ mod tests {
         };
         // layout, batch, rows, groups, per group, d, keys, e, bias shape ([] = no bias)
         type Case = (Layout, [usize; 4], usize, usize, usize, &'static [usize]);
-        let cases: [Case; 9] = [
+        let cases: [Case; 11] = [
             (Layout::RowsMajor, [1, 13, 2, 1], 16, 37, 72, &[1, 1, 1, 37]),
             (Layout::RowsMajor, [2, 8, 3, 1], 7, 8, 16, &[2, 1, 1, 8]),
             (
@@ -922,6 +958,16 @@ mod tests {
             (Layout::Grouped, [1, 11, 2, 3], 16, 11, 16, &[1, 1, 11, 11]),
             (Layout::Grouped, [2, 3, 3, 2], 7, 35, 72, &[2, 6, 3, 35]),
             (Layout::Grouped, [1, 9, 1, 5], 8, 33, 8, &[]),
+            // Several blocks of query rows (the last partial), several chunks of value rows.
+            (
+                Layout::RowsMajor,
+                [1, 70, 2, 1],
+                16,
+                300,
+                40,
+                &[1, 1, 70, 300],
+            ),
+            (Layout::Grouped, [1, 23, 2, 3], 24, 131, 16, &[1, 1, 1, 131]),
         ];
         for (layout, [batch, rows, groups, per_group], d, keys, e, bias_shape) in cases {
             let heads = groups * per_group;
