@@ -43,11 +43,12 @@ use tract_onnx::WithOnnx;
 use tract_transformers::WithTractTransformers;
 
 use crate::patches::{DynamicQuantizeU8, ExpandWeight, FoldBarrier};
-use crate::q4mm::{Q4MatMul, Q4Packed};
+use crate::q4mm::{F32MatMul, F32Panels, Q4MatMul, Q4Packed};
 use crate::LoadOptions;
 
 /// Bumped when what the cache holds changes meaning (the cache point, an op's encoding).
-const FORMAT: u32 = 1;
+/// 2: f32 products packed before the cache point, their panels stored.
+const FORMAT: u32 = 2;
 
 /// Identity of a file on disk: a replaced or rewritten file changes at least one of these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -746,6 +747,18 @@ fn registry() -> Registry {
         &output,
         load_q4,
     );
+    r.register_dumper(dump_f32);
+    r.register_primitive(
+        "edgevlm_f32_matmul",
+        &[
+            input(),
+            TypeName::Scalar.tensor().named("panels"),
+            int("n"),
+            int("k"),
+        ],
+        &output,
+        load_f32,
+    );
     r.register_dumper(|ast, node, _: &FoldBarrier| unary(ast, node, "edgevlm_fold_barrier", &[]));
     r.register_primitive("edgevlm_fold_barrier", &[input()], &output, |b, i| {
         wire_unary(b, i, FoldBarrier)
@@ -963,6 +976,39 @@ fn load_q4(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
         .with_context(|| format!("edgevlm_q4_matmul: parts do not fit n = {n}, k = {k}"))?;
     b.wire(
         Q4MatMul {
+            weight: Arc::new(weight),
+        },
+        &[input],
+    )
+}
+
+fn dump_f32(
+    ast: &mut IntoAst,
+    node: &TypedNode,
+    op: &F32MatMul,
+) -> TractResult<Option<Arc<RValue>>> {
+    let input = ast.mapping[&node.inputs[0]].clone();
+    let (n, k, panels) = op.weight.parts();
+    let panels = ast.konst_variable(format!("{}.panels", node.name), panels)?;
+    Ok(Some(invocation(
+        "edgevlm_f32_matmul",
+        &[input, panels],
+        &[("n", numeric(n)), ("k", numeric(k))],
+    )))
+}
+
+fn load_f32(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
+    let input: OutletId = i.named_arg_as(b, "input")?;
+    let panels: Arc<Tensor> = i.named_arg_as(b, "panels")?;
+    let (n, k) = (
+        i.named_arg_as::<usize>(b, "n")?,
+        i.named_arg_as::<usize>(b, "k")?,
+    );
+    // The panels are used as read: no copy, no packing.
+    let weight = F32Panels::from_parts(n, k, panels)
+        .with_context(|| format!("edgevlm_f32_matmul: panels do not fit n = {n}, k = {k}"))?;
+    b.wire(
+        F32MatMul {
             weight: Arc::new(weight),
         },
         &[input],

@@ -710,6 +710,20 @@ fn declutter(
     crate::patches::faster_dynamic_quantize(&mut typed)
         .map_err(|e| ("replacing DynamicQuantizeLinear", e))?;
     stages.mark("dynamic quantize");
+    if options.avx512_kernels {
+        // Before the cache point: the load cache keeps the packed panels, so a cached load
+        // uses them as read instead of packing every f32 weight again.
+        let f32s =
+            crate::q4mm::own_f32_products(&mut typed).map_err(|e| ("packing f32 weights", e))?;
+        if f32s > 0 {
+            notes.push(format!(
+                "f32-avx512: {f32s} f32 product(s) with constant weights packed at load for \
+                 edgevlm's AVX-512 FMA kernel (tract {TRACT_VERSION}'s kernel choice is about \
+                 half as fast for a ViT's products)"
+            ));
+        }
+        stages.mark("f32 packing");
+    }
     Ok(Built {
         model: typed,
         notes,
@@ -831,15 +845,6 @@ fn optimize(
                  edgevlm's AVX-512 VNNI kernel, {scaled} with their Cast and scale folded in \
                  (tract {TRACT_VERSION}'s 8x8 tile is slower and its optimizer slow to lower \
                  them)"
-            ));
-        }
-        let f32s =
-            crate::q4mm::own_f32_products(&mut typed).map_err(|e| ("packing f32 weights", e))?;
-        if f32s > 0 {
-            notes.push(format!(
-                "f32-avx512: {f32s} f32 product(s) with constant weights packed at load for \
-                 edgevlm's AVX-512 FMA kernel (tract {TRACT_VERSION}'s kernel choice is about \
-                 half as fast for a ViT's products)"
             ));
         }
     }

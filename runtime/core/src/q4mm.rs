@@ -243,12 +243,13 @@ unsafe fn rows_against_chunk(
 }
 
 /// An f32 weight of `n` output columns by `k`, in 32-column panels of `[k, 32]` (the last
-/// one zero-padded): the layout the FMA tile reads, so a run multiplies in place.
+/// one zero-padded): the layout the FMA tile reads, so a run multiplies in place. The
+/// panels are a plain f32 tensor, which the load cache writes and reads back as it is.
 #[derive(Debug)]
 pub struct F32Panels {
     n: usize,
     k: usize,
-    panels: Vec<f32>,
+    panels: Arc<Tensor>,
 }
 
 impl F32Panels {
@@ -258,30 +259,69 @@ impl F32Panels {
             return None;
         }
         let panels_n = n.div_ceil(NR);
-        let mut panels = vec![0f32; panels_n * k * NR];
-        // A large weight in runs of panels packed side by side, one per core (packing is
-        // most of a cold start's optimize stage, page faults included).
-        let per_part = crate::par::units_per_run(panels_n, panels.len() * 4);
-        let runs = panels.chunks_mut(per_part * k * NR).enumerate().collect();
-        crate::par::each(runs, |(run, panels): (usize, &mut [f32])| {
-            for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
-                let p = run * per_part + p;
-                let (j0, cols) = (p * NR, NR.min(n - p * NR));
-                if k_major {
-                    // Each panel row is a run of the weight's row.
-                    for (row, src) in panel.chunks_exact_mut(NR).zip(w.chunks_exact(n)) {
-                        row[..cols].copy_from_slice(&src[j0..j0 + cols]);
+        // SAFETY: f32 has no invalid bit patterns, and every value is written below (the
+        // last panel's padding included) before the tensor is read.
+        let mut tensor = unsafe { Tensor::uninitialized::<f32>(&[panels_n * k * NR]) }.ok()?;
+        {
+            let mut view = tensor.try_as_plain_ram_mut().ok()?;
+            let panels = view.as_slice_mut::<f32>().ok()?;
+            // A large weight in runs of panels packed side by side, one per core (packing
+            // is most of a cold start's optimize stage, page faults included).
+            let per_part = crate::par::units_per_run(panels_n, panels.len() * 4);
+            let runs = panels.chunks_mut(per_part * k * NR).enumerate().collect();
+            crate::par::each(runs, |(run, panels): (usize, &mut [f32])| {
+                for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
+                    let p = run * per_part + p;
+                    let (j0, cols) = (p * NR, NR.min(n - p * NR));
+                    if cols < NR {
+                        panel.fill(0.0);
                     }
-                } else {
-                    for (jj, src) in w[j0 * k..(j0 + cols) * k].chunks_exact(k).enumerate() {
-                        for (dst, &v) in panel[jj..].iter_mut().step_by(NR).zip(src) {
-                            *dst = v;
+                    if k_major {
+                        // Each panel row is a run of the weight's row.
+                        for (row, src) in panel.chunks_exact_mut(NR).zip(w.chunks_exact(n)) {
+                            row[..cols].copy_from_slice(&src[j0..j0 + cols]);
+                        }
+                    } else {
+                        for (jj, src) in w[j0 * k..(j0 + cols) * k].chunks_exact(k).enumerate() {
+                            for (dst, &v) in panel[jj..].iter_mut().step_by(NR).zip(src) {
+                                *dst = v;
+                            }
                         }
                     }
                 }
-            }
-        });
-        Some(F32Panels { n, k, panels })
+            });
+        }
+        Some(F32Panels {
+            n,
+            k,
+            panels: tensor.into_arc_tensor(),
+        })
+    }
+
+    /// The packed weight's parts: `n`, `k` and the panels, as [`F32Panels::from_parts`]
+    /// takes them back (the load cache stores them as they are).
+    pub(crate) fn parts(&self) -> (usize, usize, &Arc<Tensor>) {
+        (self.n, self.k, &self.panels)
+    }
+
+    /// A packed weight from the parts [`F32Panels::parts`] gave, the panels used in place.
+    /// `None` unless they are a plain f32 tensor of the panels of an `[n, k]` weight.
+    pub(crate) fn from_parts(n: usize, k: usize, panels: Arc<Tensor>) -> Option<F32Panels> {
+        let len = n.div_ceil(NR) * k * NR;
+        let fits = panels
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>())
+            .is_ok_and(|s| s.len() == len);
+        (k > 0 && n > 0 && fits).then_some(F32Panels { n, k, panels })
+    }
+
+    /// The panels, one after the other.
+    fn data(&self) -> &[f32] {
+        // Built plain f32 by `pack` or checked so by `from_parts`.
+        self.panels
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>())
+            .expect("f32 panels are a plain f32 tensor")
     }
 }
 
@@ -299,12 +339,12 @@ impl PanelProduct for F32Panels {
     }
 
     fn chunk(&self, p: usize, k0: usize, _: usize, _: &mut [f32]) -> *const f32 {
-        self.panels[(p * self.k + k0) * NR..].as_ptr()
+        self.data()[(p * self.k + k0) * NR..].as_ptr()
     }
 
     fn prefetch(&self, p: usize, k0: usize) -> *const f32 {
         // A prefetch never faults: past the last panel this may point anywhere.
-        self.panels.as_ptr().wrapping_add((p * self.k + k0) * NR)
+        self.data().as_ptr().wrapping_add((p * self.k + k0) * NR)
     }
 }
 
@@ -647,7 +687,7 @@ pub fn own_f32_products(model: &mut TypedModel) -> TractResult<usize> {
         let Some(panels) = packed else {
             continue;
         };
-        let big = panels.panels.len() * 4 >= BIG_WEIGHT_BYTES;
+        let big = panels.data().len() * 4 >= BIG_WEIGHT_BYTES;
         let op = F32MatMul {
             weight: Arc::new(panels),
         };
