@@ -5,7 +5,7 @@
 //! `[batch, heads, 1024, 1024]` f32 tensor (48 MiB per layer at 512x512 px), a scale, the
 //! key-mask add and a softmax over it, then a repacking of all of it for the product with `v`.
 //! Those passes cost a probe vision encoder ~100 ms per layer, about half its run (see
-//! `docs/tract-slow-paths.md`, section 9). [`FusedAttention`] computes 8 query rows against all
+//! `docs/tract-slow-paths.md`, section 9). [`FusedAttention`] computes 32 query rows against all
 //! keys into a cache-resident block, applies the scale, bias and softmax there and multiplies by
 //! `v` before moving on.
 //!
@@ -36,6 +36,9 @@ const TILE: usize = 8;
 /// Value rows per pass of the weighted sum (`VC * 64` floats, 32 KiB at a head size of 64,
 /// stay in L1 while every row of the block passes over them).
 const VC: usize = 128;
+// The weighted sum passes over 4 rows at a time and the scores over whole tiles: both stay
+// inside a block's RB rows of scores and output.
+const _: () = assert!(RB.is_multiple_of(4) && RB.is_multiple_of(TILE));
 
 /// `softmax(q k^T * scale + bias) v` for every query head, with `q`, `k` (keys as rows), `v`
 /// and the output laid out as [`Layout`] says; `bias` (optional input 3) broadcasts to
@@ -940,7 +943,7 @@ mod tests {
         };
         // layout, batch, rows, groups, per group, d, keys, e, bias shape ([] = no bias)
         type Case = (Layout, [usize; 4], usize, usize, usize, &'static [usize]);
-        let cases: [Case; 11] = [
+        let cases: [Case; 12] = [
             (Layout::RowsMajor, [1, 13, 2, 1], 16, 37, 72, &[1, 1, 1, 37]),
             (Layout::RowsMajor, [2, 8, 3, 1], 7, 8, 16, &[2, 1, 1, 8]),
             (
@@ -968,6 +971,8 @@ mod tests {
                 &[1, 1, 70, 300],
             ),
             (Layout::Grouped, [1, 23, 2, 3], 24, 131, 16, &[1, 1, 1, 131]),
+            // More than 64 output columns (two passes of the weighted sum) over 2 chunks.
+            (Layout::RowsMajor, [1, 6, 1, 1], 8, 200, 72, &[]),
         ];
         for (layout, [batch, rows, groups, per_group], d, keys, e, bias_shape) in cases {
             let heads = groups * per_group;

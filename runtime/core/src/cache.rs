@@ -13,8 +13,9 @@
 //! error: the load falls back to the ONNX file and says why in its notes.
 //!
 //! The cache point is after tract's declutter and the rewrites edgevlm makes before it (the
-//! 4-bit products [`crate::nbits`] parses, the block-quant guards, fused GELUs) and the
-//! dynamic-quantize replacement; the later rewrites and tract's optimization run on every
+//! 4-bit products [`crate::nbits`] parses, the block-quant guards, fused GELUs), the
+//! dynamic-quantize replacement and the f32 products packed for edgevlm's kernel (their
+//! panels stored, so a cached load does not pack them again); the later rewrites and tract's optimization run on every
 //! load, cached or not, so a cached load builds the same plan. NNEF has no words for those
 //! edgevlm ops nor for a few tract ops a quantized ONNX graph declutters into (quantize and
 //! dequantize with constant parameters, lookup tables): [`nnef`] registers them in an

@@ -320,9 +320,9 @@ impl OnnxModel {
     }
 
     /// Where [`OnnxModel::load_ms`] went: (stage, milliseconds) in order: read and decode,
-    /// parse, types and shapes, patches, declutter, optimize, constant folds, plan. Cold start
-    /// is the sum; the stages before `optimize` are what a cached decluttered model would
-    /// skip.
+    /// parse, types and shapes, patches, declutter, dynamic quantize, f32 packing, prefill
+    /// plans, edgevlm kernels, optimize, constant folds, plan (from the load cache: read
+    /// cache and declutter cached, then prefill plans on). Cold start is the sum.
     pub fn load_stages(&self) -> &[(&'static str, f64)] {
         &self.load_stages
     }

@@ -1,8 +1,8 @@
 //! 4-bit (GGML `Q4_0`, ONNX `MatMulNBits` as tract loads it) products with f32 activations and
 //! many rows, on AVX-512: the weight is repacked once at load into panels of 32 output columns
 //! whose nibbles decode straight into two 16-lane registers; a run decodes a slice of one
-//! panel into an L1-resident f32 block and multiplies every 8-row tile of the activation
-//! against it.
+//! panel into an L1-resident f32 block and multiplies the 8-row tiles of a block of the
+//! activation against it.
 //!
 //! tract 0.23.9 runs such products as matrix-vector products (`docs/tract-slow-paths.md`,
 //! section 3); edgevlm's first fix expanded the weight to f32 chunk by chunk and ran tract's
@@ -129,17 +129,18 @@ impl Q4Packed {
         scales: Vec<f32>,
         nibbles: Vec<u8>,
     ) -> Option<Q4Packed> {
-        let blocks = n.div_ceil(NR) * (k / 32);
+        // n and k come from a file: a damaged entry must not overflow.
+        let blocks = n.div_ceil(NR).checked_mul(k / 32)?;
         (k.is_multiple_of(32)
             && n > 0
-            && scales.len() == blocks * NR
-            && nibbles.len() == blocks * 32 * 16)
-            .then_some(Q4Packed {
-                n,
-                k,
-                scales,
-                nibbles,
-            })
+            && Some(scales.len()) == blocks.checked_mul(NR)
+            && Some(nibbles.len()) == blocks.checked_mul(32 * 16))
+        .then_some(Q4Packed {
+            n,
+            k,
+            scales,
+            nibbles,
+        })
     }
 
     /// The packed layout from `scale(row, block)` and `code(row, block, index in block)`.
@@ -266,7 +267,7 @@ impl F32Panels {
             let mut view = tensor.try_as_plain_ram_mut().ok()?;
             let panels = view.as_slice_mut::<f32>().ok()?;
             // A large weight in runs of panels packed side by side, one per core (packing
-            // is most of a cold start's optimize stage, page faults included).
+            // is most of an fp32 graph's `f32 packing` load stage, page faults included).
             let per_part = crate::par::units_per_run(panels_n, panels.len() * 4);
             let runs = panels.chunks_mut(per_part * k * NR).enumerate().collect();
             crate::par::each(runs, |(run, panels): (usize, &mut [f32])| {
@@ -307,7 +308,8 @@ impl F32Panels {
     /// A packed weight from the parts [`F32Panels::parts`] gave, the panels used in place.
     /// `None` unless they are a plain f32 tensor of the panels of an `[n, k]` weight.
     pub(crate) fn from_parts(n: usize, k: usize, panels: Arc<Tensor>) -> Option<F32Panels> {
-        let len = n.div_ceil(NR) * k * NR;
+        // n and k come from a file: a damaged entry must not overflow.
+        let len = n.div_ceil(NR).checked_mul(k)?.checked_mul(NR)?;
         let fits = panels
             .try_as_plain_ram()
             .and_then(|v| v.as_slice::<f32>())
@@ -436,7 +438,15 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
             for k0 in (0..k).step_by(KC) {
                 for m0 in (0..m).step_by(MC) {
                     for p in ps.clone() {
-                        pass(p, (m0, MC.min(m - m0)), k0, (p + 1, k0));
+                        // After this thread's last panel comes its first again (the next
+                        // block of rows, or the next slice).
+                        let next = if p + 1 < ps.end { p + 1 } else { ps.start };
+                        let k_next = if p + 1 < ps.end || m0 + MC < m {
+                            k0
+                        } else {
+                            k0 + KC
+                        };
+                        pass(p, (m0, MC.min(m - m0)), k0, (next, k_next));
                     }
                 }
             }
@@ -658,8 +668,8 @@ pub fn own_q4_products(model: &mut TypedModel) -> TractResult<usize> {
 /// [`F32MatMul`] on AVX-512 CPUs: the weight is packed into panels once at load and each run
 /// multiplies it in place with the 8x32 FMA tile. tract 0.23.9 picks a 64x3 kernel for a
 /// ViT's `[1024, 768] x [768, 3072]` products on this project's machines, about half the
-/// speed ONNX Runtime reaches there. Run after tract's last declutter. Returns how many were
-/// replaced.
+/// speed ONNX Runtime reaches there. Runs right after tract's declutter, before the load
+/// cache's write point, so the cache keeps the panels. Returns how many were replaced.
 pub fn own_f32_products(model: &mut TypedModel) -> TractResult<usize> {
     if !crate::int8mm::available() {
         return Ok(0);
@@ -721,6 +731,10 @@ fn f32_product(
     let (None, Some(w)) = (&act.konst, &weight.konst) else {
         return Ok(None);
     };
+    // A block-quantized weight is typed f32 too, but has no plain f32 values to pack.
+    if w.as_plain_ram_storage().is_none() {
+        return Ok(None);
+    }
     if act.datum_type != f32_dt
         || w.datum_type() != f32_dt
         || node.outputs[0].fact.datum_type != f32_dt
@@ -788,7 +802,8 @@ unsafe fn row_against_panel(scales: &[f32], nibbles: &[u8], a: &[f32], out: *mut
     }
 }
 
-/// The 32 columns of one panel as f32, `[k, 32]`.
+/// The 32 columns of one panel's blocks given (`scales` and `nibbles` of `kb` blocks of
+/// 32 contraction values) as f32, `[kb * 32, 32]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn decode_panel(scales: &[f32], nibbles: &[u8], block: &mut [f32]) {
@@ -945,15 +960,19 @@ mod tests {
             (10, 600, 45),
             // Over 1 MiB packed: packed in runs of panels, one per core.
             (2, 600, 450),
-            // More activation than one block of rows: slice by slice, block by block.
-            (400, 600, 70),
+            // More activation than one block of rows: slice by slice, block by block, the
+            // last block ending in a partial tile.
+            (391, 600, 70),
         ] {
             let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
-            for k_major in [true, false] {
+            for (k_major, threads) in [(true, 1), (false, 1), (true, 2)] {
                 let packed = F32Panels::pack(&w, k, n, k_major).unwrap();
-                let mut c = vec![0f32; m * n];
-                packed.matmul(&a, m, &mut c);
+                let mut c = vec![f32::NAN; m * n];
+                let executor = crate::int8mm::tests::executor(threads);
+                tract_linalg::multithread::multithread_tract_scope(executor, || {
+                    packed.matmul(&a, m, &mut c)
+                });
                 for r in 0..m {
                     for j in 0..n {
                         let want: f64 = (0..k)
@@ -969,13 +988,36 @@ mod tests {
                         let got = c[r * n + j] as f64;
                         assert!(
                             (got - want).abs() < 1e-4,
-                            "{m}x{k}x{n} {k_major} [{r},{j}]: {got} vs {want}"
+                            "{m}x{k}x{n} {k_major} {threads} [{r},{j}]: {got} vs {want}"
                         );
                     }
                 }
             }
         }
         assert!(F32Panels::pack(&[1.0; 6], 2, 4, true).is_none());
+    }
+
+    #[test]
+    fn packed_parts_from_a_damaged_cache_entry_are_refused() {
+        let packed = F32Panels::pack(&[0.5; 40 * 3], 3, 40, true).unwrap();
+        let (n, k, panels) = packed.parts();
+        assert_eq!((n, k, panels.len()), (40, 3, 2 * 3 * NR));
+        assert!(F32Panels::from_parts(n, k, panels.clone()).is_some());
+        // Another size, another type, sizes whose product overflows.
+        assert!(F32Panels::from_parts(n, k + 1, panels.clone()).is_none());
+        assert!(F32Panels::from_parts(n + 40, k, panels.clone()).is_none());
+        assert!(F32Panels::from_parts(0, k, panels.clone()).is_none());
+        let ints = rctensor1(&vec![0i32; panels.len()]);
+        assert!(F32Panels::from_parts(n, k, ints).is_none());
+        assert!(F32Panels::from_parts(usize::MAX, usize::MAX / 2, panels.clone()).is_none());
+        let (bytes, _) = q4_weight(40, 64, &mut 3);
+        let q4 = Q4Packed::from_q4_0(&bytes, 40, 64).unwrap();
+        let (n, k, scales, nibbles) = q4.parts();
+        let parts = |n, k| Q4Packed::from_parts(n, k, scales.to_vec(), nibbles.to_vec());
+        assert!(parts(n, k).is_some());
+        assert!(parts(n, k + 32).is_none());
+        assert!(parts(n, 48).is_none());
+        assert!(parts(usize::MAX, usize::MAX - 31).is_none());
     }
 
     /// ONNX `MatMulNBits` bytes (values `2i`, `2i + 1` in the low and high nibble of byte
@@ -1023,7 +1065,7 @@ mod tests {
             (16, 96, 32),
             (23, 256, 70),
             (40, 512, 250),
-            (400, 320, 70),
+            (391, 320, 70),
         ] {
             let (bytes, w) = q4_weight(n, k, &mut seed);
             let packed = Q4Packed::from_q4_0(&bytes, n, k).unwrap();
