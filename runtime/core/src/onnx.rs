@@ -869,6 +869,13 @@ fn optimize(
              (tract {TRACT_VERSION} rounds element by element through a function call)"
         ));
     }
+    let gelus = crate::patches::threaded_gelus(&mut typed).map_err(|e| ("threading GELU", e))?;
+    if gelus > 0 && options.threads > 1 {
+        notes.push(format!(
+            "gelu-threads: {gelus} GELU(s) on tract's kernel in pieces over the plan's threads \
+             (tract {TRACT_VERSION} runs element-wise ops on one thread)"
+        ));
+    }
     let broadcasts = crate::patches::faster_broadcast_binaries(&mut typed)
         .map_err(|e| ("replacing broadcast binaries", e))?;
     if broadcasts > 0 {

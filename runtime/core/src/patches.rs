@@ -885,25 +885,9 @@ impl EvalOp for BlockBroadcast {
         };
         {
             let mut out_plain = out.try_as_plain_ram_mut()?;
-            let xs = out_plain.as_slice_mut::<f32>()?;
             // A large output in one piece per thread of the plan (a ViT's bias and residual
-            // adds: ~8 % of a two-thread encoder run when they stayed on one thread).
-            let threads = crate::team::threads_for(0, xs.len() * 4);
-            let per = xs
-                .len()
-                .div_ceil(threads.max(1))
-                .next_multiple_of(16)
-                .max(16);
-            let pieces: Vec<_> = xs
-                .chunks_mut(per)
-                .enumerate()
-                .map(|(p, piece)| std::sync::Mutex::new((p * per, piece)))
-                .collect();
-            crate::team::for_each_part(pieces.len(), |p| {
-                let mut piece = pieces[p].lock().unwrap_or_else(|e| e.into_inner());
-                let (at, ref mut piece) = *piece;
-                run(at, piece);
-            });
+            // adds ran on one thread whatever the plan's thread count).
+            for_each_piece(out_plain.as_slice_mut::<f32>()?, run);
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -916,6 +900,99 @@ impl TypedOp for BlockBroadcast {
     }
 
     as_op!();
+}
+
+/// Cuts `xs` into one piece per thread of the plan when it is large (from 128 KiB; pieces
+/// 16-element aligned) and runs `f(first element, piece)` on each, on edgevlm's team.
+fn for_each_piece(xs: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let threads = crate::team::threads_for(0, xs.len() * 4);
+    let per = xs
+        .len()
+        .div_ceil(threads.max(1))
+        .next_multiple_of(16)
+        .max(16);
+    let pieces: Vec<_> = xs
+        .chunks_mut(per)
+        .enumerate()
+        .map(|(p, piece)| std::sync::Mutex::new((p * per, piece)))
+        .collect();
+    crate::team::for_each_part(pieces.len(), |p| {
+        let mut piece = pieces[p].lock().unwrap_or_else(|e| e.into_inner());
+        let (at, ref mut piece) = *piece;
+        f(at, piece);
+    });
+}
+
+/// tract's tanh-approximated GELU (`GeluApproximate`, the `x^3` form) on the same tract-linalg
+/// kernel, cut into pieces over the plan's threads: tract runs element-wise ops on one thread
+/// whatever the plan's thread count (42-57 ms per SmolVLM2-256M encoder run, ~5 % of it on
+/// two threads). The kernel works lane by lane, so the values are the same bit for bit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ThreadedGelu;
+
+impl Op for ThreadedGelu {
+    fn name(&self) -> StaticName {
+        "EdgevlmGelu".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ThreadedGelu {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let kernel = tract_linalg::routines::Func::Gelu.ew_f32()?;
+        let mut x = args_1!(inputs).into_tensor();
+        {
+            let mut plain = x.try_as_plain_ram_mut()?;
+            let failed = std::sync::Mutex::new(None);
+            for_each_piece(plain.as_slice_mut::<f32>()?, |_, piece| {
+                if let Err(e) = kernel.run(piece) {
+                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                }
+            });
+            if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                return Err(e);
+            }
+        }
+        Ok(tvec!(x.into_tvalue()))
+    }
+}
+
+impl TypedOp for ThreadedGelu {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// Gives every f32 `GeluApproximate` of the `x^3` form a [`ThreadedGelu`]. Returns how many.
+pub fn threaded_gelus(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+    use tract_onnx::tract_core::ops::nn::GeluApproximate;
+    let mut found = vec![];
+    for node in model.nodes() {
+        let Some(op) = node.op_as::<ElementWiseOp>() else {
+            continue;
+        };
+        let exact =
+            op.0.downcast_ref::<GeluApproximate>()
+                .is_some_and(|g| !g.fast_impl);
+        if exact
+            && op.1.is_none()
+            && model.outlet_fact(node.inputs[0])?.datum_type == f32::datum_type()
+        {
+            found.push(node.id);
+        }
+    }
+    for id in &found {
+        let node = model.node(*id);
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, ThreadedGelu)?;
+        patch.apply(model)?;
+    }
+    Ok(found.len())
 }
 
 /// tract 0.23.9 optimizes a binary op only when it can prove at load how the operands
@@ -1090,6 +1167,40 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The GELU split over threads gives tract's own op's values, bit for bit, on one
+    /// thread and in pieces over two (a length that does not split evenly).
+    #[test]
+    fn threaded_gelu_equals_tracts() {
+        let values: Vec<f32> = (0..70_001)
+            .map(|i| ((i * 7919) % 16_001) as f32 / 1000.0 - 8.0)
+            .collect();
+        let x = tensor1(&values);
+        let tracts = tract_onnx::tract_core::ops::nn::gelu_approximate::gelu_approximate(false)
+            .eval(&EvalContext::out_of_plan(), tvec!(x.clone().into_tvalue()))
+            .unwrap();
+        let want = tracts[0].try_as_plain_ram().unwrap();
+        for threads in [1, 2] {
+            let executor = crate::int8mm::tests::executor(threads);
+            let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
+                ThreadedGelu
+                    .eval(&EvalContext::out_of_plan(), tvec!(x.clone().into_tvalue()))
+                    .unwrap()
+            });
+            let got = got[0].try_as_plain_ram().unwrap();
+            let (got, want) = (
+                got.as_slice::<f32>().unwrap(),
+                want.as_slice::<f32>().unwrap(),
+            );
+            assert!(
+                got.iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads}"
+            );
+            assert_ne!(got, &values[..]);
         }
     }
 
