@@ -419,7 +419,7 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                     rows_against_chunk(chunk, p, (m0, rows), (k0, kc), k, n, a, c)
                 };
                 #[cfg(not(target_arch = "x86_64"))]
-                let _ = chunk;
+                let _ = (chunk, p, m0, rows);
             };
             if m * k <= MC * KC {
                 // The whole activation stays in L2: each panel is read once, front to back.
@@ -482,6 +482,8 @@ impl PanelProduct for Q4Packed {
                 block,
             )
         };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (p, kb, b0, bs);
         block.as_ptr()
     }
 
