@@ -887,7 +887,7 @@ impl EvalOp for BlockBroadcast {
             let mut out_plain = out.try_as_plain_ram_mut()?;
             // A large output in one piece per thread of the plan (a ViT's bias and residual
             // adds ran on one thread whatever the plan's thread count).
-            for_each_piece(out_plain.as_slice_mut::<f32>()?, run);
+            crate::team::for_each_piece(out_plain.as_slice_mut::<f32>()?, run);
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -900,27 +900,6 @@ impl TypedOp for BlockBroadcast {
     }
 
     as_op!();
-}
-
-/// Cuts `xs` into one piece per thread of the plan when it is large (from 128 KiB; pieces
-/// 16-element aligned) and runs `f(first element, piece)` on each, on edgevlm's team.
-fn for_each_piece(xs: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    let threads = crate::team::threads_for(0, xs.len() * 4);
-    let per = xs
-        .len()
-        .div_ceil(threads.max(1))
-        .next_multiple_of(16)
-        .max(16);
-    let pieces: Vec<_> = xs
-        .chunks_mut(per)
-        .enumerate()
-        .map(|(p, piece)| std::sync::Mutex::new((p * per, piece)))
-        .collect();
-    crate::team::for_each_part(pieces.len(), |p| {
-        let mut piece = pieces[p].lock().unwrap_or_else(|e| e.into_inner());
-        let (at, ref mut piece) = *piece;
-        f(at, piece);
-    });
 }
 
 /// tract's tanh-approximated GELU (`GeluApproximate`, the `x^3` form) on the same tract-linalg
@@ -947,7 +926,7 @@ impl EvalOp for ThreadedGelu {
         {
             let mut plain = x.try_as_plain_ram_mut()?;
             let failed = std::sync::Mutex::new(None);
-            for_each_piece(plain.as_slice_mut::<f32>()?, |_, piece| {
+            crate::team::for_each_piece(plain.as_slice_mut::<f32>()?, |_, piece| {
                 if let Err(e) = kernel.run(piece) {
                     *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                 }

@@ -57,6 +57,23 @@ pub(crate) fn for_each_run(
     });
 }
 
+/// An element-wise pass over `xs`: cut into one piece per thread of the plan when its bytes
+/// are [`worth_splitting`] (pieces 16-element aligned), `f(first element, piece)` on each.
+pub(crate) fn for_each_piece(xs: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let threads = threads_for(0, std::mem::size_of_val(xs));
+    let per = xs.len().div_ceil(threads).next_multiple_of(16).max(16);
+    let pieces: Vec<_> = xs
+        .chunks_mut(per)
+        .enumerate()
+        .map(|(p, piece)| Mutex::new((p * per, piece)))
+        .collect();
+    for_each_part(pieces.len(), |p| {
+        let mut piece = pieces[p].lock().unwrap_or_else(|e| e.into_inner());
+        let (at, ref mut piece) = *piece;
+        f(at, piece);
+    });
+}
+
 /// Threads the running plan may use: its tract executor's, 1 outside a multi-threaded plan.
 pub(crate) fn threads() -> usize {
     match tract_linalg::multithread::current_tract_executor() {
