@@ -22,8 +22,14 @@
 //! `edgevlm` extension. A graph with an op neither knows is loaded without cache (the note
 //! names the op).
 //!
+//! The f32 products' packed panels (most of an fp32 graph's bytes) are archive entries of
+//! their own, `edgevlm_f32_panels/<node>.dat`, that a read maps in place rather than
+//! copies (see `mapped.rs`); the archive's CRC-32 is checked over the mapped bytes, on
+//! all cores, before anything parses them.
+//!
 //! Writes go to a temporary file renamed into place, the stamp last, so a reader never sees
-//! a half-written slot as valid.
+//! a half-written slot as valid, and an archive a running model has mapped is never
+//! rewritten or truncated.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,13 +49,15 @@ use tract_onnx::tract_core::ops::quant::{
 use tract_onnx::WithOnnx;
 use tract_transformers::WithTractTransformers;
 
+use crate::mapped::{MappedF32, MappedFile};
 use crate::patches::{DynamicQuantizeU8, ExpandWeight, FoldBarrier};
 use crate::q4mm::{F32MatMul, F32Panels, Q4MatMul, Q4Packed};
 use crate::LoadOptions;
 
 /// Bumped when what the cache holds changes meaning (the cache point, an op's encoding).
 /// 2: f32 products packed before the cache point, their panels stored.
-const FORMAT: u32 = 2;
+/// 3: those panels as archive entries mapped in place, no longer graph variables.
+const FORMAT: u32 = 3;
 
 /// Identity of a file on disk: a replaced or rewritten file changes at least one of these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -436,8 +444,9 @@ impl Slot {
         &self.archive
     }
 
-    /// The cached decluttered model and the notes of the stages it skips, or why not.
-    pub(crate) fn read(&self) -> Result<(TypedModel, Vec<String>), Miss> {
+    /// The cached decluttered model, the notes of the stages it skips, and how many bytes of
+    /// f32 panels it maps in place; or why not.
+    pub(crate) fn read(&self) -> Result<(TypedModel, Vec<String>, usize), Miss> {
         let text = match std::fs::read_to_string(&self.meta) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Miss::Absent),
@@ -463,23 +472,28 @@ impl Slot {
                 meta.archive_bytes
             )));
         }
-        let mut reader = Checksummed::new(std::io::BufReader::with_capacity(1 << 20, file));
-        // tract's NNEF reader is not written for hostile input: a corrupt archive may panic.
-        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let proto = read_proto(&mut reader)?;
-            std::io::copy(&mut reader, &mut std::io::sink())?;
-            let crc = reader.crc.clone().finalize();
-            ensure!(
-                crc == meta.archive_crc32,
+        let map = MappedFile::open(&file, size).map_err(|e| broken(&e))?;
+        // The checksum before anything parses the archive, so corrupt bytes never reach
+        // tract's reader; on all cores, which also brings the mapped pages in.
+        let crc = checksum(map.bytes());
+        if crc != meta.archive_crc32 {
+            return Err(broken(&format!(
                 "checksum {crc:08x}, {:08x} written",
                 meta.archive_crc32
-            );
+            )));
+        }
+        // tract's NNEF reader is not written for hostile input: a corrupt archive may panic.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let proto = read_proto(&map)?;
+            let mapped = proto.resources.values();
+            let mapped = mapped.filter_map(|r| r.downcast_ref::<MappedF32>());
+            let mapped = mapped.map(|m| m.as_slice().len() * 4).sum();
             let mut model = nnef_reader().model_for_proto_model(&proto)?;
             restore_names(&mut model, &meta)?;
-            Ok::<_, TractError>(model)
+            Ok::<_, TractError>((model, mapped))
         }));
         match read {
-            Ok(Ok(model)) => Ok((model, meta.notes)),
+            Ok(Ok((model, mapped))) => Ok((model, meta.notes, mapped)),
             Ok(Err(e)) => Err(broken(&e.root_cause())),
             Err(_) => Err(broken(&"tract's NNEF reader panicked")),
         }
@@ -559,14 +573,35 @@ impl Slot {
     }
 }
 
+/// The archive directory of the f32 products' packed panels ([`dump_f32`]).
+const PANELS_DIR: &str = "edgevlm_f32_panels";
+
+/// CRC-32 of `bytes`, in one part per core.
+fn checksum(bytes: &[u8]) -> u32 {
+    let part = bytes.len().div_ceil(crate::par::cores()).max(1 << 20);
+    let parts: Vec<&[u8]> = bytes.chunks(part).collect();
+    let crcs = crate::par::map(&parts, |part| {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(part);
+        crc
+    });
+    let mut crc = crc32fast::Hasher::new();
+    for part in &crcs {
+        crc.combine(part);
+    }
+    crc.finalize()
+}
+
 /// The parts of an archive [`Slot::write`] wrote (tract's `proto_model_for_read`, with
 /// the text parsed on a second core while the tensors are read: together they are most of
-/// a cached load's reading time). tract writes the graph's text first.
-fn read_proto(reader: &mut impl std::io::Read) -> TractResult<tract_nnef::ast::ProtoModel> {
+/// a cached load's reading time). tract writes the graph's text first. The f32 products'
+/// panels are not read: they are resources, [`MappedF32`] in place in `map`.
+fn read_proto(map: &Arc<MappedFile>) -> TractResult<tract_nnef::ast::ProtoModel> {
     use std::io::Read;
     use tract_nnef::resource::{GRAPH_NNEF_FILENAME, GRAPH_QUANT_FILENAME};
-    let mut archive = tar::Archive::new(reader);
-    let mut entries = archive.entries()?;
+    let mut archive = tar::Archive::new(std::io::Cursor::new(map.bytes()));
+    // Seeking past the entries that are mapped, not read.
+    let mut entries = archive.entries_with_seek()?;
     let mut text = String::new();
     {
         let mut first = entries.next().context("empty archive")??;
@@ -586,6 +621,8 @@ fn read_proto(reader: &mut impl std::io::Read) -> TractResult<tract_nnef::ast::P
         },
         || -> TractResult<_> {
             let mut tensors = HashMap::new();
+            let mut resources: HashMap<String, Arc<dyn tract_nnef::resource::Resource>> =
+                HashMap::new();
             let mut quantization = None;
             for entry in entries {
                 let mut entry = entry?;
@@ -595,6 +632,12 @@ fn read_proto(reader: &mut impl std::io::Read) -> TractResult<tract_nnef::ast::P
                 let path = entry.path()?.into_owned();
                 if path.extension().is_some_and(|e| e == "dat") {
                     let id = tract_nnef::resource::resource_path_to_id(&path)?;
+                    if path.starts_with(PANELS_DIR) {
+                        let panels = mapped_f32(map, &entry)
+                            .with_context(|| format!("tensor {}", path.display()))?;
+                        resources.insert(id, Arc::new(panels));
+                        continue;
+                    }
                     let tensor = tract_nnef::tensors::read_tensor(&mut entry)
                         .with_context(|| format!("tensor {}", path.display()))?;
                     tensors.insert(Identifier::from(&*id), Arc::new(tensor));
@@ -607,19 +650,50 @@ fn read_proto(reader: &mut impl std::io::Read) -> TractResult<tract_nnef::ast::P
                     bail!("unexpected entry {}", path.display());
                 }
             }
-            Ok((tensors, quantization))
+            Ok((tensors, resources, quantization))
         },
     );
-    let (tensors, quantization) = parts?;
+    let (tensors, resources, quantization) = parts?;
     Ok(tract_nnef::ast::ProtoModel {
         doc: doc?,
         tensors,
         quantization,
-        resources: HashMap::new(),
+        resources,
     })
 }
 
-/// A reader or writer that keeps the CRC-32 of the bytes through it.
+/// The f32 vector an archive entry holds, in place: the entry is a 128-byte header in the
+/// NNEF tensor file format (as tract writes it: fields in the machine's byte order), then
+/// the values.
+fn mapped_f32<R: std::io::Read>(
+    map: &Arc<MappedFile>,
+    entry: &tar::Entry<R>,
+) -> TractResult<MappedF32> {
+    const HEADER: usize = 128;
+    let start = usize::try_from(entry.raw_file_position())?;
+    let size = usize::try_from(entry.size())?;
+    let header = start
+        .checked_add(HEADER)
+        .and_then(|end| map.bytes().get(start..end))
+        .context("truncated header")?;
+    let u32_at = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().unwrap());
+    let u16_at = |at: usize| u16::from_ne_bytes(header[at..at + 2].try_into().unwrap());
+    // magic, version 1.0, data bytes, rank, dims[8], bits per item, item type, vendor.
+    let (magic, data_bytes, rank, len) = (&header[..4], u32_at(4), u32_at(8), u32_at(12));
+    let (bits, item_type, vendor) = (u32_at(44), u16_at(48), u16_at(50));
+    ensure!(
+        magic == [0x4e, 0xef, 1, 0]
+            && rank == 1
+            && (bits, item_type, vendor) == (32, 0, 0)
+            && Some(data_bytes) == len.checked_mul(4)
+            && size == HEADER + data_bytes as usize,
+        "not an f32 vector in the NNEF tensor format"
+    );
+    MappedF32::new(map.clone(), start + HEADER, len as usize)
+        .context("values outside the archive or unaligned")
+}
+
+/// A writer that keeps the CRC-32 of the bytes through it.
 struct Checksummed<T> {
     inner: T,
     crc: crc32fast::Hasher,
@@ -631,14 +705,6 @@ impl<T> Checksummed<T> {
             inner,
             crc: crc32fast::Hasher::new(),
         }
-    }
-}
-
-impl<R: std::io::Read> std::io::Read for Checksummed<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.crc.update(&buf[..n]);
-        Ok(n)
     }
 }
 
@@ -753,7 +819,7 @@ fn registry() -> Registry {
         "edgevlm_f32_matmul",
         &[
             input(),
-            TypeName::Scalar.tensor().named("panels"),
+            TypeName::String.named("panels"),
             int("n"),
             int("k"),
         ],
@@ -990,24 +1056,47 @@ fn dump_f32(
 ) -> TractResult<Option<Arc<RValue>>> {
     let input = ast.mapping[&node.inputs[0]].clone();
     let (n, k, panels) = op.weight.parts();
-    let panels = ast.konst_variable(format!("{}.panels", node.name), panels)?;
+    // Not a `variable`: tract would copy the tensor into a graph constant. An archive entry
+    // under `PANELS_DIR`, which `read_proto` maps in place and `load_f32` looks up by name.
+    let label = Identifier(format!("{PANELS_DIR}/{}", node.id));
+    ensure!(
+        !ast.tensors.contains_key(&label),
+        "{} written twice",
+        label.0
+    );
+    ast.tensors.insert(label.clone(), panels);
     Ok(Some(invocation(
         "edgevlm_f32_matmul",
-        &[input, panels],
-        &[("n", numeric(n)), ("k", numeric(k))],
+        &[input],
+        &[
+            ("panels", string(&label.0)),
+            ("n", numeric(n)),
+            ("k", numeric(k)),
+        ],
     )))
 }
 
 fn load_f32(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResult<Value> {
     let input: OutletId = i.named_arg_as(b, "input")?;
-    let panels: Arc<Tensor> = i.named_arg_as(b, "panels")?;
+    let label: String = i.named_arg_as(b, "panels")?;
     let (n, k) = (
         i.named_arg_as::<usize>(b, "n")?,
         i.named_arg_as::<usize>(b, "k")?,
     );
-    // The panels are used as read: no copy, no packing.
-    let weight = F32Panels::from_parts(n, k, panels)
-        .with_context(|| format!("edgevlm_f32_matmul: panels do not fit n = {n}, k = {k}"))?;
+    let unfit = || format!("edgevlm_f32_matmul: panels {label} do not fit n = {n}, k = {k}");
+    // The panels are used as read, mapped in place by `read_proto` (or read into a tensor
+    // by a reader that copies): no packing.
+    let mapped = b.proto_model.resources.get(&label);
+    let weight = if let Some(mapped) = mapped.and_then(|r| r.downcast_ref::<MappedF32>()) {
+        F32Panels::from_mapped(n, k, mapped.clone()).with_context(unfit)?
+    } else {
+        let panels = b
+            .proto_model
+            .tensors
+            .get(&Identifier(label.clone()))
+            .with_context(|| format!("edgevlm_f32_matmul: no entry {label}.dat"))?;
+        F32Panels::from_parts(n, k, panels.clone()).with_context(unfit)?
+    };
     b.wire(
         F32MatMul {
             weight: Arc::new(weight),
@@ -1082,4 +1171,103 @@ fn load_lookup_table(b: &mut ModelBuilder, i: &ResolvedInvocation) -> TractResul
         ElementWiseOp(Box::new(LookupTable { table }), None),
         &[input],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar archive of `tensors` as tract writes them, mapped.
+    fn mapped_archive(tensors: &[(&str, Tensor)]) -> Arc<MappedFile> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, tensor) in tensors {
+            let mut data = vec![];
+            tract_nnef::tensors::write_tensor(&mut data, tensor).unwrap();
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            builder.append_data(&mut header, path, &*data).unwrap();
+        }
+        let bytes = builder.into_inner().unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        MappedFile::open(&file, bytes.len() as u64).unwrap()
+    }
+
+    #[test]
+    fn f32_vectors_map_in_place_and_other_entries_are_refused() {
+        let values: Vec<f32> = (0..1000).map(|i| i as f32 * 0.25 - 7.0).collect();
+        let map = mapped_archive(&[
+            ("a.dat", tensor1(&values)),
+            ("b.dat", tensor1(&vec![3i32; 1000])),
+            ("c.dat", tensor1(&values).into_shape(&[10, 100]).unwrap()),
+            ("d.dat", tensor1(&[1.5f32])),
+        ]);
+        let mut archive = tar::Archive::new(std::io::Cursor::new(map.bytes()));
+        let read: Vec<_> = archive
+            .entries_with_seek()
+            .unwrap()
+            .map(|e| mapped_f32(&map, &e.unwrap()))
+            .collect();
+        let a = read[0].as_ref().unwrap();
+        assert_eq!(a.as_slice(), &values[..]);
+        // In place: the values' address is inside the mapping.
+        let bytes = map.bytes().as_ptr_range();
+        assert!(bytes.contains(&a.as_slice().as_ptr().cast()));
+        for (i, what) in [(1, "i32"), (2, "a matrix")] {
+            let e = read[i].as_ref().unwrap_err().to_string();
+            assert!(e.contains("not an f32 vector"), "{what}: {e}");
+        }
+        assert_eq!(read[3].as_ref().unwrap().as_slice(), &[1.5]);
+    }
+
+    /// An f32 product's packed panels go to the archive as an entry of their own and come
+    /// back mapped in place, the same values (the kernel need not run: any CPU).
+    #[test]
+    fn f32_panels_round_trip_through_a_slot_mapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let graph = dir.path().join("g.onnx");
+        std::fs::write(&graph, b"a graph").unwrap();
+        let slot = Slot::new(
+            &dir.path().join("cache"),
+            &graph,
+            &LoadOptions::default(),
+            &[],
+        )
+        .unwrap();
+        let (k, n) = (40, 70);
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 17) as f32 - 8.5).collect();
+        let panels = F32Panels::pack(&w, k, n, true).unwrap();
+        let (_, _, written) = panels.parts();
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([3, k])).unwrap();
+        let op = F32MatMul {
+            weight: Arc::new(panels),
+        };
+        let y = model.wire_node("y", op, &[x]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        slot.write(model, &["a note".into()]).unwrap();
+
+        let (read, notes, mapped) = slot.read().unwrap();
+        assert_eq!(notes, ["a note"]);
+        assert_eq!(mapped, written.len() * 4);
+        let products: Vec<&F32MatMul> = read.nodes().iter().filter_map(|n| n.op_as()).collect();
+        assert_eq!(products.len(), 1);
+        assert!(products[0].weight.is_mapped());
+        let (rn, rk, values) = products[0].weight.parts();
+        assert_eq!((rn, rk), (n, k));
+        assert_eq!(values, written);
+    }
+
+    #[test]
+    fn checksum_in_parts_is_the_whole_files() {
+        let bytes: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for len in [0, 1, 1 << 20, (1 << 20) + 1, bytes.len()] {
+            assert_eq!(
+                checksum(&bytes[..len]),
+                crc32fast::hash(&bytes[..len]),
+                "{len}"
+            );
+        }
+    }
 }

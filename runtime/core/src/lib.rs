@@ -22,10 +22,12 @@ pub mod hf;
 pub mod idefics3;
 pub mod import;
 // The modules with `unsafe` (SIMD intrinsics and raw tile pointers, each block with its
-// SAFETY argument): attention, int8mm and q4mm.
+// SAFETY argument): attention, int8mm and q4mm; and mapped (file mappings).
 #[allow(unsafe_code)]
 pub mod int8mm;
 pub mod manifest;
+#[allow(unsafe_code)]
+mod mapped;
 pub mod nbits;
 pub mod nnef_text;
 pub mod npy;

@@ -228,8 +228,8 @@ impl OnnxModel {
         // A cached model that reads back but then fails to build is a broken entry like any
         // other: the load goes on from the ONNX file and rewrites it.
         let cached = slot.as_ref().map(|slot| {
-            slot.read().and_then(|(model, cached_notes)| {
-                from_cache(slot, model, options, start).map(|b| (b, cached_notes))
+            slot.read().and_then(|(model, cached_notes, mapped)| {
+                from_cache(slot, model, mapped, options, start).map(|b| (b, cached_notes))
             })
         });
         let typed = match cached {
@@ -403,6 +403,7 @@ impl OnnxModel {
 fn from_cache(
     slot: &crate::cache::Slot,
     mut decluttered: TypedModel,
+    mapped: usize,
     options: &LoadOptions,
     start: Instant,
 ) -> std::result::Result<Built, crate::cache::Miss> {
@@ -430,9 +431,17 @@ fn from_cache(
     stages.append(&mut built.stages);
     built.stages = stages;
     built.notes.push(format!(
-        "cache: {} {}",
+        "cache: {} {}{}",
         crate::cache::READ_NOTE,
-        slot.archive().display()
+        slot.archive().display(),
+        if mapped > 0 {
+            format!(
+                " ({:.1} MiB of f32 weights mapped in place)",
+                mapped as f64 / (1 << 20) as f64
+            )
+        } else {
+            String::new()
+        }
     ));
     Ok(built)
 }

@@ -245,12 +245,22 @@ unsafe fn rows_against_chunk(
 
 /// An f32 weight of `n` output columns by `k`, in 32-column panels of `[k, 32]` (the last
 /// one zero-padded): the layout the FMA tile reads, so a run multiplies in place. The
-/// panels are a plain f32 tensor, which the load cache writes and reads back as it is.
+/// panels are a plain f32 tensor, which the load cache writes as it is, or, read back from
+/// the cache, the same values mapped in place from its archive.
 #[derive(Debug)]
 pub struct F32Panels {
     n: usize,
     k: usize,
-    panels: Arc<Tensor>,
+    panels: PanelData,
+}
+
+/// Where an [`F32Panels`]' values are.
+#[derive(Debug)]
+enum PanelData {
+    /// Packed at load, or read from the cache by a reader that copies.
+    Tensor(Arc<Tensor>),
+    /// In the load cache's archive, mapped.
+    Mapped(crate::mapped::MappedF32),
 }
 
 impl F32Panels {
@@ -295,35 +305,73 @@ impl F32Panels {
         Some(F32Panels {
             n,
             k,
-            panels: tensor.into_arc_tensor(),
+            panels: PanelData::Tensor(tensor.into_arc_tensor()),
         })
     }
 
-    /// The packed weight's parts: `n`, `k` and the panels, as [`F32Panels::from_parts`]
-    /// takes them back (the load cache stores them as they are).
-    pub(crate) fn parts(&self) -> (usize, usize, &Arc<Tensor>) {
-        (self.n, self.k, &self.panels)
+    /// The packed weight's parts: `n`, `k` and the panels as an f32 tensor, as
+    /// [`F32Panels::from_parts`] takes them back (the load cache stores them as they are;
+    /// mapped panels are copied, which only a cached model written again would ask for).
+    pub(crate) fn parts(&self) -> (usize, usize, Arc<Tensor>) {
+        let panels = match &self.panels {
+            PanelData::Tensor(t) => t.clone(),
+            PanelData::Mapped(_) => rctensor1(self.data()),
+        };
+        (self.n, self.k, panels)
+    }
+
+    /// The length of the panels of an `[n, k]` weight; `None` for an empty weight or one
+    /// whose size overflows (n and k come from a file: a damaged entry must not overflow).
+    fn panels_len(n: usize, k: usize) -> Option<usize> {
+        let len = n.div_ceil(NR).checked_mul(k)?.checked_mul(NR)?;
+        (k > 0 && n > 0).then_some(len)
     }
 
     /// A packed weight from the parts [`F32Panels::parts`] gave, the panels used in place.
     /// `None` unless they are a plain f32 tensor of the panels of an `[n, k]` weight.
     pub(crate) fn from_parts(n: usize, k: usize, panels: Arc<Tensor>) -> Option<F32Panels> {
-        // n and k come from a file: a damaged entry must not overflow.
-        let len = n.div_ceil(NR).checked_mul(k)?.checked_mul(NR)?;
+        let len = Self::panels_len(n, k)?;
         let fits = panels
             .try_as_plain_ram()
             .and_then(|v| v.as_slice::<f32>())
             .is_ok_and(|s| s.len() == len);
-        (k > 0 && n > 0 && fits).then_some(F32Panels { n, k, panels })
+        fits.then_some(F32Panels {
+            n,
+            k,
+            panels: PanelData::Tensor(panels),
+        })
+    }
+
+    /// A packed weight whose panels are mapped from the load cache's archive. `None` unless
+    /// they are the panels of an `[n, k]` weight.
+    pub(crate) fn from_mapped(
+        n: usize,
+        k: usize,
+        panels: crate::mapped::MappedF32,
+    ) -> Option<F32Panels> {
+        (Some(panels.as_slice().len()) == Self::panels_len(n, k)).then_some(F32Panels {
+            n,
+            k,
+            panels: PanelData::Mapped(panels),
+        })
+    }
+
+    /// Whether the panels are read in place from a mapped file.
+    #[cfg(test)]
+    pub(crate) fn is_mapped(&self) -> bool {
+        matches!(self.panels, PanelData::Mapped(_))
     }
 
     /// The panels, one after the other.
     fn data(&self) -> &[f32] {
-        // Built plain f32 by `pack` or checked so by `from_parts`.
-        self.panels
-            .try_as_plain_ram()
-            .and_then(|v| v.as_slice::<f32>())
-            .expect("f32 panels are a plain f32 tensor")
+        match &self.panels {
+            // Built plain f32 by `pack` or checked so by `from_parts`.
+            PanelData::Tensor(t) => t
+                .try_as_plain_ram()
+                .and_then(|v| v.as_slice::<f32>())
+                .expect("f32 panels are a plain f32 tensor"),
+            PanelData::Mapped(m) => m.as_slice(),
+        }
     }
 }
 

@@ -96,6 +96,15 @@ fn fixtures_read_from_the_cache_run_as_from_onnx() {
                 second.load_stages()
             );
             assert_eq!(other_notes(&second), other_notes(&reference), "{name}");
+            // Packed f32 weights are read in place from the archive, not copied.
+            let packed = other_notes(&second)
+                .iter()
+                .any(|n| n.starts_with("f32-avx512:"));
+            assert_eq!(
+                note.contains("of f32 weights mapped in place"),
+                packed,
+                "{name}: {note}"
+            );
             let specs = |m: &OnnxModel| {
                 let all = m.inputs().iter().chain(m.outputs());
                 all.map(|s| format!("{} {:?} {}", s.name, s.datum_type, s.shape_string()))
