@@ -40,8 +40,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use edgevlm_proto::{
-    bounded, BenchInput, BenchSpec, BenchSummary, Error, IterationDone, LatencyStats, MemorySample,
-    NodeTiming, RunId, StageSpan, TokenStats, TokenTiming, TraceBatch, TraceEvent, MAX_TRACE_BATCH,
+    bounded, BenchInput, BenchSpec, BenchSummary, Error, IterationDone, LatencyStats, LoadSource,
+    MemorySample, NodeTiming, RunId, StageSpan, TokenStats, TokenTiming, TraceBatch, TraceEvent,
+    MAX_TRACE_BATCH,
 };
 use edgevlm_runtime::manifest::{Manifest, Task};
 use edgevlm_runtime::preprocess::{self, Preprocessor};
@@ -138,10 +139,6 @@ impl RunTrace {
 pub struct BenchOutcome {
     /// The summary, or why the run failed.
     pub result: Result<BenchSummary, Error>,
-    /// Where the timed load came from: `Some(true)` the load cache for every graph,
-    /// `Some(false)` an ONNX file for at least one although there is a cache (a graph it
-    /// cannot hold), `None` no cache.
-    pub cached_load: Option<bool>,
     /// What was streamed.
     pub trace: RunTrace,
 }
@@ -170,7 +167,6 @@ pub fn run(
         Err(e) => {
             return BenchOutcome {
                 result: Err(e),
-                cached_load: None,
                 trace: RunTrace::new(run),
             }
         }
@@ -207,10 +203,6 @@ pub fn run(
         let trace = batcher.join().expect("trace batcher panicked");
         (result, trace, sampled)
     });
-    let cached_load = match &result {
-        Ok(m) => m.cached_load,
-        Err(_) => None,
-    };
     let result = result.map(|m| {
         let end = Memory::sample();
         let pss_end = Memory::pss_kb().unwrap_or(0);
@@ -233,13 +225,10 @@ pub fn run(
             peak_rss_kib: peak_rss,
             peak_pss_kib: sampled.pss_kib.max(pss_end),
             dropped_events: dropped.total.load(Ordering::Relaxed),
+            load_source: m.load_source,
         }
     });
-    BenchOutcome {
-        result,
-        cached_load,
-        trace,
-    }
+    BenchOutcome { result, trace }
 }
 
 /// Nearest-rank statistics of `samples` (µs); all zero for none.
@@ -448,8 +437,8 @@ fn sample_memory(
 /// What the measurement loop found.
 struct Measured {
     load_us: u64,
-    /// See [`BenchOutcome::cached_load`].
-    cached_load: Option<bool>,
+    /// Where the timed load read its graphs from.
+    load_source: LoadSource,
     warmup: u32,
     first_run_us: u64,
     /// Durations of the timed iterations, µs.
@@ -555,13 +544,16 @@ fn measure(
         load_us = micros(again.elapsed());
     }
     // From the cache only if every graph came from it.
-    let cached_load = options.cache_dir.as_ref().map(|_| {
-        work.graphs().iter().all(|g| {
-            g.notes()
-                .iter()
-                .any(|n| n.contains(edgevlm_runtime::cache::READ_NOTE))
-        })
+    let from_cache = work.graphs().iter().all(|g| {
+        g.notes()
+            .iter()
+            .any(|n| n.contains(edgevlm_runtime::cache::READ_NOTE))
     });
+    let load_source = match (&options.cache_dir, from_cache) {
+        (None, _) => LoadSource::Onnx,
+        (Some(_), true) => LoadSource::Cache,
+        (Some(_), false) => LoadSource::OnnxDespiteCache,
+    };
 
     if cancelled() {
         return Err(Error::Cancelled);
@@ -633,7 +625,7 @@ fn measure(
     };
     Ok(Measured {
         load_us,
-        cached_load,
+        load_source,
         warmup,
         first_run_us: first_run_us.unwrap_or(0),
         timed,

@@ -619,11 +619,7 @@ impl Server {
             " iterations={} load_us={} load={} p50_us={} p99_us={} peak_rss_kib={} dropped={}",
             summary.iterations,
             summary.load_us,
-            match outcome.cached_load {
-                Some(true) => "cache",
-                Some(false) => "onnx-uncached",
-                None => "onnx",
-            },
+            summary.load_source.as_str(),
             summary.latency.p50_us,
             summary.latency.p99_us,
             summary.peak_rss_kib,

@@ -139,7 +139,11 @@ mod tests {
             }
         );
         let text = std::format!("{err}");
-        assert!(text.contains("host speaks v1, agent speaks v2"), "{text}");
+        let both = std::format!(
+            "host speaks v{PROTOCOL_VERSION}, agent speaks v{}",
+            PROTOCOL_VERSION + 1
+        );
+        assert!(text.contains(&both), "{text}");
 
         let mut host = HostHello::new("0.0.9");
         host.protocol = 0;

@@ -58,12 +58,13 @@ pub use names::{
     FilePath, ModelName, NodeName, StageName, VersionString,
 };
 pub use trace::{
-    BenchSummary, IterationDone, LatencyStats, MemorySample, NodeTiming, StageSpan, TokenStats,
-    TokenTiming, TraceBatch, TraceEvent,
+    BenchSummary, IterationDone, LatencyStats, LoadSource, MemorySample, NodeTiming, StageSpan,
+    TokenStats, TokenTiming, TraceBatch, TraceEvent,
 };
 
 /// Version of this protocol. Both sides must speak the same one (see the crate docs).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: [`BenchSummary::load_source`].
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// First four bytes of both hellos: tells an edgevlm peer from anything else on the link.
 pub const MAGIC: [u8; 4] = *b"EVLM";

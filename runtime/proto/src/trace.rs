@@ -176,4 +176,32 @@ pub struct BenchSummary {
     pub peak_pss_kib: u64,
     /// Trace events dropped over the whole run.
     pub dropped_events: u32,
+    /// Where the timed load (`load_us`) read the model from.
+    pub load_source: LoadSource,
+}
+
+/// Where a benchmark's timed load read its graphs from: a cold start from the board's load
+/// cache skips parsing and optimizing the ONNX files, so the two are not comparable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum LoadSource {
+    /// Every graph from its ONNX file: the agent has no load cache.
+    Onnx,
+    /// Every graph from the load cache.
+    Cache,
+    /// At least one graph from its ONNX file although the agent has a load cache (an entry
+    /// that was stale or unreadable, or a graph the cache cannot hold).
+    OnnxDespiteCache,
+}
+
+impl LoadSource {
+    /// A short name for logs, tables and the results database: `onnx`, `cache`,
+    /// `onnx-uncached`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadSource::Onnx => "onnx",
+            LoadSource::Cache => "cache",
+            LoadSource::OnnxDespiteCache => "onnx-uncached",
+        }
+    }
 }

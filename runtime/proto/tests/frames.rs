@@ -115,8 +115,10 @@ fn handshake_prefix_is_frozen() {
         request: Request::Hello(HostHello::new("0.1.0")),
     };
     let bytes = plain(&msg);
-    // id, Request::Hello, magic, protocol, version string.
-    assert_eq!(&bytes[..8], &[5, 0, b'E', b'V', b'L', b'M', 1, 5]);
+    // id, Request::Hello, magic, protocol (a one-byte varint below 128), version string.
+    let v = u8::try_from(PROTOCOL_VERSION).unwrap();
+    assert!(v < 128);
+    assert_eq!(&bytes[..8], &[5, 0, b'E', b'V', b'L', b'M', v, 5]);
 
     let reply = AgentMessage::Response {
         id: RequestId(5),
@@ -124,7 +126,7 @@ fn handshake_prefix_is_frozen() {
     };
     let bytes = plain(&reply);
     // Response, id, Ok, Response::Hello, magic, protocol.
-    assert_eq!(&bytes[..9], &[0, 5, 0, 0, b'E', b'V', b'L', b'M', 1]);
+    assert_eq!(&bytes[..9], &[0, 5, 0, 0, b'E', b'V', b'L', b'M', v]);
 
     let mismatch = AgentMessage::Response {
         id: RequestId(5),

@@ -94,6 +94,7 @@ fn synthetic_run(
         peak_rss_kib: rss_kib + 6_300,
         peak_pss_kib: if pss { rss_kib * 9 / 10 + 6_000 } else { 0 },
         dropped_events: 0,
+        load_source: proto::LoadSource::Cache,
     };
     let board = BoardFacts {
         name: "line3-pi5".into(),

@@ -17,8 +17,9 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 
 use crate::record::BenchRecord;
 
-/// The schema this build writes and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema this build writes and reads. 2: the `load_source` column (a version 1 file
+/// gains it, empty for its runs, when this build opens it).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// File name of the database inside `$EDGEVLM_HOME` or the data directory.
 pub const DB_FILE_NAME: &str = "results.sqlite";
@@ -175,6 +176,7 @@ CREATE TABLE runs (
     agent_run         INTEGER NOT NULL,
     load_us           INTEGER NOT NULL,
     first_run_us      INTEGER NOT NULL,
+    load_source       TEXT    NOT NULL DEFAULT '',
     iterations        INTEGER NOT NULL,
     latency_min_us    INTEGER NOT NULL,
     latency_mean_us   INTEGER NOT NULL,
@@ -277,7 +279,7 @@ impl ResultsDb {
         if version == SCHEMA_VERSION {
             return Ok(());
         }
-        // Version 0: a new file, or somebody else's database.
+        // Version 1 or 0 (a new file, or somebody else's database).
         let path = self.path.clone();
         let sql = move |action: &str| {
             let path = path.clone();
@@ -298,6 +300,13 @@ impl ResultsDb {
             .map_err(sql("reading the schema version"))?;
         if version == SCHEMA_VERSION {
             return Ok(());
+        }
+        if version == 1 {
+            tx.execute_batch("ALTER TABLE runs ADD COLUMN load_source TEXT NOT NULL DEFAULT ''")
+                .map_err(sql("adding the load_source column"))?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(sql("setting the schema version"))?;
+            return tx.commit().map_err(sql("upgrading the schema"));
         }
         let tables: i64 = tx
             .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
@@ -378,7 +387,7 @@ impl ResultsDb {
                 board_ram_kib, agent_version, tract_version,
                 model_name, model_version, model_variant, model_task, model_bytes,
                 warmup, iterations_asked, min_duration_ms, threads, input, traced,
-                agent_run, load_us, first_run_us, iterations,
+                agent_run, load_us, first_run_us, load_source, iterations,
                 latency_min_us, latency_mean_us, latency_p50_us, latency_p90_us,
                 latency_p99_us, latency_max_us,
                 prompt_tokens, generated_tokens, ttft_p50_us, prefill_tok_s, decode_tok_s,
@@ -386,7 +395,7 @@ impl ResultsDb {
             ) VALUES (
                 ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
                 ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32,
-                ?33, ?34, ?35, ?36, ?37, ?38, ?39, ?40, '{}'
+                ?33, ?34, ?35, ?36, ?37, ?38, ?39, ?40, ?41, '{}'
             )",
             params![
                 r.started_at,
@@ -414,6 +423,7 @@ impl ResultsDb {
                 r.run,
                 columns[2],
                 columns[3],
+                r.load_source,
                 r.iterations,
                 columns[4],
                 columns[5],
@@ -656,5 +666,56 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    /// A file of schema version 1 (without `load_source`) is upgraded in place when opened:
+    /// its runs stay readable, new runs store where their load came from.
+    #[test]
+    fn a_version_1_file_gains_the_load_source_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite");
+        let mut old = BenchRecord {
+            load_us: 7,
+            ..BenchRecord::default()
+        };
+        {
+            let mut db = ResultsDb::open(&path).unwrap();
+            db.insert(&mut old).unwrap();
+            // Back to version 1: the column gone, the record's JSON without the field.
+            let json: String = db
+                .conn
+                .query_row("SELECT trace FROM runs", [], |r| r.get(0))
+                .unwrap();
+            let json = json.replace(",\"load_source\":\"\"", "");
+            assert!(!json.contains("load_source"), "{json}");
+            db.conn
+                .execute("UPDATE runs SET trace = ?1", [json])
+                .unwrap();
+            db.conn
+                .execute_batch("ALTER TABLE runs DROP COLUMN load_source; PRAGMA user_version = 1")
+                .unwrap();
+        }
+        let mut db = ResultsDb::open(&path).unwrap();
+        let v: i64 = db
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        assert_eq!(db.get(old.id).unwrap().unwrap(), old);
+        let mut new = BenchRecord {
+            load_source: "cache".into(),
+            ..BenchRecord::default()
+        };
+        db.insert(&mut new).unwrap();
+        let sources: Vec<String> = db
+            .conn
+            .prepare("SELECT load_source FROM runs ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(sources, ["", "cache"]);
+        assert_eq!(db.get(new.id).unwrap().unwrap().load_source, "cache");
     }
 }

@@ -154,6 +154,10 @@ pub struct BenchRecord {
     pub load_us: u64,
     /// First iteration after load, µs.
     pub first_run_us: u64,
+    /// Where the timed load read the model from ([`proto::LoadSource::as_str`]: `onnx`,
+    /// `cache`, `onnx-uncached`); empty for runs recorded before agents said.
+    #[serde(default)]
+    pub load_source: String,
     /// Timed iterations run.
     pub iterations: u32,
     /// Latency of the timed iterations.
@@ -291,6 +295,7 @@ impl BenchRecord {
             run: summary.run.0,
             load_us: summary.load_us,
             first_run_us: summary.first_run_us,
+            load_source: summary.load_source.as_str().to_owned(),
             iterations: summary.iterations,
             latency: Latency {
                 min_us: l.min_us,
@@ -388,6 +393,7 @@ mod tests {
             peak_rss_kib: 10,
             peak_pss_kib: 9,
             dropped_events: 0,
+            load_source: proto::LoadSource::Cache,
         };
         let r = BenchRecord::from_run(
             BoardFacts::default(),
@@ -398,6 +404,7 @@ mod tests {
         );
         assert_eq!(r.latencies_us, vec![400, 410]);
         assert_eq!(r.model.bytes, 1234);
+        assert_eq!(r.load_source, "cache");
         let names: Vec<_> = r.stages.iter().map(|s| s.stage.as_str()).collect();
         assert_eq!(names, ["preprocess", "infer"]);
         assert!((r.stages[1].share - 0.75).abs() < 1e-9);

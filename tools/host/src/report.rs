@@ -71,6 +71,9 @@ pub struct Summary {
     pub iterations: u32,
     /// Model load and optimization, ms.
     pub load_ms: f64,
+    /// Where that load read the model from: `onnx`, `cache`, `onnx-uncached` (empty for
+    /// runs recorded before agents said).
+    pub load_source: String,
     /// First iteration after load, ms.
     pub first_run_ms: f64,
     /// Mean latency, ms.
@@ -118,6 +121,7 @@ impl Summary {
             threads: r.settings.threads,
             iterations: r.iterations,
             load_ms: ms(r.load_us),
+            load_source: r.load_source.clone(),
             first_run_ms: ms(r.first_run_us),
             mean_ms: ms(r.latency.mean_us),
             p50_ms: ms(r.latency.p50_us),
@@ -143,7 +147,7 @@ pub fn compare(records: &[BenchRecord], format: Format) -> String {
     }
 }
 
-const COLUMNS: [&str; 15] = [
+const COLUMNS: [&str; 16] = [
     "run",
     "model",
     "variant",
@@ -151,6 +155,7 @@ const COLUMNS: [&str; 15] = [
     "board",
     "threads",
     "load ms",
+    "load from",
     "first run ms",
     "p50 ms",
     "p99 ms",
@@ -173,7 +178,7 @@ pub(crate) fn num(v: f64) -> String {
 }
 
 /// The main table's cells of one run; `missing` stands for a figure the run does not have.
-fn cells(s: &Summary, missing: &str) -> [String; 15] {
+fn cells(s: &Summary, missing: &str) -> [String; 16] {
     let opt = |v: Option<f64>| v.map(num).unwrap_or_else(|| missing.to_owned());
     [
         s.id.to_string(),
@@ -187,6 +192,11 @@ fn cells(s: &Summary, missing: &str) -> [String; 15] {
         s.board.clone(),
         s.threads.to_string(),
         num(s.load_ms),
+        if s.load_source.is_empty() {
+            missing.to_owned()
+        } else {
+            s.load_source.clone()
+        },
         num(s.first_run_ms),
         num(s.p50_ms),
         num(s.p99_ms),
@@ -200,7 +210,7 @@ fn cells(s: &Summary, missing: &str) -> [String; 15] {
 
 /// Columns whose cells are text, left-aligned; the others are numbers, right-aligned.
 fn is_text(column: usize) -> bool {
-    matches!(column, 1 | 2 | 4)
+    matches!(column, 1 | 2 | 4 | 7)
 }
 
 /// An aligned Markdown table.
@@ -400,6 +410,7 @@ fn csv(records: &[BenchRecord]) -> String {
         "threads",
         "iterations",
         "load_ms",
+        "load_source",
         "first_run_ms",
         "mean_ms",
         "p50_ms",
@@ -428,6 +439,7 @@ fn csv(records: &[BenchRecord]) -> String {
             s.threads.to_string(),
             s.iterations.to_string(),
             format!("{:.3}", s.load_ms),
+            s.load_source,
             format!("{:.3}", s.first_run_ms),
             format!("{:.3}", s.mean_ms),
             format!("{:.3}", s.p50_ms),

@@ -527,6 +527,8 @@ fn bench_produces_a_full_record() {
             .unwrap();
         assert_eq!(iterations, 8, "{input:?}");
         assert_eq!(run.missing_batches, 0);
+        // This agent has no load cache.
+        assert_eq!(run.summary.load_source, proto::LoadSource::Onnx);
         let settings = RunSettings {
             warmup: 2,
             iterations: 6,
@@ -645,10 +647,12 @@ fn benchmarks_load_through_the_load_cache() {
     assert!(entries().is_empty());
     let first = client.bench(&spec, |_| {}).unwrap();
     assert!(first.summary.load_us > 0);
+    assert_eq!(first.summary.load_source, proto::LoadSource::Cache);
     let written = entries();
     assert_eq!(written.len(), 1, "{written:?}");
     let second = client.bench(&spec, |_| {}).unwrap();
     assert!(second.summary.load_us > 0);
+    assert_eq!(second.summary.load_source, proto::LoadSource::Cache);
     assert_eq!(entries(), written, "the second benchmark rewrote the cache");
     let logged = bench_lines(&lines);
     assert_eq!(logged.len(), 2, "{logged:?}");
@@ -700,7 +704,7 @@ fn a_running_benchmark_can_be_cancelled() {
 
 #[test]
 fn a_peer_speaking_another_version_is_named() {
-    // A future agent: it answers the hello (whose prefix is frozen) with protocol v2.
+    // A future agent: it answers the hello (whose prefix is frozen) with the next protocol.
     let (host, mut agent) = UnixStream::pair().unwrap();
     let peer = std::thread::spawn(move || {
         let mut decoder = proto::Decoder::<HostMessage>::new();
@@ -732,8 +736,9 @@ fn a_peer_speaking_another_version_is_named() {
     let err = Client::connect(link, "pi", "ssh://pi@x", options())
         .unwrap_err()
         .to_string();
+    let (ours, theirs) = (proto::PROTOCOL_VERSION, proto::PROTOCOL_VERSION + 1);
     assert!(
-        err.contains("protocol version mismatch: host speaks v1, agent speaks v2; install the same edgevlm release on both sides")
+        err.contains(&format!("protocol version mismatch: host speaks v{ours}, agent speaks v{theirs}; install the same edgevlm release on both sides"))
             && err.contains("agent edgevlm 0.2.0"),
         "{err}"
     );

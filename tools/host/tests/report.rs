@@ -52,6 +52,7 @@ fn vision_run(variant: &str, p50_us: u64, rss_kib: u64) -> BenchRecord {
         run: 7,
         load_us: 120_000,
         first_run_us: 3 * p50_us,
+        load_source: "onnx".into(),
         iterations: 4,
         latency: Latency {
             min_us: p50_us - 100,
@@ -177,6 +178,7 @@ fn vlm_run_from_events() -> BenchRecord {
         peak_rss_kib: 612_000,
         peak_pss_kib: 0,
         dropped_events: 3,
+        load_source: proto::LoadSource::Cache,
     };
     BenchRecord::from_run(
         board("bench-pi4"),
@@ -458,7 +460,7 @@ fn markdown_table_has_every_run_ratios_and_stages() {
     };
     let r1 = row("1");
     assert_eq!(
-        &r1[1..16],
+        &r1[1..17],
         [
             "1",
             "mobilenet-v3 1.2",
@@ -467,6 +469,7 @@ fn markdown_table_has_every_run_ratios_and_stages() {
             "line3-pi5",
             "4",
             "120",
+            "onnx",
             "24.0",
             "8.00",
             "8.40",
@@ -480,10 +483,11 @@ fn markdown_table_has_every_run_ratios_and_stages() {
     let r3 = row("3");
     assert_eq!(r3[2], "smolvlm 256m");
     assert_eq!(r3[4], "180", "size MB: {r3:?}");
-    assert_eq!(r3[11], "95.0", "TTFT ms: {r3:?}");
-    assert_eq!(r3[12], "747", "prefill tok/s = 71 / 0.095: {r3:?}");
-    assert_eq!(r3[13], "40.0", "decode tok/s: {r3:?}");
-    assert_eq!(r3[15], "-", "no PSS: {r3:?}");
+    assert_eq!(r3[8], "cache", "load from: {r3:?}");
+    assert_eq!(r3[12], "95.0", "TTFT ms: {r3:?}");
+    assert_eq!(r3[13], "747", "prefill tok/s = 71 / 0.095: {r3:?}");
+    assert_eq!(r3[14], "40.0", "decode tok/s: {r3:?}");
+    assert_eq!(r3[16], "-", "no PSS: {r3:?}");
     // Ratios against run 1: int8 has half the p50 and half the RSS.
     assert!(
         md.contains("### Against run 1 (mobilenet-v3 fp32, baseline)"),

@@ -282,6 +282,11 @@ impl Gen {
             peak_rss_kib: self.u64(),
             peak_pss_kib: self.u64(),
             dropped_events: self.u32(),
+            load_source: [
+                LoadSource::Onnx,
+                LoadSource::Cache,
+                LoadSource::OnnxDespiteCache,
+            ][self.u32() as usize % 3],
         }
     }
 

@@ -297,8 +297,13 @@ fn write_summary(out: &mut impl Write, r: &BenchRecord, run: &BenchRun) -> std::
     let l = &r.latency;
     writeln!(
         out,
-        "  load {:.1} ms | first run {:.2} ms | {} iterations: mean {:.2} p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms",
+        "  load {:.1} ms{} | first run {:.2} ms | {} iterations: mean {:.2} p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} ms",
         ms(r.load_us as f64),
+        if r.load_source.is_empty() {
+            String::new()
+        } else {
+            format!(" (from {})", r.load_source)
+        },
         ms(r.first_run_us as f64),
         r.iterations,
         ms(l.mean_us as f64),
