@@ -16,6 +16,13 @@
 //! `beta = zb - b_shift`, which is
 //! `sum A'B' - beta * rowsum(A') - alpha * colsum(B') + K * alpha * beta`. All of it is exact
 //! in wrapping 32-bit integers whenever the result fits in an `i32`, as ONNX requires.
+//!
+//! Without VNNI, the same op and packed weight run on an AVX2 tile ([`Int8Kernel::Avx2`]):
+//! tract's AVX2 kernel for these products (`avx2_mmm_i32_8x8`) widens every byte to a 32-bit
+//! lane and multiplies lane by lane, about 100 times slower than ONNX Runtime on this
+//! project's probe int8 decoder. The AVX2 tile widens the packed bytes to 16 bits and sums
+//! pairs with `vpmaddwd` into 32 bits: exact (no saturation, unlike `vpmaddubsw` on unsigned
+//! times signed bytes), and the same `sum A'B'`, so everything around the kernel is shared.
 
 // Elsewhere than x86_64 the kernels are compiled out and the ops never created (the
 // rewrite checks the CPU first), which leaves their plumbing unused there.
@@ -36,7 +43,8 @@ const MR: usize = 8;
 /// while every row block of the activation passes over them.
 const PANEL_GROUP_BYTES: usize = 256 << 10;
 
-/// Does this CPU have the instructions [`VnniMatMul`] needs (AVX-512 F, BW and VNNI)?
+/// Does this CPU have AVX-512 F, BW and VNNI (edgevlm's VNNI int8 kernel, and the gate of its
+/// other AVX-512 kernels)?
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -48,6 +56,35 @@ pub fn available() -> bool {
     {
         false
     }
+}
+
+/// The kernels [`VnniMatMul`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// AVX-512 VNNI: `vpdpbusd`, 8 rows by 32 columns.
+    Vnni,
+    /// AVX2: 16-bit `vpmaddwd`, 2 rows by 2 x 16 columns.
+    Avx2,
+}
+
+impl Int8Kernel {
+    /// Can this CPU run it?
+    pub fn runs_here(self) -> bool {
+        match self {
+            Int8Kernel::Vnni => available(),
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernel::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Int8Kernel::Avx2 => false,
+        }
+    }
+}
+
+/// The fastest int8 kernel this CPU runs, if any (none off x86_64).
+pub fn int8_kernel() -> Option<Int8Kernel> {
+    [Int8Kernel::Vnni, Int8Kernel::Avx2]
+        .into_iter()
+        .find(|k| k.runs_here())
 }
 
 /// Where [`PackedWeight::matmul`] writes: the `i32` sums, or the sums as f32 times a scale
@@ -208,9 +245,18 @@ impl PackedWeight {
     /// `c[r, j] = sum_i (a[r, i] - a_shift - za)(B[i, j] - zb[j])` for the `m` rows of `a`
     /// (unsigned bytes, row `r` at `r * lda`, `lda` a multiple of 4 and at least `k`, bytes
     /// from `k` to the next multiple of 4 zero), `alpha = za + a_shift`; `c` is `m x n`
-    /// row-major. Panics unless [`available`] (checked by the caller once, at load).
-    pub fn matmul(&self, a: &[u8], lda: usize, m: usize, alpha: i32, out: Output<'_>) {
-        assert!(available(), "VnniMatMul needs AVX-512 VNNI");
+    /// row-major; on `kernel`, which panics unless it [runs here](Int8Kernel::runs_here)
+    /// (checked by the caller once, at load).
+    pub fn matmul(
+        &self,
+        kernel: Int8Kernel,
+        a: &[u8],
+        lda: usize,
+        m: usize,
+        alpha: i32,
+        out: Output<'_>,
+    ) {
+        assert!(kernel.runs_here(), "{kernel:?} int8 kernel on this CPU");
         assert!(
             m == 0
                 || (lda.is_multiple_of(4)
@@ -250,6 +296,7 @@ impl PackedWeight {
             })
             .collect();
         let job = Job {
+            kernel,
             w: self,
             a: a.as_ptr() as usize,
             lda,
@@ -335,6 +382,7 @@ unsafe fn interleave_rows(
 /// One product's operands, shared by the threads that compute disjoint blocks of `c`
 /// (pointers as integers so the job crosses threads).
 struct Job<'a> {
+    kernel: Int8Kernel,
     w: &'a PackedWeight,
     a: usize,
     lda: usize,
@@ -380,15 +428,32 @@ impl Job<'_> {
                                 ldc: w.n,
                                 cols,
                             };
-                            match mr {
-                                8 => tile::<8>(&t),
-                                7 => tile::<7>(&t),
-                                6 => tile::<6>(&t),
-                                5 => tile::<5>(&t),
-                                4 => tile::<4>(&t),
-                                3 => tile::<3>(&t),
-                                2 => tile::<2>(&t),
-                                _ => tile::<1>(&t),
+                            match (self.kernel, mr) {
+                                (Int8Kernel::Vnni, 8) => tile::<8>(&t),
+                                (Int8Kernel::Vnni, 7) => tile::<7>(&t),
+                                (Int8Kernel::Vnni, 6) => tile::<6>(&t),
+                                (Int8Kernel::Vnni, 5) => tile::<5>(&t),
+                                (Int8Kernel::Vnni, 4) => tile::<4>(&t),
+                                (Int8Kernel::Vnni, 3) => tile::<3>(&t),
+                                (Int8Kernel::Vnni, 2) => tile::<2>(&t),
+                                (Int8Kernel::Vnni, _) => tile::<1>(&t),
+                                (Int8Kernel::Avx2, _) => {
+                                    // Row pairs: the AVX2 tile's accumulators fill the
+                                    // 16 registers at two rows.
+                                    for r in (0..mr).step_by(2) {
+                                        let t = Tile {
+                                            a: t.a.add(r * t.lda),
+                                            rowsum: t.rowsum.add(r),
+                                            c: t.c.add(r * t.ldc),
+                                            ..t
+                                        };
+                                        if mr - r >= 2 {
+                                            tile_avx2::<2>(&t)
+                                        } else {
+                                            tile_avx2::<1>(&t)
+                                        }
+                                    }
+                                }
                             }
                         }
                     }
@@ -406,6 +471,7 @@ impl Job<'_> {
 }
 
 /// One kernel call: `MR` rows of the activation against one weight panel.
+#[derive(Clone, Copy)]
 struct Tile {
     a: *const u8,
     lda: usize,
@@ -480,6 +546,73 @@ unsafe fn tile<const R: usize>(t: &Tile) {
                     let f =
                         _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_loadu_ps(t.scale.add(16 * h)));
                     _mm512_mask_storeu_ps(out.add(16 * h) as *mut f32, m, f);
+                }
+            }
+        }
+    }
+}
+
+/// `R` rows (1 or 2) by one panel of 32 columns on AVX2, as [`tile`] computes them: the
+/// panel's 4-byte column groups sign-extended to 16 bits, the activation's 4 bytes
+/// zero-extended, `vpmaddwd` summing pairs into 32 bits (exact: no saturation, unlike
+/// `vpmaddubsw`), in two halves of 16 columns so the accumulators stay in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2<const R: usize>(t: &Tile) {
+    use std::arch::x86_64::*;
+    for half in 0..2 {
+        let c0 = 16 * half;
+        if c0 >= t.cols {
+            break;
+        }
+        // Row r, columns c0 + 4q .. c0 + 4q + 4: two partial sums per column.
+        let mut acc = [[_mm256_setzero_si256(); 4]; R];
+        for i in 0..t.k4 {
+            // SAFETY (whole loop): the caller's bounds: R rows of k4 steps of the activation,
+            // k4 steps of 128 bytes of the panel.
+            let b = unsafe { t.b.add(i * NR * 4 + c0 * 4) };
+            let xs: [__m256i; R] = std::array::from_fn(|r| {
+                let x = unsafe { (t.a.add(r * t.lda + 4 * i) as *const i32).read_unaligned() };
+                _mm256_cvtepu8_epi16(_mm_set1_epi32(x))
+            });
+            for q in 0..4 {
+                let w = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(b.add(16 * q).cast()) });
+                for (acc, x) in acc.iter_mut().zip(&xs) {
+                    acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(w, *x));
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // Pairs summed: columns 0-1, 4-5 | 2-3, 6-7 (per 128-bit lane), then in order.
+            let sums = [
+                _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(acc[0], acc[1])),
+                _mm256_permute4x64_epi64::<0xD8>(_mm256_hadd_epi32(acc[2], acc[3])),
+            ];
+            // SAFETY: the caller's bounds for row r of c and the panel's 32 padded entries of
+            // corr, beta and scale; only columns below `cols` are written.
+            unsafe {
+                let rs = _mm256_set1_epi32(*t.rowsum.add(r));
+                let out = t.c.add(r * t.ldc);
+                for (e, s) in sums.into_iter().enumerate() {
+                    let j = c0 + 8 * e;
+                    if j >= t.cols {
+                        break;
+                    }
+                    let corr = _mm256_loadu_si256(t.corr.add(j).cast());
+                    let beta = _mm256_loadu_si256(t.beta.add(j).cast());
+                    let v =
+                        _mm256_add_epi32(s, _mm256_sub_epi32(corr, _mm256_mullo_epi32(beta, rs)));
+                    let live = (t.cols - j).min(8);
+                    let mut lanes = [0u32; 8];
+                    if t.scale.is_null() {
+                        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), v);
+                    } else {
+                        // The same two roundings as ONNX's Cast to float, then Mul.
+                        let f =
+                            _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(t.scale.add(j)));
+                        _mm256_storeu_ps(lanes.as_mut_ptr().cast(), f);
+                    }
+                    std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(j).cast::<u32>(), live);
                 }
             }
         }
@@ -563,12 +696,14 @@ unsafe fn quantize_avx512(xs: &[f32], scale: f32, zero: u8, ys: &mut [u8]) {
 /// activation (`u8` or `i8`, contraction on its last axis) and its zero point; the output is
 /// the `i32` product with the activation's outer axes and `n` last. `scaled`: a third input
 /// (f32, one value or one per column) multiplies the product, output as f32 (the `Cast` and
-/// `Mul` that follow a `MatMulInteger` in a dynamic-int8 export, fused).
+/// `Mul` that follow a `MatMulInteger` in a dynamic-int8 export, fused). The kernel is the
+/// CPU's best ([`int8_kernel`]), chosen at load.
 #[derive(Clone)]
 pub struct VnniMatMul {
     weight: Arc<PackedWeight>,
     act_signed: bool,
     scaled: bool,
+    kernel: Int8Kernel,
 }
 
 impl std::fmt::Debug for VnniMatMul {
@@ -582,6 +717,7 @@ impl PartialEq for VnniMatMul {
         Arc::ptr_eq(&self.weight, &other.weight)
             && self.act_signed == other.act_signed
             && self.scaled == other.scaled
+            && self.kernel == other.kernel
     }
 }
 
@@ -589,7 +725,10 @@ impl Eq for VnniMatMul {}
 
 impl Op for VnniMatMul {
     fn name(&self) -> StaticName {
-        "EdgevlmVnniMatMul".into()
+        match self.kernel {
+            Int8Kernel::Vnni => "EdgevlmVnniMatMul".into(),
+            Int8Kernel::Avx2 => "EdgevlmAvx2Int8MatMul".into(),
+        }
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
@@ -663,7 +802,7 @@ impl EvalOp for VnniMatMul {
                 let mut out_plain = out.try_as_plain_ram_mut()?;
                 let c = out_plain.as_slice_mut::<f32>()?;
                 self.weight
-                    .matmul(a, lda, m, alpha, Output::Scaled(c, scale));
+                    .matmul(self.kernel, a, lda, m, alpha, Output::Scaled(c, scale));
             }
             out
         } else {
@@ -671,7 +810,8 @@ impl EvalOp for VnniMatMul {
             {
                 let mut out_plain = out.try_as_plain_ram_mut()?;
                 let c = out_plain.as_slice_mut::<i32>()?;
-                self.weight.matmul(a, lda, m, alpha, Output::Sums(c));
+                self.weight
+                    .matmul(self.kernel, a, lda, m, alpha, Output::Sums(c));
             }
             out
         };
@@ -748,6 +888,7 @@ pub(crate) fn product_layout(a: &str, b: &str, outputs: &[String]) -> Option<Pro
 fn vnni_product(
     model: &TypedModel,
     node: &TypedNode,
+    kernel: Int8Kernel,
 ) -> TractResult<Option<(VnniMatMul, ProductLayout)>> {
     if !crate::patches::is_matmul_integer(model, node)? {
         return Ok(None);
@@ -804,6 +945,7 @@ fn vnni_product(
             weight: Arc::new(packed),
             act_signed: act.datum_type == i8::datum_type(),
             scaled: false,
+            kernel,
         },
         layout,
     )))
@@ -844,16 +986,17 @@ pub(crate) fn replace_product(
     patch.apply(model)
 }
 
-/// Replaces every ONNX `MatMulInteger` with a constant weight (see [`VnniMatMul`]) by the VNNI
-/// kernel, when this CPU has it. Run after tract's last declutter and before its optimizer,
-/// which then has these products out of its way. Returns how many were replaced.
-pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<usize> {
-    if !available() {
-        return Ok(0);
-    }
+/// Replaces every ONNX `MatMulInteger` with a constant weight (see [`VnniMatMul`]) by
+/// edgevlm's int8 kernel, when this CPU has one (VNNI, else AVX2). Run after tract's last
+/// declutter and before its optimizer, which then has these products out of its way. Returns
+/// the kernel and how many were replaced.
+pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<(Option<Int8Kernel>, usize)> {
+    let Some(kernel) = int8_kernel() else {
+        return Ok((None, 0));
+    };
     let mut targets = vec![];
     for node in model.nodes() {
-        if let Some(found) = vnni_product(model, node)? {
+        if let Some(found) = vnni_product(model, node, kernel)? {
             targets.push((node.id, found));
         }
     }
@@ -862,7 +1005,7 @@ pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<usize> {
         let inputs = [node.inputs[0], node.inputs[3]];
         replace_product(model, *id, layout, &inputs, op.clone())?;
     }
-    Ok(targets.len())
+    Ok((Some(kernel), targets.len()))
 }
 
 /// Folds `Cast(to f32) -> Mul(scale)` after each [`VnniMatMul`] into the op (`scaled`), where
@@ -990,32 +1133,40 @@ pub(crate) mod tests {
     }
 
     /// Every shape class (row tails 1-7, partial panels, k not a multiple of 4), every
-    /// signedness and both zero-point kinds, against the definition in i64; the two largest
-    /// products also split over two threads (by columns, and by rows when panels are few).
+    /// signedness and both zero-point kinds, against the definition in i64, on every kernel
+    /// this CPU runs; the two largest products also split over two threads (by columns, and
+    /// by rows when panels are few).
     #[test]
-    fn vnni_product_equals_the_definition() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+    fn int8_products_equal_the_definition() {
+        let kernels: Vec<Int8Kernel> = [Int8Kernel::Vnni, Int8Kernel::Avx2]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512 VNNI nor AVX2");
             return;
         }
         let mut seed = 7;
-        for &(m, k, n) in &[
-            (1, 4, 1),
-            (3, 7, 17),
-            (8, 64, 32),
-            (13, 100, 45),
-            (40, 768, 100),
-            (17, 3, 70),
-            (64, 512, 200),
-            (300, 2048, 32),
-            // A contraction tail after whole steps: [k, n] (register transpose, then bytes)
-            // and [n, k] (words, then bytes).
-            (3, 37, 64),
-            (4, 37, 40),
-            // Over 1 MiB packed: packed in runs of panels, one per core.
-            (2, 1024, 1100),
-            (3, 1024, 1100),
-        ] {
+        for (kernel, (m, k, n)) in kernels.iter().flat_map(|&kernel| {
+            [
+                (1, 4, 1),
+                (3, 7, 17),
+                (8, 64, 32),
+                (13, 100, 45),
+                (40, 768, 100),
+                (17, 3, 70),
+                (64, 512, 200),
+                (300, 2048, 32),
+                // A contraction tail after whole steps: [k, n] (register transpose, then
+                // bytes) and [n, k] (words, then bytes).
+                (3, 37, 64),
+                (4, 37, 40),
+                // Over 1 MiB packed: packed in runs of panels, one per core.
+                (2, 1024, 1100),
+                (3, 1024, 1100),
+            ]
+            .map(move |shape| (kernel, shape))
+        }) {
             for act_signed in [false, true] {
                 for w_signed in [false, true] {
                     for per_col in [false, true] {
@@ -1070,6 +1221,7 @@ pub(crate) mod tests {
                             weight: Arc::new(packed),
                             act_signed,
                             scaled: false,
+                            kernel,
                         };
                         let inputs = tvec!(a_tensor.into_tvalue(), za_tensor.into_tvalue());
                         let threads = if crate::team::worth_splitting(m * k * n, k * n) {
@@ -1108,7 +1260,7 @@ pub(crate) mod tests {
                                     })
                                     .sum();
                                 let at = format!(
-                                    "m={m} k={k} n={n} act_signed={act_signed} w_signed={w_signed} per_col={per_col} at ({r}, {j})"
+                                    "{kernel:?} m={m} k={k} n={n} act_signed={act_signed} w_signed={w_signed} per_col={per_col} at ({r}, {j})"
                                 );
                                 assert_eq!(got[r * n + j] as i64, want, "{at}");
                                 let s = scales[if per_col { j } else { 0 }];

@@ -33,8 +33,9 @@ pub struct LoadOptions {
     /// prefill, and those weights are held twice.
     pub prefill_plans: bool,
     /// Where the CPU has AVX-512, run 8-bit products with a constant weight (`MatMulInteger`,
-    /// see [`crate::int8mm`]) and ViT attention (see [`crate::attention`]) on edgevlm's own
-    /// kernels instead of tract's.
+    /// see [`crate::int8mm`]), f32 and 4-bit products and ViT attention (see
+    /// [`crate::attention`]) on edgevlm's own kernels instead of tract's; where it has AVX2
+    /// only, the 8-bit products (on the AVX2 int8 kernel).
     pub avx512_kernels: bool,
     /// Run float16 graphs in float32 (see [`crate::upcast`]): tract has no fast float16
     /// path on most CPUs. The graph's float16 inputs and outputs stay float16.
@@ -844,17 +845,24 @@ fn optimize(
                  per-row kernels)"
             ));
         }
-        let own = crate::int8mm::vnni_int8_products(&mut typed)
+        let (kernel, own) = crate::int8mm::vnni_int8_products(&mut typed)
             .map_err(|e| ("packing int8 weights", e))?;
         let scaled =
             crate::int8mm::fuse_int8_scales(&mut typed).map_err(|e| ("fusing int8 scales", e))?;
-        if own > 0 {
-            notes.push(format!(
+        match kernel {
+            Some(crate::int8mm::Int8Kernel::Vnni) if own > 0 => notes.push(format!(
                 "int8-vnni: {own} 8-bit product(s) with constant weights packed at load for \
                  edgevlm's AVX-512 VNNI kernel, {scaled} with their Cast and scale folded in \
                  (tract {TRACT_VERSION}'s 8x8 tile is slower and its optimizer slow to lower \
                  them)"
-            ));
+            )),
+            Some(crate::int8mm::Int8Kernel::Avx2) if own > 0 => notes.push(format!(
+                "int8-avx2: {own} 8-bit product(s) with constant weights packed at load for \
+                 edgevlm's AVX2 kernel (16-bit multiply-adds), {scaled} with their Cast and \
+                 scale folded in (tract {TRACT_VERSION}'s AVX2 kernel multiplies 32-bit lanes, \
+                 ~100x slower than ONNX Runtime here)"
+            )),
+            _ => {}
         }
     }
     // After tract's last declutter, which would fold the reshapes back into the products.
