@@ -12,6 +12,7 @@ real exporters/quantizers produce:
 * q4                        com.microsoft MatMulNBits, 4 bit, block 32
 * fp16                      float16 weights, arithmetic, inputs and outputs
 * wrong_output_shape        fp32 graph whose declared output/value_info shapes lie
+* uint8_patch_embedding     ViT-style patch convolutions (stride = kernel) as u8 ConvInteger
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
 
 
+def _make_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="edgevlm-models-gen",
+        producer_version="1",
+    )
+
+
 def build_base_graph(w: "dict[str, np.ndarray]", extra_outputs: "list[str]" = ()) -> onnx.ModelProto:
     """Build the fp32 fixture graph from a weight dict.
 
@@ -114,12 +124,7 @@ def build_base_graph(w: "dict[str, np.ndarray]", extra_outputs: "list[str]" = ()
     for name in extra_outputs:
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "edgevlm_fixture", inputs, outputs, inits)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="edgevlm-models-gen",
-        producer_version="1",
-    )
+    model = _make_model(graph)
     # Extra outputs carry no shape, which the strict checker refuses; they
     # only ever live in memory.
     return finalize_model(model, check=not extra_outputs)
@@ -185,6 +190,42 @@ def make_weights(rng: np.random.Generator, calib: np.ndarray) -> "dict[str, np.n
     w["head.b"] = (-(pooled.mean(axis=0) @ w["head.w"])
                    + rng.standard_normal(CLASSES) * 0.3).astype(f32)
     return w
+
+
+PATCH_SEED = SEED + 1
+
+
+def build_patch_graph(rng: np.random.Generator) -> onnx.ModelProto:
+    """A ViT's patch embedding twice: a 4x4 convolution with stride 4 (the input's 32x32
+    splits into 8x8 whole patches; its tokens are an output) and a 5x5 one with stride 5
+    (6x6 patches, the last 2 rows and columns dropped), pooled into a 4-class head."""
+    f32 = np.float32
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["input", "p4.w", "p4.b"], ["p4"], name="patch4", kernel_shape=[4, 4], strides=[4, 4]),
+        n("Reshape", ["p4", "tokens_shape"], ["p4_flat"], name="p4_flatten"),
+        n("Transpose", ["p4_flat"], ["tokens"], name="p4_tokens", perm=[0, 2, 1]),
+        n("Conv", ["input", "p5.w", "p5.b"], ["p5"], name="patch5", kernel_shape=[5, 5], strides=[5, 5]),
+        n("ReduceMean", ["tokens"], ["pool4"], name="pool4", axes=[1], keepdims=0),
+        n("ReduceMean", ["p5"], ["pool5"], name="pool5", axes=[2, 3], keepdims=0),
+        n("Add", ["pool4", "pool5"], ["pooled"], name="pool_sum"),
+        n("MatMul", ["pooled", "head.w"], ["logits"], name="head"),
+    ]
+    inits = [
+        _init("p4.w", (rng.standard_normal((DIM, 3, 4, 4)) / np.sqrt(48)).astype(f32)),
+        _init("p4.b", (rng.standard_normal(DIM) * 0.05).astype(f32)),
+        _init("p5.w", (rng.standard_normal((DIM, 3, 5, 5)) / np.sqrt(75)).astype(f32)),
+        _init("p5.b", (rng.standard_normal(DIM) * 0.05).astype(f32)),
+        _init("tokens_shape", np.array([0, DIM, -1], dtype=np.int64)),
+        _init("head.w", (rng.standard_normal((DIM, CLASSES)) * 4 / np.sqrt(DIM)).astype(f32)),
+    ]
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, IMG, IMG])]
+    outputs = [
+        helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", (IMG // 4) ** 2, DIM]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES]),
+    ]
+    graph = helper.make_graph(nodes, "edgevlm_patch_fixture", inputs, outputs, inits)
+    return finalize_model(_make_model(graph))
 
 
 # --------------------------------------------------------------------------
@@ -385,6 +426,15 @@ def generate(out: Path, jpeg_bytes: bytes) -> "list[Fixture]":
              "and a contradicting value_info for `pooled` ([1, 16] instead of [batch, 32])",
              1e-4, lambda p: wrong_output_shape_variant(base_path, p))
 
+        patch_path = Path(tmp) / "patch.onnx"
+        save_model(build_patch_graph(np.random.default_rng(PATCH_SEED)), patch_path)
+        patches = emit("uint8_patch_embedding",
+                       "dynamic int8 (u8 weights) ViT-style patch embeddings: ConvInteger with stride "
+                       "equal to its kernel (4x4 over whole patches, 5x5 dropping the last rows and "
+                       "columns)",
+                       1e-3, lambda p: quantize_dynamic_variant(patch_path, p, per_channel=False))
+        assert patches.hist.get("ConvInteger", 0) == 2, patches.hist
+
         # The dynamic-quant variants must really use integer ops.
         for name in ("int8_dynamic", "int8_dynamic_per_channel"):
             h = next(f.hist for f in fixtures if f.name == name)
@@ -453,7 +503,7 @@ def write_readme(fx_dir: Path, fixtures: "list[Fixture]") -> None:
         "change the generator and rerun it. The output is deterministic (fixed seeds,",
         "single-threaded BLAS and onnxruntime), so rerunning reproduces the same bytes.",
         "",
-        "Every variant is derived from one seeded float graph:",
+        "Every variant but `uint8_patch_embedding` is derived from one seeded float graph:",
         "",
         "```",
         "input [batch,3,32,32]",
@@ -503,6 +553,10 @@ def write_readme(fx_dir: Path, fixtures: "list[Fixture]") -> None:
         "  input has batch 2, and adds a `value_info` claiming `pooled` is `[1, 16]`",
         "  (really `[batch, 32]`). onnxruntime only warns about both; a runtime should",
         "  trust the computed shapes, not the declared ones.",
+        "* `uint8_patch_embedding` is a graph of its own (`build_patch_graph`): two",
+        "  ViT-style patch convolutions of the same input (4x4 stride 4 -> `tokens`",
+        "  `[batch,64,32]`; 5x5 stride 5, whose last 2 rows and columns no patch",
+        "  covers), mean-pooled into a 4-class head, quantized like `int8_dynamic`.",
         "* `q4` uses the contrib op `com.microsoft.MatMulNBits`: packed 4-bit",
         "  weights (`B` uint8 `[N, K/32, 16]`), per-block `scales`, block size 32,",
         "  symmetric (no zero points input).",

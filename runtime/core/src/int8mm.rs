@@ -32,8 +32,11 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// Output columns of one kernel tile: two 16-lane registers of `i32`.
 const NR: usize = 32;
@@ -1006,6 +1009,128 @@ pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<(Option<Int8Ker
         replace_product(model, *id, layout, &inputs, op.clone())?;
     }
     Ok((Some(kernel), targets.len()))
+}
+
+/// Rewrites every 8-bit convolution that is a ViT's patch embedding (ONNX `ConvInteger` as
+/// tract loads it: i32 sums, no groups, stride equal to the kernel, no padding or dilation,
+/// a constant OIHW kernel, an NCHW input of known height and width) into the `MatMulInteger`
+/// it is: the input cut into `kh x kw` patches, each patch a row of `c * kh * kw` bytes,
+/// times the kernel as a `[o, c * kh * kw]` weight. [`vnni_int8_products`] then runs it on
+/// edgevlm's int8 kernel. tract 0.23.9 lowers the convolution to an `Im2col` and its own
+/// int8 kernel: 1227 of the 2485 ms of the probe uint8 vision encoder on an AVX2 CPU. Rows
+/// and columns past the last whole patch are dropped, as the convolution drops them. Same
+/// integers. Returns how many were rewritten.
+pub fn patch_convs_as_products(model: &mut TypedModel) -> TractResult<usize> {
+    let mut targets = vec![];
+    for node in model.nodes() {
+        if let Some(found) = patch_conv(model, node)? {
+            targets.push((node.id, found));
+        }
+    }
+    for (id, (hp, wp)) in &targets {
+        let node = model.node(*id);
+        let conv = node.op_as::<Conv>().unwrap();
+        let (kh, kw) = (
+            conv.pool_spec.kernel_shape[0],
+            conv.pool_spec.kernel_shape[1],
+        );
+        let o = conv.output_channels();
+        let facts: Vec<TypedFact> = model.node_input_facts(*id)?.into_iter().cloned().collect();
+        let node_name = node.name.clone();
+        let mut patch = TypedModelPatch::new(format!("edgevlm patch conv {node_name}"));
+        let mut taps = patch.taps(model, &node.inputs)?;
+        let name = |what: &str| format!("{node_name}.{what}");
+        // [n, c, h, w] -> [n, c, hp * kh, wp * kw] -> [n, c, hp, kh, wp, kw]
+        // -> [n, hp, wp, c, kh, kw]: one patch per row, in the kernel's (c, kh, kw) order.
+        let mut x = taps[0];
+        for (axis, keep) in [(2, hp * kh), (3, wp * kw)] {
+            let dim = facts[0].shape[axis].to_usize()?;
+            if dim != keep {
+                x = patch.wire_node(
+                    name(&format!("crop{axis}")),
+                    Slice::new(axis, 0, keep),
+                    &[x],
+                )?[0];
+            }
+        }
+        for (axis, p, k) in [(2, *hp, kh), (4, *wp, kw)] {
+            let split =
+                AxisOp::Reshape(axis, tvec![(p * k).to_dim()], tvec![p.to_dim(), k.to_dim()]);
+            x = patch.wire_node(name(&format!("split{axis}")), split, &[x])?[0];
+        }
+        x = patch.wire_node(name("rows_h"), AxisOp::Move(2, 1), &[x])?[0];
+        x = patch.wire_node(name("rows_w"), AxisOp::Move(4, 2), &[x])?[0];
+        taps[0] = x;
+        // The zero points and (unit) scales: scalars, or one value per output channel.
+        let mut strs = vec!["nhwcyx".to_string(), "ocyx".to_string()];
+        for (slot, fact) in facts.iter().enumerate().skip(2) {
+            strs.push(match (fact.rank(), fact.shape.volume().to_usize()?) {
+                (0, _) => String::new(),
+                (1, v) if v == o && o > 1 => "o".to_string(),
+                (_, 1) => {
+                    let mut t = taps[slot];
+                    for _ in 0..fact.rank() {
+                        t = patch.wire_node(name(&format!("scalar{slot}")), AxisOp::Rm(0), &[t])?
+                            [0];
+                    }
+                    taps[slot] = t;
+                    String::new()
+                }
+                _ => bail!("unexpected quantization input {fact:?}"),
+            });
+        }
+        let op = EinSum {
+            axes: AxesMapping::from_strs(&strs, &["nhwo"])?,
+            operating_dt: i32::datum_type(),
+            q_params: Some(i32::datum_type()),
+        };
+        let sums = patch.wire_node(name("product"), op, &taps)?[0];
+        let out = patch.wire_node(&node_name, AxisOp::Move(3, 1), &[sums])?[0];
+        patch.shunt_outside(model, (*id).into(), out)?;
+        patch.apply(model)?;
+    }
+    Ok(targets.len())
+}
+
+/// The whole patches along height and width if `node` is a convolution
+/// [`patch_convs_as_products`] rewrites.
+fn patch_conv(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(usize, usize)>> {
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let spec = &conv.pool_spec;
+    let facts = model.node_input_facts(node.id)?;
+    let (input, kernel) = (facts[0], facts[1]);
+    let shape = &input.shape;
+    if shape.rank() != 4 {
+        return Ok(None);
+    }
+    let (Ok(h), Ok(w)) = (shape[2].to_usize(), shape[3].to_usize()) else {
+        return Ok(None);
+    };
+    let ks = &spec.kernel_shape[..];
+    let plain = conv.q_params == Some(i32::datum_type())
+        && conv.group == 1
+        && conv.kernel_fmt == KernelFormat::OIHW
+        && spec.data_format == DataFormat::NCHW
+        && ks.len() == 2
+        && *spec.strides() == *ks
+        && spec.dilations().iter().all(|d| *d == 1)
+        && h >= ks[0]
+        && w >= ks[1]
+        && spec
+            .computed_padding(&[h, w])
+            .iter()
+            .all(|p| p.pad_before == 0 && p.pad_after == 0)
+        && kernel.konst.is_some()
+        && kernel.shape.as_concrete()
+            == Some(&[conv.output_channels(), conv.input_channels(), ks[0], ks[1]][..])
+        && [u8::datum_type(), i8::datum_type()].contains(&input.datum_type)
+        && [u8::datum_type(), i8::datum_type()].contains(&kernel.datum_type)
+        && facts[3].shape.volume().is_one()
+        && facts[5].konst.is_some()
+        && crate::patches::has_integer_q_inputs(model, node)?;
+    Ok(plain.then_some((h / ks[0], w / ks[1])))
 }
 
 /// Folds `Cast(to f32) -> Mul(scale)` after each [`VnniMatMul`] into the op (`scaled`), where

@@ -845,6 +845,19 @@ fn optimize(
                  per-row kernels)"
             ));
         }
+        let convs = if crate::int8mm::int8_kernel().is_some() {
+            crate::int8mm::patch_convs_as_products(&mut typed)
+                .map_err(|e| ("rewriting patch convolutions", e))?
+        } else {
+            0
+        };
+        if convs > 0 {
+            notes.push(format!(
+                "patch-conv: {convs} 8-bit convolution(s) with a stride equal to their kernel \
+                 (a ViT's patch embedding) rewritten into int8 products over whole patches \
+                 (tract {TRACT_VERSION} lowers them to Im2col and its own int8 kernel)"
+            ));
+        }
         let (kernel, own) = crate::int8mm::vnni_int8_products(&mut typed)
             .map_err(|e| ("packing int8 weights", e))?;
         let scaled =

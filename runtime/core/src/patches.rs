@@ -377,8 +377,15 @@ pub(crate) fn is_matmul_integer(model: &TypedModel, node: &TypedNode) -> TractRe
     let Some(op) = node.op_as::<EinSum>() else {
         return Ok(false);
     };
-    Ok(op.q_params == Some(i32::datum_type())
-        && node.inputs.len() == 9
+    Ok(op.q_params == Some(i32::datum_type()) && has_integer_q_inputs(model, node)?)
+}
+
+/// Does the quantized `node` (tract's 9-input form of an ONNX integer product or
+/// convolution: a, b, bias, a0, a_scale, b0, b_scale, c0, c_scale) have a constant zero bias
+/// and output zero point and constant unit scales, i32 sums with the zero points `a0` and
+/// `b0` as its only quantization?
+pub(crate) fn has_integer_q_inputs(model: &TypedModel, node: &TypedNode) -> TractResult<bool> {
+    Ok(node.inputs.len() == 9
         && is_uniform(model, node.inputs[2], 0.0)?
         && is_uniform(model, node.inputs[7], 0.0)?
         && is_uniform(model, node.inputs[4], 1.0)?

@@ -59,6 +59,7 @@ fn every_fixture_matches_onnxruntime() {
         "q4",
         "fp16",
         "wrong_output_shape",
+        "uint8_patch_embedding",
     ] {
         assert!(
             names.contains(&expected),
@@ -124,6 +125,47 @@ fn multithreaded_plans_match_too() {
         ) {
             assert!(err <= f.atol, "{} {output} with 2 threads: {err}", f.name);
         }
+    }
+}
+
+/// A ViT's patch embedding as a u8 `ConvInteger` (stride equal to the kernel) runs as an int8
+/// product over whole patches where edgevlm has an int8 kernel for the CPU, one of the two
+/// dropping the rows and columns no patch covers: the same integers, so the same outputs bit
+/// for bit as tract's convolution, and both match ONNX Runtime.
+#[test]
+fn patch_convolutions_run_as_int8_products() {
+    let index = index();
+    let f = index
+        .fixture
+        .iter()
+        .find(|f| f.name == "uint8_patch_embedding")
+        .unwrap();
+    let dir = common::models().join("fixtures");
+    let tract_path = LoadOptions {
+        avx512_kernels: false,
+        ..Default::default()
+    };
+    let mut outputs = vec![];
+    for options in [LoadOptions::default(), tract_path] {
+        let model = OnnxModel::load(&dir.join(&f.model), &options).unwrap();
+        let rewritten = model
+            .notes()
+            .iter()
+            .any(|n| n.starts_with("patch-conv: 2 "));
+        let expected = options.avx512_kernels && edgevlm_runtime::int8mm::int8_kernel().is_some();
+        assert_eq!(rewritten, expected, "{:?}", model.notes());
+        let input = npy::read(&dir.join(&f.inputs["input"])).unwrap();
+        outputs.push(model.run(vec![input]).unwrap());
+        for (output, err) in max_errors(f, &options) {
+            assert!(
+                err <= f.atol,
+                "{output} (edgevlm kernels {}): {err}",
+                options.avx512_kernels
+            );
+        }
+    }
+    for (ours, tracts) in outputs[0].iter().zip(&outputs[1]) {
+        assert_eq!(values::<f32>(ours).unwrap(), values::<f32>(tracts).unwrap());
     }
 }
 
