@@ -64,6 +64,10 @@ pub fn available() -> bool {
 /// The kernels [`VnniMatMul`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Kernel {
+    /// AMX (Intel Sapphire Rapids and later) with AVX-512 VNNI: `tdpbusd` on 16-row tiles,
+    /// 32 rows by 32 columns at a time; a product's last rows, fewer than 16 (a decode step's
+    /// one row), on the VNNI tile.
+    Amx,
     /// AVX-512 VNNI: `vpdpbusd`, 8 rows by 32 columns.
     Vnni,
     /// AVX2: 16-bit `vpmaddwd`, 2 rows by 2 x 16 columns.
@@ -74,6 +78,7 @@ impl Int8Kernel {
     /// Can this CPU run it?
     pub fn runs_here(self) -> bool {
         match self {
+            Int8Kernel::Amx => amx::ready(),
             Int8Kernel::Vnni => available(),
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Avx2 => is_x86_feature_detected!("avx2"),
@@ -85,7 +90,7 @@ impl Int8Kernel {
 
 /// The fastest int8 kernel this CPU runs, if any (none off x86_64).
 pub fn int8_kernel() -> Option<Int8Kernel> {
-    [Int8Kernel::Vnni, Int8Kernel::Avx2]
+    [Int8Kernel::Amx, Int8Kernel::Vnni, Int8Kernel::Avx2]
         .into_iter()
         .find(|k| k.runs_here())
 }
@@ -102,12 +107,15 @@ pub enum Output<'a> {
 
 /// A `[k, n]` 8-bit weight packed for the kernel: panels of 32 columns, each a run of
 /// `k4 = ceil(k / 4)` steps of `NR x 4` signed bytes (column-major within a step, the 4
-/// contraction elements of one column adjacent), zero past `k` and `n`.
+/// contraction elements of one column adjacent), zero past `k` and `n`, and zero steps up to
+/// a whole AMX tile (`steps`, a multiple of 16: one tile row per step, 64 bytes of `k`).
 #[derive(Debug)]
 pub struct PackedWeight {
     k: usize,
     n: usize,
     k4: usize,
+    /// Steps per panel: `k4` rounded up to whole AMX tiles.
+    steps: usize,
     panels: Vec<i8>,
     /// `sum_k B'[k, j]` per column, zero past `n` (padded to whole panels).
     colsum: Vec<i32>,
@@ -138,14 +146,15 @@ impl PackedWeight {
         let flip = if signed { 0u8 } else { 0x80 };
         let flip4 = u32::from_le_bytes([flip; 4]);
         let k4 = k.div_ceil(4);
+        let steps = k4.next_multiple_of(amx::STEPS);
         let panels_n = n.div_ceil(NR);
-        let mut panels = vec![0u8; panels_n * k4 * NR * 4];
+        let mut panels = vec![0u8; panels_n * steps * NR * 4];
         let mut colsum = vec![0i32; panels_n * NR];
         // Panel by panel, each written in order: 4 contraction values of column 0, then of
         // column 1, ... (a scatter over all panels at once missed the cache on every byte).
         // A large weight is split into runs of panels packed side by side, one per core:
         // packing is most of a cold start's optimize stage (page faults included).
-        let panel_bytes = k4 * NR * 4;
+        let panel_bytes = steps * NR * 4;
         // An empty weight (`k` or `n` zero) has no panels, so no runs.
         let per_part = crate::par::units_per_run(panels_n, panels.len());
         let runs = panels
@@ -176,7 +185,12 @@ impl PackedWeight {
                     // `k4 >= done` steps of 128 bytes.
                     unsafe { interleave_rows(&w[j0..], n, done, flip, panel, sums) };
                 }
-                for (i4, quad) in panel.chunks_exact_mut(NR * 4).enumerate().skip(done) {
+                for (i4, quad) in panel
+                    .chunks_exact_mut(NR * 4)
+                    .enumerate()
+                    .take(k4)
+                    .skip(done)
+                {
                     let rows = 4.min(k - i4 * 4);
                     if k_major && rows == 4 && cols == NR {
                         // Whole step: interleave four source rows, a 32-bit word per column.
@@ -229,6 +243,7 @@ impl PackedWeight {
             k,
             n,
             k4,
+            steps,
             panels,
             colsum,
             beta,
@@ -396,12 +411,130 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Computes `c[rows, panels]`: panel groups outermost, then row tiles, then panels.
+    /// Computes `c[rows, panels]`.
     fn run(&self, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+        if self.kernel == Int8Kernel::Amx {
+            // Whole 32-row blocks, and a last one of 16 rows or more, on AMX tiles (zero
+            // rows pad the last); fewer than 16 rows left on the VNNI tile.
+            let tail = rows.len() % amx::ROWS;
+            let split = rows.end - if tail >= amx::TILE_ROWS { 0 } else { tail };
+            self.run_amx(rows.start..split, panels.clone());
+            self.run_tiles(Int8Kernel::Vnni, split..rows.end, panels);
+        } else {
+            self.run_tiles(self.kernel, rows, panels);
+        }
+    }
+
+    /// Computes `c[rows, panels]` on AMX in blocks of [`amx::ROWS`] rows: panel groups
+    /// outermost, then row blocks, then panels.
+    fn run_amx(&self, rows: std::ops::Range<usize>, panels: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if rows.is_empty() || panels.is_empty() {
+                return;
+            }
+            let w = self.w;
+            let panel_bytes = w.steps * NR * 4;
+            let group = (PANEL_GROUP_BYTES / panel_bytes.max(1)).max(1);
+            // A block's rows with their contraction zero-padded to whole tiles, for blocks
+            // that cannot be read in place.
+            let row_bytes = w.steps * 4;
+            let mut block = vec![0u8; amx::ROWS * row_bytes];
+            let mut sums = [0i32; amx::ROWS * NR];
+            // SAFETY: `Job`s with the AMX kernel come from `matmul`, which checked that it
+            // runs here (tile data permitted for the process).
+            unsafe { amx::configure() };
+            let mut g0 = panels.start;
+            while g0 < panels.end {
+                let g1 = (g0 + group).min(panels.end);
+                let mut r0 = rows.start;
+                while r0 < rows.end {
+                    let rb = amx::ROWS.min(rows.end - r0);
+                    // SAFETY: `matmul` checked that `a` holds `4 k4` bytes of each of its
+                    // `m` rows at `lda`.
+                    let first = unsafe { (self.a as *const u8).add(r0 * self.lda) };
+                    let (a, lda) = if rb == amx::ROWS && row_bytes == 4 * w.k4 {
+                        (first, self.lda)
+                    } else {
+                        block.fill(0);
+                        for r in 0..rb {
+                            // SAFETY: as above, row `r0 + r < m`.
+                            let row = unsafe {
+                                std::slice::from_raw_parts(first.add(r * self.lda), 4 * w.k4)
+                            };
+                            block[r * row_bytes..][..4 * w.k4].copy_from_slice(row);
+                        }
+                        (block.as_ptr(), row_bytes)
+                    };
+                    for p in g0..g1 {
+                        // SAFETY: the tiles read 32 rows of `steps * 4` bytes at `lda` from
+                        // `a` (whole rows in place, or `block`) and `steps` steps of panel
+                        // `p`; the epilogue writes rows `r0..r0 + rb` and the panel's columns
+                        // of `c`, inside it as in `run_tiles`.
+                        unsafe {
+                            amx::block(
+                                a,
+                                lda,
+                                w.panels.as_ptr().add(p * panel_bytes),
+                                w.steps / amx::STEPS,
+                                sums.as_mut_ptr(),
+                            );
+                            amx::epilogue(&sums, rb, &self.tile(r0, p));
+                        }
+                    }
+                    r0 += rb;
+                }
+                g0 = g1;
+            }
+            // SAFETY: as for `configure`.
+            unsafe { amx::release() };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (rows, panels);
+            unreachable!("VnniMatMul is only built on x86_64");
+        }
+    }
+
+    /// The tile of rows from `r0` and panel `p`.
+    ///
+    /// # Safety
+    /// Row `r0` and panel `p` are inside the product.
+    unsafe fn tile(&self, r0: usize, p: usize) -> Tile {
+        let w = self.w;
+        // SAFETY: the caller's bounds; the padded vectors hold whole panels.
+        unsafe {
+            Tile {
+                a: (self.a as *const u8).add(r0 * self.lda),
+                lda: self.lda,
+                b: w.panels.as_ptr().add(p * w.steps * NR * 4),
+                k4: w.k4,
+                rowsum: self.rowsum.as_ptr().add(r0),
+                corr: self.corr.as_ptr().add(p * NR),
+                beta: w.beta.as_ptr().add(p * NR),
+                c: (self.c as *mut i32).add(r0 * w.n + p * NR),
+                scale: match self.scales {
+                    Some(s) => s.as_ptr().add(p * NR),
+                    None => std::ptr::null(),
+                },
+                ldc: w.n,
+                cols: NR.min(w.n - p * NR),
+            }
+        }
+    }
+
+    /// Computes `c[rows, panels]` on `kernel`'s register tiles: panel groups outermost, then
+    /// row tiles, then panels.
+    fn run_tiles(
+        &self,
+        kernel: Int8Kernel,
+        rows: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+    ) {
         #[cfg(target_arch = "x86_64")]
         {
             let w = self.w;
-            let panel_bytes = w.k4 * NR * 4;
+            let panel_bytes = w.steps * NR * 4;
             let group = (PANEL_GROUP_BYTES / panel_bytes.max(1)).max(1);
             let mut g0 = panels.start;
             while g0 < panels.end {
@@ -410,28 +543,12 @@ impl Job<'_> {
                 while r0 < rows.end {
                     let mr = MR.min(rows.end - r0);
                     for p in g0..g1 {
-                        let cols = NR.min(w.n - p * NR);
                         // SAFETY: `matmul` checked the CPU and the sizes of `a` and `c`; row
-                        // `r0 + mr - 1` and columns `p * NR + cols - 1` are inside them, and
-                        // the padded vectors hold whole panels.
+                        // `r0 + mr - 1` and the panel's columns are inside them, and the
+                        // padded vectors hold whole panels.
                         unsafe {
-                            let t = Tile {
-                                a: (self.a as *const u8).add(r0 * self.lda),
-                                lda: self.lda,
-                                b: w.panels.as_ptr().add(p * panel_bytes),
-                                k4: w.k4,
-                                rowsum: self.rowsum.as_ptr().add(r0),
-                                corr: self.corr.as_ptr().add(p * NR),
-                                beta: w.beta.as_ptr().add(p * NR),
-                                c: (self.c as *mut i32).add(r0 * w.n + p * NR),
-                                scale: match self.scales {
-                                    Some(s) => s.as_ptr().add(p * NR),
-                                    None => std::ptr::null(),
-                                },
-                                ldc: w.n,
-                                cols,
-                            };
-                            match (self.kernel, mr) {
+                            let t = self.tile(r0, p);
+                            match (kernel, mr) {
                                 (Int8Kernel::Vnni, 8) => tile::<8>(&t),
                                 (Int8Kernel::Vnni, 7) => tile::<7>(&t),
                                 (Int8Kernel::Vnni, 6) => tile::<6>(&t),
@@ -439,7 +556,7 @@ impl Job<'_> {
                                 (Int8Kernel::Vnni, 4) => tile::<4>(&t),
                                 (Int8Kernel::Vnni, 3) => tile::<3>(&t),
                                 (Int8Kernel::Vnni, 2) => tile::<2>(&t),
-                                (Int8Kernel::Vnni, _) => tile::<1>(&t),
+                                (Int8Kernel::Vnni | Int8Kernel::Amx, _) => tile::<1>(&t),
                                 (Int8Kernel::Avx2, _) => {
                                     // Row pairs: the AVX2 tile's accumulators fill the
                                     // 16 registers at two rows.
@@ -622,6 +739,195 @@ unsafe fn tile_avx2<const R: usize>(t: &Tile) {
     }
 }
 
+/// The AMX kernel: Intel's tile registers, eight of 16 rows by 64 bytes, and `tdpbusd`,
+/// which multiplies a tile of unsigned bytes by one of signed bytes in VNNI layout (a row of
+/// 16 columns times 4 contraction bytes: one step of a panel's half) into a tile of 16 x 16
+/// `i32` sums. The instructions are written in inline assembly (Rust has no stable AMX
+/// intrinsics); Linux hands out the tile registers' state only to a process that asks
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), which [`ready`] does once.
+mod amx {
+    /// Steps of 4 contraction bytes per tile row: one tile holds 64 bytes of `k`.
+    pub(super) const STEPS: usize = 16;
+    /// Rows of one tile.
+    pub(super) const TILE_ROWS: usize = 16;
+    /// Rows of one block: two tiles of the activation against a panel's two halves.
+    pub(super) const ROWS: usize = 2 * TILE_ROWS;
+
+    /// Does this CPU have AMX tiles and int8 products, AVX-512 VNNI for the rows AMX leaves,
+    /// and has Linux given this process the tile state? Asked once.
+    pub(super) fn ready() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            *READY.get_or_init(|| {
+                // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+                #[allow(unused_unsafe)]
+                // SAFETY: leaf 7 exists on every CPU with AVX-512 (checked first).
+                let edx = super::available()
+                    .then(|| unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx);
+                const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+                const XFEATURE_XTILEDATA: libc::c_long = 18;
+                edx.is_some_and(|edx| edx & (3 << 24) == 3 << 24)
+                    // SAFETY: a request for a permission; it changes nothing else.
+                    && unsafe {
+                        libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+                    } == 0
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// Tile configuration (palette 1): tiles 0-7 of 16 rows by 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    /// Configures this thread's tiles for [`block`].
+    ///
+    /// # Safety
+    /// [`ready`] returned true.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn configure() {
+        let mut config = Config([0; 64]);
+        config.0[0] = 1;
+        for t in 0..8 {
+            config.0[16 + 2 * t] = 64;
+            config.0[48 + t] = TILE_ROWS as u8;
+        }
+        // SAFETY: a valid palette-1 configuration, read from memory only.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly))
+        };
+    }
+
+    /// Returns this thread's tiles to their initial state.
+    ///
+    /// # Safety
+    /// [`ready`] returned true.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn release() {
+        // SAFETY: touches the tile state only.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// `sums` (32 x 32 `i32`, row-major) = rows `0..32` of `a` (`lda` apart, `64 chunks`
+    /// bytes each) times one panel `b` (`16 chunks` steps of 128 bytes): tiles 0 and 1 hold
+    /// the activation's two 16-row halves, 2 and 3 the panel's two 16-column halves, 4-7 the
+    /// four quarters of the sums.
+    ///
+    /// # Safety
+    /// The tiles are [configured](configure); `a`, `b` and `sums` hold what is read and
+    /// written.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn block(
+        a: *const u8,
+        lda: usize,
+        b: *const i8,
+        chunks: usize,
+        sums: *mut i32,
+    ) {
+        use std::arch::asm;
+        let step = super::NR * 4;
+        // SAFETY (whole function): the caller's bounds; only tile registers and the
+        // operands' memory are touched.
+        unsafe {
+            asm!(
+                "tilezero tmm4",
+                "tilezero tmm5",
+                "tilezero tmm6",
+                "tilezero tmm7",
+                options(nostack, nomem)
+            );
+            for i in 0..chunks {
+                let a0 = a.add(64 * i);
+                let b0 = b.add(i * STEPS * step);
+                asm!(
+                    "tileloadd tmm0, [{a0} + {lda} * 1]",
+                    "tileloadd tmm1, [{a1} + {lda} * 1]",
+                    "tileloadd tmm2, [{b0} + {step} * 1]",
+                    "tileloadd tmm3, [{b1} + {step} * 1]",
+                    "tdpbusd tmm4, tmm0, tmm2",
+                    "tdpbusd tmm5, tmm0, tmm3",
+                    "tdpbusd tmm6, tmm1, tmm2",
+                    "tdpbusd tmm7, tmm1, tmm3",
+                    a0 = in(reg) a0,
+                    a1 = in(reg) a0.add(TILE_ROWS * lda),
+                    b0 = in(reg) b0,
+                    b1 = in(reg) b0.add(64),
+                    lda = in(reg) lda,
+                    step = in(reg) step,
+                    options(nostack, readonly)
+                );
+            }
+            let row = super::NR * 4;
+            asm!(
+                "tilestored [{c0} + {row} * 1], tmm4",
+                "tilestored [{c1} + {row} * 1], tmm5",
+                "tilestored [{c2} + {row} * 1], tmm6",
+                "tilestored [{c3} + {row} * 1], tmm7",
+                c0 = in(reg) sums,
+                c1 = in(reg) sums.add(TILE_ROWS),
+                c2 = in(reg) sums.add(TILE_ROWS * super::NR),
+                c3 = in(reg) sums.add(TILE_ROWS * super::NR + TILE_ROWS),
+                row = in(reg) row,
+                options(nostack)
+            );
+        }
+    }
+
+    /// The first `rows` rows of a [`block`]'s sums through the VNNI tile's epilogue: the
+    /// zero-point terms, the scale, a masked store of the panel's `cols` columns.
+    ///
+    /// # Safety
+    /// AVX-512 F; `t` as for the VNNI tile, for `rows` rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn epilogue(sums: &[i32; ROWS * super::NR], rows: usize, t: &super::Tile) {
+        use std::arch::x86_64::*;
+        let m0 = if t.cols >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << t.cols) - 1
+        };
+        let m1 = if t.cols <= 16 {
+            0
+        } else {
+            ((1u32 << (t.cols - 16)) - 1) as u16
+        };
+        // SAFETY (whole function): the caller's bounds for rows `0..rows` of `c` and the
+        // panel's 32 padded entries of corr, beta and scale.
+        unsafe {
+            let corr = [0, 1].map(|h| _mm512_loadu_si512(t.corr.add(16 * h).cast()));
+            let beta = [0, 1].map(|h| _mm512_loadu_si512(t.beta.add(16 * h).cast()));
+            let scale =
+                (!t.scale.is_null()).then(|| [0, 1].map(|h| _mm512_loadu_ps(t.scale.add(16 * h))));
+            for r in 0..rows {
+                let rs = _mm512_set1_epi32(*t.rowsum.add(r));
+                let out = t.c.add(r * t.ldc);
+                for (h, m) in [m0, m1].into_iter().enumerate() {
+                    if m == 0 {
+                        continue;
+                    }
+                    let acc = _mm512_loadu_si512(sums.as_ptr().add(r * super::NR + 16 * h).cast());
+                    let v = _mm512_add_epi32(
+                        acc,
+                        _mm512_sub_epi32(corr[h], _mm512_mullo_epi32(beta[h], rs)),
+                    );
+                    match scale {
+                        None => _mm512_mask_storeu_epi32(out.add(16 * h), m, v),
+                        // The same two roundings as ONNX's Cast to float, then Mul.
+                        Some(s) => _mm512_mask_storeu_ps(
+                            out.add(16 * h) as *mut f32,
+                            m,
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(v), s[h]),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `(min, max)` of `xs` and 0 (the range ONNX `DynamicQuantizeLinear` quantizes), 16 lanes at
 /// a time; `None` without AVX-512.
 pub fn range_with_zero(xs: &[f32]) -> Option<(f32, f32)> {
@@ -729,6 +1035,7 @@ impl Eq for VnniMatMul {}
 impl Op for VnniMatMul {
     fn name(&self) -> StaticName {
         match self.kernel {
+            Int8Kernel::Amx => "EdgevlmAmxInt8MatMul".into(),
             Int8Kernel::Vnni => "EdgevlmVnniMatMul".into(),
             Int8Kernel::Avx2 => "EdgevlmAvx2Int8MatMul".into(),
         }
@@ -1263,7 +1570,7 @@ pub(crate) mod tests {
     /// by rows when panels are few).
     #[test]
     fn int8_products_equal_the_definition() {
-        let kernels: Vec<Int8Kernel> = [Int8Kernel::Vnni, Int8Kernel::Avx2]
+        let kernels: Vec<Int8Kernel> = [Int8Kernel::Amx, Int8Kernel::Vnni, Int8Kernel::Avx2]
             .into_iter()
             .filter(|k| k.runs_here())
             .collect();
@@ -1282,6 +1589,11 @@ pub(crate) mod tests {
                 (17, 3, 70),
                 (64, 512, 200),
                 (300, 2048, 32),
+                // AMX: one block of exactly 16 rows, a block of 32 and one of 16 (k padded
+                // to whole tiles, so copied), 32-row blocks read in place and a VNNI tail.
+                (16, 130, 33),
+                (48, 256, 64),
+                (75, 128, 40),
                 // A contraction tail after whole steps: [k, n] (register transpose, then
                 // bytes) and [n, k] (words, then bytes).
                 (3, 37, 64),

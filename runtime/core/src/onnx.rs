@@ -863,6 +863,13 @@ fn optimize(
         let scaled =
             crate::int8mm::fuse_int8_scales(&mut typed).map_err(|e| ("fusing int8 scales", e))?;
         match kernel {
+            Some(crate::int8mm::Int8Kernel::Amx) if own > 0 => notes.push(format!(
+                "int8-amx: {own} 8-bit product(s) with constant weights packed at load for \
+                 edgevlm's AMX kernel (16 rows or more per product; fewer on its AVX-512 VNNI \
+                 kernel), {scaled} with their Cast and scale folded in (tract \
+                 {TRACT_VERSION}'s 8x8 VNNI tile is slower and its optimizer slow to lower \
+                 them)"
+            )),
             Some(crate::int8mm::Int8Kernel::Vnni) if own > 0 => notes.push(format!(
                 "int8-vnni: {own} 8-bit product(s) with constant weights packed at load for \
                  edgevlm's AVX-512 VNNI kernel, {scaled} with their Cast and scale folded in \

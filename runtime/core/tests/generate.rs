@@ -265,11 +265,13 @@ fn smolvlm_quantized_greedy_tokens_agree_with_onnx_runtime() {
                     assert!(notes.contains("prefill-plans: "), "{notes}");
                 }
             }
-            // Its int8 products run on edgevlm's VNNI kernel where the CPU has one, else on
-            // its AVX2 one, else on tract's, with all their rows as the kernel's columns.
+            // Its int8 products run on edgevlm's AMX kernel where the CPU has one, else on
+            // its VNNI one, else on its AVX2 one, else on tract's, with all their rows as the
+            // kernel's columns.
             if variant == "int8" {
                 use edgevlm_runtime::int8mm::{int8_kernel, Int8Kernel};
                 let path = match int8_kernel() {
+                    Some(Int8Kernel::Amx) => "int8-amx: ",
                     Some(Int8Kernel::Vnni) => "int8-vnni: ",
                     Some(Int8Kernel::Avx2) => "int8-avx2: ",
                     None => "int8-rows: ",
