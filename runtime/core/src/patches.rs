@@ -2,6 +2,8 @@
 //! model edits). Each names the bug it works around; `docs/tract-*.md` has the
 //! upstream-ready description and a reproducer.
 
+use std::sync::Mutex;
+
 use tract_linalg::block_quant::{BlockQuantStorage, Q4_0};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -691,18 +693,22 @@ pub fn merge_int8_product_rows(model: &mut TypedModel) -> TractResult<usize> {
 pub struct DynamicQuantizeU8;
 
 impl DynamicQuantizeU8 {
-    /// `(scale, zero_point)` for values in `xs`: the range widened to include 0, over 255; an
-    /// empty range (all zeros) gets scale 1 as in ONNX Runtime (tract's 0 gives the same
-    /// outputs through a NaN).
-    fn params(xs: &[f32]) -> (f32, u8) {
-        let (lo, hi) = crate::int8mm::range_with_zero(xs).unwrap_or_else(|| {
+    /// `(min, max)` of `xs` and 0.
+    fn range(xs: &[f32]) -> (f32, f32) {
+        crate::int8mm::range_with_zero(xs).unwrap_or_else(|| {
             let (mut lo, mut hi) = (0f32, 0f32);
             for &x in xs {
                 lo = if x < lo { x } else { lo };
                 hi = if x > hi { x } else { hi };
             }
             (lo, hi)
-        });
+        })
+    }
+
+    /// `(scale, zero_point)` for values in the range `(lo, hi)` (0 included): the range over
+    /// 255; an empty range (all zeros) gets scale 1 as in ONNX Runtime (tract's 0 gives the
+    /// same outputs through a NaN).
+    fn params_of_range((lo, hi): (f32, f32)) -> (f32, u8) {
         let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
         let zero = (-lo / scale).round_ties_even().clamp(0.0, 255.0);
         (scale, zero as u8)
@@ -738,14 +744,32 @@ impl EvalOp for DynamicQuantizeU8 {
         let input = inputs[0].cast_to::<f32>()?;
         let plain = input.try_as_plain_ram()?;
         let xs = plain.as_slice::<f32>()?;
-        let (scale, zero) = Self::params(xs);
         let mut output = Tensor::zero::<u8>(input.shape())?;
-        Self::quantize(
-            xs,
-            scale,
-            zero,
-            output.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?,
-        );
+        let mut out_plain = output.try_as_plain_ram_mut()?;
+        let ys = out_plain.as_slice_mut::<u8>()?;
+        // Both passes in one piece per thread of the plan when the input is worth splitting
+        // (a prompt's or a vision encoder's activations); a piece's range, then the whole
+        // one, are exact in any order.
+        let threads = crate::team::threads_for(0, std::mem::size_of_val(xs));
+        let per = xs.len().div_ceil(threads).next_multiple_of(64).max(64);
+        let ranges: Vec<Mutex<(f32, f32)>> =
+            xs.chunks(per).map(|_| Mutex::new((0.0, 0.0))).collect();
+        crate::team::for_each_part(ranges.len(), |p| {
+            let range = Self::range(&xs[p * per..((p + 1) * per).min(xs.len())]);
+            *ranges[p].lock().unwrap_or_else(|e| e.into_inner()) = range;
+        });
+        let range = ranges
+            .into_iter()
+            .map(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .fold((0f32, 0f32), |(lo, hi), (l, h)| {
+                (if l < lo { l } else { lo }, if h > hi { h } else { hi })
+            });
+        let (scale, zero) = Self::params_of_range(range);
+        let pieces: Vec<Mutex<&mut [u8]>> = ys.chunks_mut(per).map(Mutex::new).collect();
+        crate::team::for_each_part(pieces.len(), |p| {
+            let mut piece = pieces[p].lock().unwrap_or_else(|e| e.into_inner());
+            Self::quantize(&xs[p * per..][..piece.len()], scale, zero, &mut piece);
+        });
         Ok(tvec!(
             output.into_tvalue(),
             tensor0(scale).into_tvalue(),
@@ -1085,6 +1109,36 @@ mod tests {
         let mut ys = [0u8; 4];
         DynamicQuantizeU8::quantize(&[2.5, 3.5, 0.5, 254.5], scale, zero, &mut ys);
         assert_eq!(ys, [2, 4, 0, 254]);
+    }
+
+    /// Split over two threads (an input over 128 KiB), the same range, parameters and bytes
+    /// as in one piece.
+    #[test]
+    fn dynamic_quantize_in_pieces_equals_one_piece() {
+        let xs: Vec<f32> = (0..100_003)
+            // A ramp: every piece has its own range.
+            .map(|i| ((i * 7919 % 10007) as f32 - 4000.0) * 1e-3 + i as f32 * 1e-4)
+            .collect();
+        let run = || {
+            DynamicQuantizeU8
+                .eval(
+                    &EvalContext::out_of_plan(),
+                    tvec!(tensor1(&xs).into_tvalue()),
+                )
+                .unwrap()
+        };
+        let one = run();
+        let two = tract_linalg::multithread::multithread_tract_scope(
+            crate::int8mm::tests::executor(2),
+            run,
+        );
+        assert_eq!(crate::team::threads_for(0, xs.len() * 4), 1);
+        let (scale, zero) = DynamicQuantizeU8::params_of_range(DynamicQuantizeU8::range(&xs));
+        assert_eq!(one[1].cast_to_scalar::<f32>().unwrap(), scale);
+        assert_eq!(one[2].cast_to_scalar::<u8>().unwrap(), zero);
+        for (a, b) in one.iter().zip(&two) {
+            assert_eq!(**a, **b);
+        }
     }
 
     /// Against ndarray's own broadcasting, for both ops, both input orders and a repeat in
