@@ -439,7 +439,8 @@ impl Job<'_> {
             // A block's rows with their contraction zero-padded to whole tiles, for blocks
             // that cannot be read in place.
             let row_bytes = w.steps * 4;
-            let mut block = vec![0u8; amx::ROWS * row_bytes];
+            // Allocated on first use: most blocks are read in place.
+            let mut block = vec![];
             let mut sums = [0i32; amx::ROWS * NR];
             // SAFETY: `Job`s with the AMX kernel come from `matmul`, which checked that it
             // runs here (tile data permitted for the process).
@@ -456,7 +457,8 @@ impl Job<'_> {
                     let (a, lda) = if rb == amx::ROWS && row_bytes == 4 * w.k4 {
                         (first, self.lda)
                     } else {
-                        block.fill(0);
+                        block.clear();
+                        block.resize(amx::ROWS * row_bytes, 0);
                         for r in 0..rb {
                             // SAFETY: as above, row `r0 + r < m`.
                             let row = unsafe {
@@ -1318,7 +1320,8 @@ pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<(Option<Int8Ker
     Ok((Some(kernel), targets.len()))
 }
 
-/// Rewrites every 8-bit convolution that is a ViT's patch embedding (ONNX `ConvInteger` as
+/// Where this CPU has an int8 kernel ([`int8_kernel`]), rewrites every 8-bit convolution
+/// that is a ViT's patch embedding (ONNX `ConvInteger` as
 /// tract loads it: i32 sums, no groups, stride equal to the kernel, no padding or dilation,
 /// a constant OIHW kernel, an NCHW input of known height and width) into the `MatMulInteger`
 /// it is: the input cut into `kh x kw` patches, each patch a row of `c * kh * kw` bytes,
@@ -1328,6 +1331,9 @@ pub fn vnni_int8_products(model: &mut TypedModel) -> TractResult<(Option<Int8Ker
 /// and columns past the last whole patch are dropped, as the convolution drops them. Same
 /// integers. Returns how many were rewritten.
 pub fn patch_convs_as_products(model: &mut TypedModel) -> TractResult<usize> {
+    if int8_kernel().is_none() {
+        return Ok(0);
+    }
     let mut targets = vec![];
     for node in model.nodes() {
         if let Some(found) = patch_conv(model, node)? {

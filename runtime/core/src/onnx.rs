@@ -845,12 +845,8 @@ fn optimize(
                  per-row kernels)"
             ));
         }
-        let convs = if crate::int8mm::int8_kernel().is_some() {
-            crate::int8mm::patch_convs_as_products(&mut typed)
-                .map_err(|e| ("rewriting patch convolutions", e))?
-        } else {
-            0
-        };
+        let convs = crate::int8mm::patch_convs_as_products(&mut typed)
+            .map_err(|e| ("rewriting patch convolutions", e))?;
         if convs > 0 {
             notes.push(format!(
                 "patch-conv: {convs} 8-bit convolution(s) with a stride equal to their kernel \
@@ -862,27 +858,30 @@ fn optimize(
             .map_err(|e| ("packing int8 weights", e))?;
         let scaled =
             crate::int8mm::fuse_int8_scales(&mut typed).map_err(|e| ("fusing int8 scales", e))?;
-        match kernel {
-            Some(crate::int8mm::Int8Kernel::Amx) if own > 0 => notes.push(format!(
-                "int8-amx: {own} 8-bit product(s) with constant weights packed at load for \
-                 edgevlm's AMX kernel (16 rows or more per product; fewer on its AVX-512 VNNI \
-                 kernel), {scaled} with their Cast and scale folded in (tract \
-                 {TRACT_VERSION}'s 8x8 VNNI tile is slower and its optimizer slow to lower \
-                 them)"
-            )),
-            Some(crate::int8mm::Int8Kernel::Vnni) if own > 0 => notes.push(format!(
-                "int8-vnni: {own} 8-bit product(s) with constant weights packed at load for \
-                 edgevlm's AVX-512 VNNI kernel, {scaled} with their Cast and scale folded in \
-                 (tract {TRACT_VERSION}'s 8x8 tile is slower and its optimizer slow to lower \
-                 them)"
-            )),
-            Some(crate::int8mm::Int8Kernel::Avx2) if own > 0 => notes.push(format!(
-                "int8-avx2: {own} 8-bit product(s) with constant weights packed at load for \
-                 edgevlm's AVX2 kernel (16-bit multiply-adds), {scaled} with their Cast and \
-                 scale folded in (tract {TRACT_VERSION}'s AVX2 kernel multiplies 32-bit lanes, \
-                 ~100x slower than ONNX Runtime here)"
-            )),
-            _ => {}
+        if let (Some(kernel), true) = (kernel, own > 0) {
+            use crate::int8mm::Int8Kernel;
+            let (tag, kernel, tract) = match kernel {
+                Int8Kernel::Amx => (
+                    "int8-amx",
+                    "AMX kernel (16 rows or more per product; fewer on its AVX-512 VNNI kernel)",
+                    "8x8 VNNI tile is slower and its optimizer slow to lower them",
+                ),
+                Int8Kernel::Vnni => (
+                    "int8-vnni",
+                    "AVX-512 VNNI kernel",
+                    "8x8 tile is slower and its optimizer slow to lower them",
+                ),
+                Int8Kernel::Avx2 => (
+                    "int8-avx2",
+                    "AVX2 kernel (16-bit multiply-adds)",
+                    "AVX2 kernel multiplies 32-bit lanes, ~100x slower than ONNX Runtime here",
+                ),
+            };
+            notes.push(format!(
+                "{tag}: {own} 8-bit product(s) with constant weights packed at load for \
+                 edgevlm's {kernel}, {scaled} with their Cast and scale folded in (tract \
+                 {TRACT_VERSION}'s {tract})"
+            ));
         }
     }
     // After tract's last declutter, which would fold the reshapes back into the products.
