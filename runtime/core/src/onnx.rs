@@ -905,11 +905,13 @@ fn optimize(
              (tract {TRACT_VERSION} rounds element by element through a function call)"
         ));
     }
-    let gelus = crate::patches::threaded_gelus(&mut typed).map_err(|e| ("threading GELU", e))?;
-    if gelus > 0 && options.threads > 1 {
+    let routines =
+        crate::patches::threaded_routines(&mut typed).map_err(|e| ("threading kernels", e))?;
+    if routines > 0 && options.threads > 1 {
         notes.push(format!(
-            "gelu-threads: {gelus} GELU(s) on tract's kernel in pieces over the plan's threads \
-             (tract {TRACT_VERSION} runs element-wise ops on one thread)"
+            "kernel-threads: {routines} element-wise op(s) and last-axis RmsNorm(s) on tract's \
+             kernels in pieces over edgevlm's threads (tract {TRACT_VERSION} hands them to its \
+             rayon pool, which then shares the cores with edgevlm's spinning workers)"
         ));
     }
     let broadcasts = crate::patches::faster_broadcast_binaries(&mut typed)

@@ -933,44 +933,138 @@ impl TypedOp for BlockBroadcast {
     as_op!();
 }
 
-/// tract's tanh-approximated GELU (`GeluApproximate`, the `x^3` form) on the same tract-linalg
-/// kernel, cut into pieces over the plan's threads: tract runs element-wise ops on one thread
-/// whatever the plan's thread count (42-57 ms per SmolVLM2-256M encoder run, ~5 % of it on
-/// two threads). The kernel works lane by lane, so the values are the same bit for bit.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ThreadedGelu;
+/// The tract-linalg kernel a [`ThreadedRoutine`] runs: the one tract's own op runs on f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Routine {
+    /// `GeluApproximate` of the `x^3` form (`Func::Gelu`).
+    Gelu,
+    /// `Silu`, `x * sigmoid(x)` (`Func::Silu`).
+    Silu,
+    /// `Sigmoid` (`Func::Sigmoid`).
+    Sigmoid,
+    /// `Tanh` (`Func::Tanh`).
+    Tanh,
+    /// `Erf` (`Func::Erf`).
+    Erf,
+    /// `Exp` (`Func::Exp`).
+    Exp,
+    /// `RmsNorm` over the last axis, row by row (`rms_norm_f32`), with its epsilon's bits.
+    RmsNorm(u32),
+}
 
-impl Op for ThreadedGelu {
+impl Routine {
+    /// The kernel, for element-wise routines.
+    fn func(self) -> Option<tract_linalg::routines::Func> {
+        use tract_linalg::routines::Func;
+        Some(match self {
+            Routine::Gelu => Func::Gelu,
+            Routine::Silu => Func::Silu,
+            Routine::Sigmoid => Func::Sigmoid,
+            Routine::Tanh => Func::Tanh,
+            Routine::Erf => Func::Erf,
+            Routine::Exp => Func::Exp,
+            Routine::RmsNorm(_) => return None,
+        })
+    }
+
+    /// The routine for a tract op that runs exactly it on an f32 input, if any.
+    fn of(op: &dyn TypedOp, input: &TypedFact) -> Option<Routine> {
+        use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
+        use tract_onnx::tract_core::ops::math::{Erf, Exp, Tanh};
+        use tract_onnx::tract_core::ops::nn::{GeluApproximate, RmsNorm, Sigmoid, Silu};
+        if input.datum_type != f32::datum_type() {
+            return None;
+        }
+        if let Some(norm) = op.downcast_ref::<RmsNorm>() {
+            let eps = norm.eps.cast_to_scalar::<f32>().ok()?;
+            return (input.rank() > 0 && norm.axis == input.rank() - 1)
+                .then_some(Routine::RmsNorm(eps.to_bits()));
+        }
+        let ElementWiseOp(mini, None) = op.downcast_ref::<ElementWiseOp>()? else {
+            return None;
+        };
+        if mini
+            .downcast_ref::<GeluApproximate>()
+            .is_some_and(|g| !g.fast_impl)
+        {
+            Some(Routine::Gelu)
+        } else if mini.is::<Silu>() {
+            Some(Routine::Silu)
+        } else if mini.is::<Sigmoid>() {
+            Some(Routine::Sigmoid)
+        } else if mini.is::<Tanh>() {
+            Some(Routine::Tanh)
+        } else if mini.is::<Erf>() {
+            Some(Routine::Erf)
+        } else if mini.is::<Exp>() {
+            Some(Routine::Exp)
+        } else {
+            None
+        }
+    }
+}
+
+/// A tract element-wise op or last-axis `RmsNorm` on the same tract-linalg kernel, cut into
+/// pieces over edgevlm's team (whole rows for `RmsNorm`). tract 0.23.9 hands such an op of
+/// 32 Ki elements or more to its rayon pool, parking the plan's thread meanwhile; with
+/// edgevlm's workers still spinning after the last product, the plan then has more threads
+/// than cores: on two threads the 256M fp32 decoder's 61 `RmsNorm`s took 5.1 ms against
+/// 0.8 ms on one, its 30 `Silu`s 3.5 ms against 2.1. The kernels work lane by lane (row by
+/// row), so the values are tract's bit for bit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ThreadedRoutine(pub Routine);
+
+impl Op for ThreadedRoutine {
     fn name(&self) -> StaticName {
-        "EdgevlmGelu".into()
+        match self.0 {
+            Routine::Gelu => "EdgevlmGelu",
+            Routine::Silu => "EdgevlmSilu",
+            Routine::Sigmoid => "EdgevlmSigmoid",
+            Routine::Tanh => "EdgevlmTanh",
+            Routine::Erf => "EdgevlmErf",
+            Routine::Exp => "EdgevlmExp",
+            Routine::RmsNorm(_) => "EdgevlmRmsNorm",
+        }
+        .into()
     }
 
     op_as_typed_op!();
 }
 
-impl EvalOp for ThreadedGelu {
+impl EvalOp for ThreadedRoutine {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let kernel = tract_linalg::routines::Func::Gelu.ew_f32()?;
         let mut x = args_1!(inputs).into_tensor();
+        let row = x.shape().last().copied().unwrap_or(1);
         {
             let mut plain = x.try_as_plain_ram_mut()?;
-            let failed = std::sync::Mutex::new(None);
-            crate::team::for_each_piece(plain.as_slice_mut::<f32>()?, |_, piece| {
-                if let Err(e) = kernel.run(piece) {
-                    *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            let xs = plain.as_slice_mut::<f32>()?;
+            if let Routine::RmsNorm(eps) = self.0 {
+                let (kernel, eps) = (tract_linalg::routines::rms_norm_f32()?, f32::from_bits(eps));
+                if row > 0 {
+                    crate::team::for_each_piece_of(xs, row, |_, piece| {
+                        piece.chunks_mut(row).for_each(|r| kernel(r, eps))
+                    });
                 }
-            });
-            if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-                return Err(e);
+            } else if let Some(func) = self.0.func() {
+                let kernel = func.ew_f32()?;
+                let failed = std::sync::Mutex::new(None);
+                crate::team::for_each_piece(xs, |_, piece| {
+                    if let Err(e) = kernel.run(piece) {
+                        *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    }
+                });
+                if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                    return Err(e);
+                }
             }
         }
         Ok(tvec!(x.into_tvalue()))
     }
 }
 
-impl TypedOp for ThreadedGelu {
+impl TypedOp for ThreadedRoutine {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
     }
@@ -978,28 +1072,22 @@ impl TypedOp for ThreadedGelu {
     as_op!();
 }
 
-/// Gives every f32 `GeluApproximate` of the `x^3` form a [`ThreadedGelu`]. Returns how many.
-pub fn threaded_gelus(model: &mut TypedModel) -> TractResult<usize> {
-    use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
-    use tract_onnx::tract_core::ops::nn::GeluApproximate;
+/// Gives every f32 element-wise op and last-axis `RmsNorm` that runs a tract-linalg kernel
+/// edgevlm knows ([`Routine`]) a [`ThreadedRoutine`]. Returns how many.
+pub fn threaded_routines(model: &mut TypedModel) -> TractResult<usize> {
     let mut found = vec![];
     for node in model.nodes() {
-        let Some(op) = node.op_as::<ElementWiseOp>() else {
+        if node.inputs.len() != 1 {
             continue;
-        };
-        let exact =
-            op.0.downcast_ref::<GeluApproximate>()
-                .is_some_and(|g| !g.fast_impl);
-        if exact
-            && op.1.is_none()
-            && model.outlet_fact(node.inputs[0])?.datum_type == f32::datum_type()
-        {
-            found.push(node.id);
+        }
+        if let Some(routine) = Routine::of(node.op.as_ref(), model.outlet_fact(node.inputs[0])?) {
+            found.push((node.id, routine));
         }
     }
-    for id in &found {
+    for (id, routine) in &found {
         let node = model.node(*id);
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, ThreadedGelu)?;
+        let op = ThreadedRoutine(*routine);
+        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
         patch.apply(model)?;
     }
     Ok(found.len())
@@ -1210,38 +1298,78 @@ mod tests {
         }
     }
 
-    /// The GELU split over threads gives tract's own op's values, bit for bit, on one
-    /// thread and in pieces over two (a length that does not split evenly).
+    /// Each routine split over threads gives tract's own op's values, bit for bit, on one
+    /// thread and in pieces over two: 331 rows of 213 (neither the elements nor the rows split
+    /// evenly, and a piece cut inside a row would change that row's `RmsNorm`). Each tract op
+    /// is also recognized as its routine.
     #[test]
-    fn threaded_gelu_equals_tracts() {
-        let values: Vec<f32> = (0..70_001)
+    fn threaded_routines_equal_tracts() {
+        use tract_onnx::tract_core::ops::{math, nn};
+        let (rows, row) = (331, 213);
+        let values: Vec<f32> = (0..rows * row)
             .map(|i| ((i * 7919) % 16_001) as f32 / 1000.0 - 8.0)
             .collect();
-        let x = tensor1(&values);
-        let tracts = tract_onnx::tract_core::ops::nn::gelu_approximate::gelu_approximate(false)
-            .eval(&EvalContext::out_of_plan(), tvec!(x.clone().into_tvalue()))
-            .unwrap();
-        let want = tracts[0].try_as_plain_ram().unwrap();
-        for threads in [1, 2] {
-            let executor = crate::int8mm::tests::executor(threads);
-            let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
-                ThreadedGelu
-                    .eval(&EvalContext::out_of_plan(), tvec!(x.clone().into_tvalue()))
-                    .unwrap()
-            });
-            let got = got[0].try_as_plain_ram().unwrap();
-            let (got, want) = (
-                got.as_slice::<f32>().unwrap(),
-                want.as_slice::<f32>().unwrap(),
-            );
-            assert!(
-                got.iter()
-                    .zip(want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{threads}"
-            );
-            assert_ne!(got, &values[..]);
+        let x = tensor1(&values).into_shape(&[rows, row]).unwrap();
+        let eps = 1e-5f32;
+        let ops: Vec<(Box<dyn TypedOp>, Routine)> = vec![
+            (
+                Box::new(nn::gelu_approximate::gelu_approximate(false)),
+                Routine::Gelu,
+            ),
+            (Box::new(nn::silu::silu()), Routine::Silu),
+            (Box::new(nn::sigmoid()), Routine::Sigmoid),
+            (Box::new(math::tanh()), Routine::Tanh),
+            (Box::new(math::erf()), Routine::Erf),
+            (Box::new(math::exp()), Routine::Exp),
+            (
+                Box::new(nn::RmsNorm {
+                    axis: 1,
+                    eps: rctensor0(eps),
+                }),
+                Routine::RmsNorm(eps.to_bits()),
+            ),
+        ];
+        let fact = f32::fact([rows, row]);
+        for (op, routine) in ops {
+            assert_eq!(Routine::of(op.as_ref(), &fact), Some(routine));
+            let tracts = op
+                .as_op()
+                .eval(&EvalContext::out_of_plan(), tvec!(x.clone().into_tvalue()))
+                .unwrap();
+            let want = tracts[0].try_as_plain_ram().unwrap();
+            for threads in [1, 2] {
+                let executor = crate::int8mm::tests::executor(threads);
+                let got = tract_linalg::multithread::multithread_tract_scope(executor, || {
+                    ThreadedRoutine(routine)
+                        .eval(&EvalContext::out_of_plan(), tvec!(x.clone().into_tvalue()))
+                        .unwrap()
+                });
+                let got = got[0].try_as_plain_ram().unwrap();
+                let (got, want) = (
+                    got.as_slice::<f32>().unwrap(),
+                    want.as_slice::<f32>().unwrap(),
+                );
+                assert!(
+                    got.iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{routine:?} threads {threads}"
+                );
+                assert_ne!(got, &values[..]);
+            }
         }
+        // Not taken: a fast GELU, a non-last axis, another type.
+        let fast = nn::gelu_approximate::gelu_approximate(true);
+        assert_eq!(Routine::of(&fast, &fact), None);
+        let first_axis = nn::RmsNorm {
+            axis: 0,
+            eps: rctensor0(eps),
+        };
+        assert_eq!(Routine::of(&first_axis, &fact), None);
+        assert_eq!(
+            Routine::of(&nn::silu::silu(), &f16::fact([rows, row])),
+            None
+        );
     }
 
     /// The one-pass Q4_0 expansion gives tract's own dequantization, bit for bit.

@@ -60,8 +60,15 @@ pub(crate) fn for_each_run(
 /// An element-wise pass over `xs`: cut into one piece per thread of the plan when its bytes
 /// are [`worth_splitting`] (pieces 16-element aligned), `f(first element, piece)` on each.
 pub(crate) fn for_each_piece(xs: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    for_each_piece_of(xs, 16, f)
+}
+
+/// [`for_each_piece`] with every piece a whole number of `unit`s (a row-wise pass gives its
+/// row length; the last piece may end on a partial unit only if `xs` does).
+pub(crate) fn for_each_piece_of(xs: &mut [f32], unit: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let unit = unit.max(1);
     let threads = threads_for(0, std::mem::size_of_val(xs));
-    let per = xs.len().div_ceil(threads).next_multiple_of(16).max(16);
+    let per = xs.len().div_ceil(threads).next_multiple_of(unit).max(unit);
     let pieces: Vec<_> = xs
         .chunks_mut(per)
         .enumerate()
