@@ -57,7 +57,9 @@ use crate::LoadOptions;
 /// Bumped when what the cache holds changes meaning (the cache point, an op's encoding).
 /// 2: f32 products packed before the cache point, their panels stored.
 /// 3: those panels as archive entries mapped in place, no longer graph variables.
-const FORMAT: u32 = 3;
+/// 4: products whose contracted axes are not the activation's last ones (an out projection
+/// with the heads' transpose folded in) packed too, behind a fold barrier and moves.
+const FORMAT: u32 = 4;
 
 /// Identity of a file on disk: a replaced or rewritten file changes at least one of these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1146,10 +1146,12 @@ impl TypedOp for VnniMatMul {
     as_op!();
 }
 
-/// How an einsum's axes map onto the kernel's `[rows, k] x [k, n]`: the contracted axes
-/// (trailing in the activation, leading or trailing in the weight, same order), the weight's
-/// column axis, and the output's outer axes in output order (a permutation of the
-/// activation's outer axes, `n` last).
+/// How an einsum's axes map onto the kernel's `[rows, k] x [k, n]`: the contracted axes (in
+/// the weight's order, leading or trailing in the weight), the weight's column axis, the
+/// activation's outer axes in its order and the output's in output order (a permutation of
+/// them, `n` last), and the activation's axes as the einsum has them. Where the contracted
+/// axes are not the activation's last ones in that order, [`replace_product`] moves them
+/// there.
 #[derive(Debug, PartialEq)]
 pub(crate) struct ProductLayout {
     pub(crate) contracted: String,
@@ -1157,26 +1159,49 @@ pub(crate) struct ProductLayout {
     pub(crate) k_major: bool,
     pub(crate) outer: String,
     pub(crate) output_outer: String,
+    pub(crate) activation: String,
+}
+
+impl ProductLayout {
+    /// The moves that turn the activation's axes into `outer` then `contracted`, in order.
+    fn activation_moves(&self) -> Vec<AxisOp> {
+        let mut order: Vec<char> = self.activation.chars().collect();
+        let mut moves = vec![];
+        for (to, c) in self
+            .outer
+            .chars()
+            .chain(self.contracted.chars())
+            .enumerate()
+        {
+            let from = order.iter().position(|x| *x == c).unwrap();
+            if from != to {
+                moves.push(AxisOp::Move(from, to));
+                let moved = order.remove(from);
+                order.insert(to, moved);
+            }
+        }
+        moves
+    }
 }
 
 pub(crate) fn product_layout(a: &str, b: &str, outputs: &[String]) -> Option<ProductLayout> {
     let [out] = outputs else { return None };
-    let contracted: String = a
+    let contracted: String = b
         .chars()
-        .filter(|c| b.contains(*c) && !out.contains(*c))
+        .filter(|c| a.contains(*c) && !out.contains(*c))
         .collect();
     let rest: Vec<char> = b.chars().filter(|c| !contracted.contains(*c)).collect();
     let (&[n], false) = (&rest[..], contracted.is_empty()) else {
         return None;
     };
-    if !a.ends_with(&contracted) || a.contains(n) {
+    if a.contains(n) {
         return None;
     }
     let k_major = *b == format!("{contracted}{n}");
     if !k_major && *b != format!("{n}{contracted}") {
         return None;
     }
-    let outer = &a[..a.len() - contracted.len()];
+    let outer: String = a.chars().filter(|c| !contracted.contains(*c)).collect();
     let output_outer = out.strip_suffix(n)?;
     let mut sorted = (
         outer.chars().collect::<Vec<_>>(),
@@ -1188,8 +1213,9 @@ pub(crate) fn product_layout(a: &str, b: &str, outputs: &[String]) -> Option<Pro
         contracted,
         n,
         k_major,
-        outer: outer.to_string(),
+        outer,
         output_outer: output_outer.to_string(),
+        activation: a.to_string(),
     })
 }
 
@@ -1276,9 +1302,21 @@ pub(crate) fn replace_product(
     let node = model.node(id);
     let mut patch = TypedModelPatch::new(format!("edgevlm product {}", node.name));
     let mut taps = patch.taps(model, inputs)?;
+    let moves = layout.activation_moves();
+    if !moves.is_empty() {
+        // The barrier keeps tract's declutter from folding the moves back into the
+        // activation's producer (an attention's value product, which would then no longer
+        // be fused).
+        let name = format!("{}.edgevlm_fold_barrier_0", node.name);
+        taps[0] = patch.wire_node(name, crate::patches::FoldBarrier, &[taps[0]])?[0];
+        for (i, op) in moves.into_iter().enumerate() {
+            let name = format!("{}.gather_k_{i}", node.name);
+            taps[0] = patch.wire_node(name, op, &[taps[0]])?[0];
+        }
+    }
     let at = layout.outer.len();
     if layout.contracted.len() > 1 {
-        let dims: TVec<TDim> = model.outlet_fact(inputs[0])?.shape[at..].into();
+        let dims: TVec<TDim> = patch.outlet_fact(taps[0])?.shape[at..].into();
         let k = dims.iter().product::<TDim>();
         let name = format!("{}.merge_k", node.name);
         taps[0] = patch.wire_node(name, AxisOp::Reshape(at, dims, tvec![k]), &[taps[0]])?[0];
@@ -1562,11 +1600,25 @@ pub(crate) mod tests {
         );
         // Outer axes permuted in the output (a transpose folded into the product).
         assert_eq!(layout("ambk", "kn", "abmn").unwrap().output_outer, "abm");
-        // Not the kernel's shape: n not last, contracted axes not trailing or out of order,
-        // a batch axis on the weight.
+        // Contracted axes not trailing, or in another order than the weight's: moved, in
+        // the weight's order (an out projection with the heads' transpose folded in).
+        let gathered = layout("acbmk", "cbkn", "amn").unwrap();
+        assert_eq!(
+            (gathered.contracted.as_str(), gathered.outer.as_str()),
+            ("cbk", "am")
+        );
+        assert_eq!(
+            gathered.activation_moves(),
+            vec![AxisOp::Move(3, 1)],
+            "acbmk -> amcbk"
+        );
+        assert_eq!(
+            layout("ambk", "kbn", "amn").unwrap().activation_moves(),
+            vec![AxisOp::Move(3, 2)]
+        );
+        assert!(merged.activation_moves().is_empty());
+        // Not the kernel's shape: n not last, a batch axis on the weight.
         assert_eq!(layout("amk", "kn", "anm"), None);
-        assert_eq!(layout("akm", "kn", "amn"), None);
-        assert_eq!(layout("ambk", "kbn", "amn"), None);
         assert_eq!(layout("abmk", "bkn", "abmn"), None);
     }
 
