@@ -20,7 +20,9 @@
    the onnxruntime import, as a deployment would pay them).
 
 Both sides run --threads intra-op threads (default 1) and one warm-up generation before the
-measured one. edgevlm's TTFT
+measured one. Each side runs --rounds times (default 3) in fresh processes, edgevlm and ORT
+taking turns, and every figure is the median of its rounds: one run of a 256M prefill on a
+shared 2-core host swings by 20-30 %. edgevlm's TTFT
 also counts its image preprocessing and tokenization (a few ms); ORT's is vision + prefill.
 """
 
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -46,6 +49,15 @@ def run(cmd: list[str], **kw) -> str:
     return proc.stdout
 
 
+def median_of(runs: list[dict]) -> dict:
+    """The first run's record with every number replaced by its median over `runs`."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
 def wall_ms(cmd: list[str]) -> float:
     """Wall time of one fresh process, start to exit: the cold-start figure."""
     t0 = time.perf_counter()
@@ -60,6 +72,7 @@ def main() -> int:
     ap.add_argument("--variants", default="fp32,int8,uint8,q4")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="runs per side and figure (median)")
     args = ap.parse_args()
     out = Path(args.out or ROOT / ("target/bench-vlm" if args.size == "256m" else "target/bench-probe"))
     snap = out / "snapshot"
@@ -86,24 +99,27 @@ def main() -> int:
         pkg = out / f"pkg-{v}"
         shutil.rmtree(pkg, ignore_errors=True)
         run([str(EDGEVLM), "models", "import", str(snap), "--variant", v, "--out", str(pkg)])
-        ours = json.loads(run([
-            str(EDGEVLM), "generate", "--model", str(pkg), "--image", str(IMAGE), "--prompt", QUESTION,
-            "--max-new-tokens", str(args.new_tokens), "--ignore-eos", "--warmup", "1", "--json",
-            "--threads", str(args.threads)]))
-        s = ours["stats"]
-        ort_cmd = [sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--ort", str(snap), "--variant", v,
-                   "--prompt-tokens", str(s["prompt_tokens"]), "--json", "--threads", str(args.threads)]
-        ort = json.loads(run(ort_cmd + ["--new-tokens", str(args.new_tokens)]))
-        cold = [str(EDGEVLM), "generate", "--model", str(pkg), "--image", str(IMAGE), "--prompt", QUESTION,
-                "--max-new-tokens", "1", "--ignore-eos", "--threads", str(args.threads)]
-        s["cold_ms"] = wall_ms(cold + ["--no-cache"])
+        gen = [str(EDGEVLM), "generate", "--model", str(pkg), "--image", str(IMAGE), "--prompt", QUESTION,
+               "--ignore-eos", "--threads", str(args.threads)]
+        ours_runs, ort_runs = [], []
+        for _ in range(max(1, args.rounds)):
+            ours_runs.append(json.loads(run(gen + ["--max-new-tokens", str(args.new_tokens), "--warmup", "1",
+                                                   "--json"]))["stats"])
+            ort_cmd = [sys.executable, str(ROOT / "models/gen/vlm_bench.py"), "--ort", str(snap), "--variant", v,
+                       "--prompt-tokens", str(ours_runs[0]["prompt_tokens"]), "--json",
+                       "--threads", str(args.threads)]
+            ort_runs.append(json.loads(run(ort_cmd + ["--new-tokens", str(args.new_tokens)])))
+        cold = gen + ["--max-new-tokens", "1"]
         # From the load cache (decluttered graphs in NNEF form), as a board has it after the
-        # install: one run writes it, the next one is measured.
+        # install: one run writes it, the next ones are measured.
         cache = out / f"cache-{v}"
         shutil.rmtree(cache, ignore_errors=True)
         run(cold + ["--cache-dir", str(cache)])
-        s["cold_cached_ms"] = wall_ms(cold + ["--cache-dir", str(cache)])
-        ort["cold_ms"] = wall_ms(ort_cmd + ["--new-tokens", "1", "--_measure", "--no-warmup"])
+        for r in range(max(1, args.rounds)):
+            ours_runs[r]["cold_ms"] = wall_ms(cold + ["--no-cache"])
+            ours_runs[r]["cold_cached_ms"] = wall_ms(cold + ["--cache-dir", str(cache)])
+            ort_runs[r]["cold_ms"] = wall_ms(ort_cmd + ["--new-tokens", "1", "--_measure", "--no-warmup"])
+        s, ort = median_of(ours_runs), median_of(ort_runs)
         rows.append((v, s, ort))
         print(f"{v}: edgevlm vision {s['vision_encode_ms']:.0f} ms, TTFT {s['ttft_ms']:.0f} ms, "
               f"decode {s['decode_tok_s']:.1f} tok/s | ORT vision {ort['vision_ms']:.0f} ms, "
@@ -111,7 +127,8 @@ def main() -> int:
 
     dims = "SmolVLM2-256M dimensions" if args.size == "256m" else "probe dimensions (4+4 layers, hidden 768)"
     print(f"\n{dims}, random weights, {args.threads} thread(s), one 512x512 tile, "
-          f"{rows[0][1]['prompt_tokens']} prompt tokens, {args.new_tokens} new tokens\n")
+          f"{rows[0][1]['prompt_tokens']} prompt tokens, {args.new_tokens} new tokens, "
+          f"median of {max(1, args.rounds)} run(s) per side\n")
     print("| variant | vision ms edgevlm / ORT | TTFT ms edgevlm / ORT | prefill tok/s edgevlm / ORT "
           "| decode tok/s edgevlm / ORT | peak RSS MiB edgevlm / ORT | cold start ms edgevlm / ORT "
           "| cold start from the load cache ms edgevlm / ORT "
