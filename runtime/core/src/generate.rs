@@ -44,6 +44,27 @@ pub struct GraphPaths {
     pub vision_encoder: Option<PathBuf>,
 }
 
+impl GraphPaths {
+    /// The graphs of the generation package `package`; an error unless its task generates
+    /// text.
+    pub fn of(package: &ModelPackage) -> Result<GraphPaths> {
+        if !package.manifest().model.task.generates() {
+            return Err(Error::manifest(
+                package.dir().join(crate::package::MANIFEST),
+                "model.task",
+                "this is not a generation package (expected task = \"vision-language\" or \"text-generation\")",
+            ));
+        }
+        Ok(GraphPaths {
+            decoder: package
+                .graph_path(roles::DECODER)
+                .expect("validated: generation packages have a decoder"),
+            embed_tokens: package.graph_path(roles::EMBED_TOKENS),
+            vision_encoder: package.graph_path(roles::VISION_ENCODER),
+        })
+    }
+}
+
 /// What the decoder takes as its token input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TokenInput {
@@ -288,6 +309,95 @@ struct Vision {
     image_token_id: u32,
 }
 
+impl Vision {
+    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let vision = self;
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let mut out = vision.embed.run(vec![tensor(&[1, ids.len()], &ids)?])?;
+        Ok(out.remove(0))
+    }
+
+    /// Runs the vision encoder and writes its features over the image-token rows of `embeds`.
+    fn merge_image(
+        &self,
+        ids: &[u32],
+        embeds: Tensor,
+        image: idefics3::ProcessedImage,
+    ) -> Result<Tensor> {
+        let vision = self;
+        let mut inputs = vec![Tensor::default(); 2];
+        let pv = vision.encoder.input_index("pixel_values").unwrap_or(0);
+        let mask = vision
+            .encoder
+            .input_index("pixel_attention_mask")
+            .unwrap_or(1);
+        let pv_dtype = vision.encoder.inputs()[pv].datum_type;
+        inputs[pv] = image
+            .pixel_values
+            .cast_to_dt(pv_dtype)
+            .map_err(|e| Error::Inference(e.into()))?
+            .into_owned();
+        inputs[mask] = image.pixel_attention_mask;
+        let features = vision.encoder.run(inputs)?.remove(0);
+        let hidden = *embeds.shape().last().unwrap_or(&0);
+        let rows: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| **id == vision.image_token_id)
+            .map(|(i, _)| i)
+            .collect();
+        let feature_hidden = *features.shape().last().unwrap_or(&0);
+        if feature_hidden != hidden || features.len() != rows.len() * hidden {
+            return Err(Error::Input {
+                name: "image_features".into(),
+                message: format!(
+                    "the vision encoder returned {:?} features for {} image tokens of width {hidden}",
+                    features.shape(),
+                    rows.len()
+                ),
+            });
+        }
+        let src = crate::values::<f32>(&features)?;
+        let mut dst = crate::values::<f32>(&embeds)?;
+        for (k, row) in rows.iter().enumerate() {
+            dst[row * hidden..(row + 1) * hidden]
+                .copy_from_slice(&src[k * hidden..(k + 1) * hidden]);
+        }
+        tensor(embeds.shape(), &dst)
+    }
+}
+
+/// A prompt made ready for the decoder ([`Generator::prepare`]): tokenized, its image
+/// processed, encoded and merged into the token embeddings.
+pub struct PreparedPrompt {
+    ids: Vec<u32>,
+    tokens: Tensor,
+    stats: GenerationStats,
+    /// Embedding, image encoding and merging, ms (the vision encoder's share is in `stats`).
+    tokens_ms: f64,
+}
+
+impl std::fmt::Debug for PreparedPrompt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedPrompt")
+            .field("prompt_tokens", &self.ids.len())
+            .field("image_tokens", &self.stats.image_tokens)
+            .finish()
+    }
+}
+
+/// What [`Generator::load_preparing`] prepares while the decoder loads: a prompt (one user
+/// turn rendered with the chat template, or raw text) and its image.
+#[derive(Debug, Clone, Copy)]
+pub struct FirstPrompt<'a> {
+    /// The question, or with `raw` the whole prompt text.
+    pub text: &'a str,
+    /// `text` is the full prompt, not rendered with the chat template.
+    pub raw: bool,
+    /// The image, for vision-language models.
+    pub image: Option<&'a RgbImage>,
+}
+
 /// A loaded generation model: tokenizer, template, graphs and (for VLMs) image processor.
 pub struct Generator {
     config: ModelConfig,
@@ -319,13 +429,40 @@ impl Generator {
     /// are at `graphs`: checks that they fit together (layers, heads, vocabulary, image token)
     /// before anything runs.
     pub fn load(dir: &Path, graphs: &GraphPaths, options: &LoadOptions) -> Result<Generator> {
+        Ok(Generator::load_preparing(dir, graphs, options, None)?.0)
+    }
+
+    /// [`Generator::load`], and `first` made ready for [`Generator::generate_prepared`]
+    /// meanwhile: a vision-language model's vision graphs load faster than its decoder, so
+    /// they encode the image while the decoder is still loading (a cold start then waits for
+    /// the slower of the two instead of both in turn). Errors come in the same order as
+    /// loading, then preparing, in turn.
+    pub fn load_preparing(
+        dir: &Path,
+        graphs: &GraphPaths,
+        options: &LoadOptions,
+        first: Option<(FirstPrompt, &GenerateOptions)>,
+    ) -> Result<(Generator, Option<PreparedPrompt>)> {
         let config = ModelConfig::load(dir)?;
         let codec = TextCodec::load(dir)?;
         // The decoder loads on a second core while the vision graphs load here: cold start is
         // mostly graph loading. Its errors still come first, as when they loaded in turn.
         let (decoder, vision) = crate::par::join(
             || OnnxModel::load(&graphs.decoder, options),
-            || Generator::load_vision(dir, graphs, options, &config, &codec),
+            || {
+                let mut vision = Generator::load_vision(dir, graphs, options, &config, &codec)?;
+                // A VLM decoder takes embeddings (checked below, after the join).
+                let prepared = match (first, vision.as_mut()) {
+                    (Some((first, generate)), Some(v)) => {
+                        Some(render(&codec, true, first).and_then(|prompt| {
+                            let parts = (&codec, &config, Some(v));
+                            prepare(parts, true, &prompt, first.image, generate)
+                        }))
+                    }
+                    _ => None,
+                };
+                Ok((vision, prepared))
+            },
         );
         let decoder = decoder?;
         let layout = DecoderLayout::find(&decoder, &config)?;
@@ -347,14 +484,24 @@ impl Generator {
                 "a vision-language decoder must take `inputs_embeds`".into(),
             ));
         }
-        let vision = vision?;
-        Ok(Generator {
+        let (vision, prepared) = vision?;
+        let mut generator = Generator {
             config,
             codec,
             decoder,
             layout,
             vision,
-        })
+        };
+        let prepared = match (prepared, first) {
+            (Some(prepared), _) => Some(prepared?),
+            // A text model: nothing to overlap with the load.
+            (None, Some((first, generate))) => {
+                let prompt = render(&generator.codec, generator.has_vision(), first)?;
+                Some(generator.prepare(&prompt, first.image, generate)?)
+            }
+            (None, None) => None,
+        };
+        Ok((generator, prepared))
     }
 
     /// The vision encoder, token embedding and image processor of a vision-language model
@@ -459,22 +606,7 @@ impl Generator {
     /// `text-generation`).
     pub fn open(dir: &Path, options: &LoadOptions) -> Result<(ModelPackage, Generator)> {
         let package = ModelPackage::open(dir)?;
-        let m = package.manifest();
-        if !m.model.task.generates() {
-            return Err(Error::manifest(
-                dir.join(crate::package::MANIFEST),
-                "model.task",
-                "this is not a generation package (expected task = \"vision-language\" or \"text-generation\")",
-            ));
-        }
-        let graphs = GraphPaths {
-            decoder: package
-                .graph_path(roles::DECODER)
-                .expect("validated: generation packages have a decoder"),
-            embed_tokens: package.graph_path(roles::EMBED_TOKENS),
-            vision_encoder: package.graph_path(roles::VISION_ENCODER),
-        };
-        let generator = Generator::load(dir, &graphs, options)?;
+        let generator = Generator::load(dir, &GraphPaths::of(&package)?, options)?;
         Ok((package, generator))
     }
 
@@ -526,13 +658,7 @@ impl Generator {
     /// The prompt text for one user turn, rendered with the chat template (image tokens not
     /// yet expanded).
     pub fn chat_prompt(&self, question: &str, with_image: bool) -> Result<String> {
-        let style = if self.has_vision() {
-            ContentStyle::Parts
-        } else {
-            ContentStyle::Text
-        };
-        self.codec
-            .render(&[Message::user(question, with_image)], style, true)
+        chat_prompt(&self.codec, self.has_vision(), question, with_image)
     }
 
     /// The image processor (VLMs), e.g. to inspect or change its settings.
@@ -547,110 +673,13 @@ impl Generator {
         prompt: &str,
         image: Option<&RgbImage>,
     ) -> Result<(Vec<u32>, Option<idefics3::ProcessedImage>)> {
-        let placeholders = prompt.matches(idefics3::IMAGE_TOKEN).count();
-        let Some(vision) = &mut self.vision else {
-            if image.is_some() {
-                return Err(Error::Image {
-                    source_name: "image".into(),
-                    message: format!(
-                        "the {} model is text-only and takes no image",
-                        self.config.architecture.name()
-                    ),
-                });
-            }
-            // Text decoders: the template already wrote BOS where the model wants it.
-            return Ok((self.codec.encode(prompt, false)?, None));
-        };
-        let (text, processed) = match image {
-            Some(img) => {
-                if placeholders != 1 {
-                    return Err(Error::Image {
-                        source_name: "prompt".into(),
-                        message: format!(
-                            "one image was given, but the prompt has {placeholders} {} placeholders",
-                            idefics3::IMAGE_TOKEN
-                        ),
-                    });
-                }
-                let processed = vision.processor.process(img)?;
-                let expansion =
-                    idefics3::image_prompt(processed.rows, processed.cols, vision.image_seq_len);
-                (
-                    prompt.replacen(idefics3::IMAGE_TOKEN, &expansion, 1),
-                    Some(processed),
-                )
-            }
-            None if placeholders > 0 => {
-                return Err(Error::Image {
-                    source_name: "prompt".into(),
-                    message: format!(
-                        "the prompt has {placeholders} {} placeholders but no image was given",
-                        idefics3::IMAGE_TOKEN
-                    ),
-                })
-            }
-            None => (prompt.to_owned(), None),
-        };
-        Ok((self.codec.encode(&text, true)?, processed))
-    }
-
-    fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let vision = self
-            .vision
-            .as_ref()
-            .expect("embeddings are only used by VLMs");
-        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let mut out = vision.embed.run(vec![tensor(&[1, ids.len()], &ids)?])?;
-        Ok(out.remove(0))
-    }
-
-    /// Runs the vision encoder and writes its features over the image-token rows of `embeds`.
-    fn merge_image(
-        &self,
-        ids: &[u32],
-        embeds: Tensor,
-        image: idefics3::ProcessedImage,
-    ) -> Result<Tensor> {
-        let vision = self.vision.as_ref().expect("images are only used by VLMs");
-        let mut inputs = vec![Tensor::default(); 2];
-        let pv = vision.encoder.input_index("pixel_values").unwrap_or(0);
-        let mask = vision
-            .encoder
-            .input_index("pixel_attention_mask")
-            .unwrap_or(1);
-        let pv_dtype = vision.encoder.inputs()[pv].datum_type;
-        inputs[pv] = image
-            .pixel_values
-            .cast_to_dt(pv_dtype)
-            .map_err(|e| Error::Inference(e.into()))?
-            .into_owned();
-        inputs[mask] = image.pixel_attention_mask;
-        let features = vision.encoder.run(inputs)?.remove(0);
-        let hidden = *embeds.shape().last().unwrap_or(&0);
-        let rows: Vec<usize> = ids
-            .iter()
-            .enumerate()
-            .filter(|(_, id)| **id == vision.image_token_id)
-            .map(|(i, _)| i)
-            .collect();
-        let feature_hidden = *features.shape().last().unwrap_or(&0);
-        if feature_hidden != hidden || features.len() != rows.len() * hidden {
-            return Err(Error::Input {
-                name: "image_features".into(),
-                message: format!(
-                    "the vision encoder returned {:?} features for {} image tokens of width {hidden}",
-                    features.shape(),
-                    rows.len()
-                ),
-            });
-        }
-        let src = crate::values::<f32>(&features)?;
-        let mut dst = crate::values::<f32>(&embeds)?;
-        for (k, row) in rows.iter().enumerate() {
-            dst[row * hidden..(row + 1) * hidden]
-                .copy_from_slice(&src[k * hidden..(k + 1) * hidden]);
-        }
-        tensor(embeds.shape(), &dst)
+        prompt_ids(
+            &self.codec,
+            &self.config,
+            self.vision.as_mut(),
+            prompt,
+            image,
+        )
     }
 
     /// One decoder run over `n` new positions after `past` cached ones; returns the last
@@ -753,31 +782,19 @@ impl Generator {
         processed: Option<idefics3::ProcessedImage>,
         stats: &mut GenerationStats,
     ) -> Result<Tensor> {
-        match self.layout.tokens {
-            TokenInput::Ids(_) => {
-                let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-                tensor(&[1, ids.len()], &ids)
-            }
-            TokenInput::Embeds(_) => {
-                let embeds = self.embed(ids)?;
-                match processed {
-                    Some(p) => {
-                        let t = Instant::now();
-                        let merged = self.merge_image(ids, embeds, p)?;
-                        stats.vision_encode_ms = ms(t.elapsed());
-                        Ok(merged)
-                    }
-                    None => Ok(embeds),
-                }
-            }
-        }
+        let embeds = matches!(self.layout.tokens, TokenInput::Embeds(_));
+        prompt_tokens(self.vision.as_ref(), embeds, ids, processed, stats)
     }
 
     /// The decoder's token input for one generated token: its id, or its embedding.
     fn token_input(&self, token: u32) -> Result<Tensor> {
         match self.layout.tokens {
             TokenInput::Ids(_) => tensor(&[1, 1], &[token as i64]),
-            TokenInput::Embeds(_) => self.embed(&[token]),
+            TokenInput::Embeds(_) => self
+                .vision
+                .as_ref()
+                .expect("embeddings are only used by VLMs")
+                .embed(&[token]),
         }
     }
 
@@ -804,36 +821,45 @@ impl Generator {
         options: &GenerateOptions,
         on_token: &mut dyn FnMut(u32, &str),
     ) -> Result<Generation> {
-        let start = Instant::now();
-        let (ids, processed) = self.prompt_ids(prompt, image)?;
-        let mut stats = GenerationStats {
-            prompt_tokens: ids.len(),
-            image_frames: processed.as_ref().map_or(0, |p| p.frames()),
-            ..Default::default()
-        };
-        if let Some(v) = &self.vision {
-            stats.image_tokens = ids.iter().filter(|i| **i == v.image_token_id).count();
-        }
-        let limit = self.config.text.max_positions;
-        if ids.is_empty() || ids.len() >= limit {
-            return Err(Error::ContextLength {
-                prompt_tokens: ids.len(),
-                image_note: if stats.image_tokens > 0 {
-                    format!(" ({} of them image tokens)", stats.image_tokens)
-                } else {
-                    String::new()
-                },
-                new_tokens: options.max_new_tokens,
-                limit,
-                limit_source: "max_position_embeddings in config.json".into(),
-            });
-        }
-        stats.preprocess_ms = ms(start.elapsed());
+        let prepared = self.prepare(prompt, image, options)?;
+        self.generate_prepared(prepared, options, on_token)
+    }
 
+    /// The first half of [`Generator::generate`]: tokenizes `prompt`, checks it fits the
+    /// context with `options.max_new_tokens`, and encodes and merges the image.
+    pub fn prepare(
+        &mut self,
+        prompt: &str,
+        image: Option<&RgbImage>,
+        options: &GenerateOptions,
+    ) -> Result<PreparedPrompt> {
+        let embeds = matches!(self.layout.tokens, TokenInput::Embeds(_));
+        let parts = (&self.codec, &self.config, self.vision.as_mut());
+        prepare(parts, embeds, prompt, image, options)
+    }
+
+    /// The second half of [`Generator::generate`]: prefill and decoding of a prompt
+    /// [`Generator::prepare`] (or [`Generator::load_preparing`]) made ready. Its statistics
+    /// count the preparation's own time, not the time between the two.
+    pub fn generate_prepared(
+        &mut self,
+        prepared: PreparedPrompt,
+        options: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32, &str),
+    ) -> Result<Generation> {
+        let PreparedPrompt {
+            ids,
+            tokens,
+            mut stats,
+            tokens_ms,
+        } = prepared;
+        let limit = self.config.text.max_positions;
         let prefill_start = Instant::now();
-        let tokens = self.prompt_tokens(&ids, processed, &mut stats)?;
+        // The preparation's time stands in for the time before this call.
+        let start =
+            prefill_start - Duration::from_secs_f64((stats.preprocess_ms + tokens_ms) / 1e3);
         let (mut logits, mut cache) = self.step(tokens, ids.len(), 0, self.empty_cache()?)?;
-        stats.prefill_ms = ms(prefill_start.elapsed()) - stats.vision_encode_ms;
+        stats.prefill_ms = ms(prefill_start.elapsed()) + tokens_ms - stats.vision_encode_ms;
 
         let mut sampler = Sampler::new(options.sampling.clone());
         let mut stream = StreamDecoder::default();
@@ -918,6 +944,155 @@ impl Generator {
             stats,
         })
     }
+}
+
+/// [`Generator::chat_prompt`] over the tokenizer, for a model with or without vision.
+fn chat_prompt(
+    codec: &TextCodec,
+    vision: bool,
+    question: &str,
+    with_image: bool,
+) -> Result<String> {
+    let style = if vision {
+        ContentStyle::Parts
+    } else {
+        ContentStyle::Text
+    };
+    codec.render(&[Message::user(question, with_image)], style, true)
+}
+
+/// The prompt text of `first`: its text as is, or rendered as one user turn.
+fn render(codec: &TextCodec, vision: bool, first: FirstPrompt) -> Result<String> {
+    if first.raw {
+        Ok(first.text.to_owned())
+    } else {
+        chat_prompt(codec, vision, first.text, first.image.is_some())
+    }
+}
+
+/// [`Generator::prompt_tokens`] over the generator's parts: `embeds` when the decoder takes
+/// embeddings.
+fn prompt_tokens(
+    vision: Option<&Vision>,
+    embeds: bool,
+    ids: &[u32],
+    processed: Option<idefics3::ProcessedImage>,
+    stats: &mut GenerationStats,
+) -> Result<Tensor> {
+    if !embeds {
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        return tensor(&[1, ids.len()], &ids);
+    }
+    let vision = vision.expect("embeddings are only used by VLMs");
+    let embeds = vision.embed(ids)?;
+    match processed {
+        Some(p) => {
+            let t = Instant::now();
+            let merged = vision.merge_image(ids, embeds, p)?;
+            stats.vision_encode_ms = ms(t.elapsed());
+            Ok(merged)
+        }
+        None => Ok(embeds),
+    }
+}
+
+/// [`Generator::prepare`] over the generator's parts (tokenizer, config, vision graphs):
+/// `embeds` when the decoder takes embeddings.
+fn prepare(
+    (codec, config, mut vision): (&TextCodec, &ModelConfig, Option<&mut Vision>),
+    embeds: bool,
+    prompt: &str,
+    image: Option<&RgbImage>,
+    options: &GenerateOptions,
+) -> Result<PreparedPrompt> {
+    let start = Instant::now();
+    let (ids, processed) = prompt_ids(codec, config, vision.as_deref_mut(), prompt, image)?;
+    let mut stats = GenerationStats {
+        prompt_tokens: ids.len(),
+        image_frames: processed.as_ref().map_or(0, |p| p.frames()),
+        ..Default::default()
+    };
+    if let Some(v) = &vision {
+        stats.image_tokens = ids.iter().filter(|i| **i == v.image_token_id).count();
+    }
+    let limit = config.text.max_positions;
+    if ids.is_empty() || ids.len() >= limit {
+        return Err(Error::ContextLength {
+            prompt_tokens: ids.len(),
+            image_note: if stats.image_tokens > 0 {
+                format!(" ({} of them image tokens)", stats.image_tokens)
+            } else {
+                String::new()
+            },
+            new_tokens: options.max_new_tokens,
+            limit,
+            limit_source: "max_position_embeddings in config.json".into(),
+        });
+    }
+    stats.preprocess_ms = ms(start.elapsed());
+    let t = Instant::now();
+    let tokens = prompt_tokens(vision.as_deref(), embeds, &ids, processed, &mut stats)?;
+    Ok(PreparedPrompt {
+        ids,
+        tokens,
+        stats,
+        tokens_ms: ms(t.elapsed()),
+    })
+}
+
+/// [`Generator::prompt_ids`] over the generator's parts.
+fn prompt_ids(
+    codec: &TextCodec,
+    config: &ModelConfig,
+    vision: Option<&mut Vision>,
+    prompt: &str,
+    image: Option<&RgbImage>,
+) -> Result<(Vec<u32>, Option<idefics3::ProcessedImage>)> {
+    let placeholders = prompt.matches(idefics3::IMAGE_TOKEN).count();
+    let Some(vision) = vision else {
+        if image.is_some() {
+            return Err(Error::Image {
+                source_name: "image".into(),
+                message: format!(
+                    "the {} model is text-only and takes no image",
+                    config.architecture.name()
+                ),
+            });
+        }
+        // Text decoders: the template already wrote BOS where the model wants it.
+        return Ok((codec.encode(prompt, false)?, None));
+    };
+    let (text, processed) = match image {
+        Some(img) => {
+            if placeholders != 1 {
+                return Err(Error::Image {
+                    source_name: "prompt".into(),
+                    message: format!(
+                        "one image was given, but the prompt has {placeholders} {} placeholders",
+                        idefics3::IMAGE_TOKEN
+                    ),
+                });
+            }
+            let processed = vision.processor.process(img)?;
+            let expansion =
+                idefics3::image_prompt(processed.rows, processed.cols, vision.image_seq_len);
+            (
+                prompt.replacen(idefics3::IMAGE_TOKEN, &expansion, 1),
+                Some(processed),
+            )
+        }
+        None if placeholders > 0 => {
+            return Err(Error::Image {
+                source_name: "prompt".into(),
+                message: format!(
+                    "the prompt has {placeholders} {} placeholders but no image was given",
+                    idefics3::IMAGE_TOKEN
+                ),
+            })
+        }
+        None => (prompt.to_owned(), None),
+    };
+    Ok((codec.encode(&text, true)?, processed))
 }
 
 /// Where the first stop string that ends after byte `from - longest stop` starts, if any.

@@ -52,7 +52,10 @@ pub mod upcast;
 
 pub use classify::{ClassScore, Verdict};
 pub use error::{error_chain, Error, Result};
-pub use generate::{GenerateOptions, Generation, GenerationStats, Generator, StopReason};
+pub use generate::{
+    FirstPrompt, GenerateOptions, Generation, GenerationStats, Generator, PreparedPrompt,
+    StopReason,
+};
 pub use manifest::{parse_toml, Manifest};
 pub use onnx::{Dim, LoadOptions, OnnxModel, TensorSpec, TRACT_VERSION};
 pub use package::ModelPackage;

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use edgevlm_runtime::generate::GraphPaths;
 use edgevlm_runtime::text::{Content, ContentStyle, Message};
-use edgevlm_runtime::{npy, values, GenerateOptions, Generator, LoadOptions, RgbImage};
+use edgevlm_runtime::{
+    npy, values, FirstPrompt, GenerateOptions, Generator, LoadOptions, RgbImage,
+};
 use serde_json::Value;
 
 fn vlm_dir() -> PathBuf {
@@ -516,5 +518,75 @@ fn smolvlm_from_the_load_cache_generates_as_from_onnx() {
         assert_eq!(count(&read, "decluttered model read from"), 3, "{read:?}");
         assert_eq!(cached_ids, ids, "smolvlm {variant}");
         assert_eq!(cached_logits, logits, "smolvlm {variant}");
+    }
+}
+
+/// A first prompt prepared while the decoder loads (`load_preparing`: the image encoded on
+/// the vision graphs' thread) generates what loading and then generating does, with the
+/// prompt's own statistics; for a text model it is prepared after the load. Its errors (an
+/// image without a placeholder in a raw prompt) come from the load, after the graphs.
+#[test]
+fn a_prompt_prepared_during_the_load_generates_as_after_it() {
+    let reference = reference("smolvlm");
+    let case = &reference["cases"][0];
+    let image = reference_rgb(case);
+    let question = "Is there a scratch on this part?";
+    let options = LoadOptions {
+        threads: 2,
+        ..LoadOptions::default()
+    };
+    for (snapshot, variant, image) in [
+        ("smolvlm", "int8", Some(&image)),
+        ("smolvlm", "fp32", None),
+        ("mistral", "fp32", None),
+    ] {
+        let dir = vlm_dir().join(snapshot);
+        let graphs = graphs(&dir, variant);
+        let mut plain = Generator::load(&dir, &graphs, &options).unwrap();
+        let prompt = plain.chat_prompt(question, image.is_some()).unwrap();
+        let want = plain
+            .generate(&prompt, image, &greedy(6), &mut |_, _| {})
+            .unwrap();
+        let first = FirstPrompt {
+            text: question,
+            raw: false,
+            image,
+        };
+        let (mut g, prepared) =
+            Generator::load_preparing(&dir, &graphs, &options, Some((first, &greedy(6)))).unwrap();
+        let got = g
+            .generate_prepared(prepared.unwrap(), &greedy(6), &mut |_, _| {})
+            .unwrap();
+        assert_eq!(got.token_ids, want.token_ids, "{snapshot} {variant}");
+        assert_eq!(got.text, want.text, "{snapshot} {variant}");
+        let (s, w) = (&got.stats, &want.stats);
+        assert_eq!(
+            (
+                s.prompt_tokens,
+                s.image_tokens,
+                s.image_frames,
+                s.new_tokens
+            ),
+            (
+                w.prompt_tokens,
+                w.image_tokens,
+                w.image_frames,
+                w.new_tokens
+            ),
+            "{snapshot} {variant}"
+        );
+        assert!(s.ttft_ms >= s.vision_encode_ms + s.prefill_ms, "{s:?}");
+        assert_eq!(image.is_some(), s.vision_encode_ms > 0.0, "{s:?}");
+        // Raw text with an image but no placeholder: the preparation's error, from the load.
+        if let Some(image) = image {
+            let raw = FirstPrompt {
+                text: "no placeholder here",
+                raw: true,
+                image: Some(image),
+            };
+            let e = Generator::load_preparing(&dir, &graphs, &options, Some((raw, &greedy(1))))
+                .unwrap_err();
+            assert!(format!("{e:#}").contains("placeholders"), "{e:#}");
+        }
     }
 }

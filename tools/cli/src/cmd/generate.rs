@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use edgevlm_runtime::generate::GraphPaths;
+use edgevlm_runtime::package::ModelPackage;
 use edgevlm_runtime::preprocess::decode_image;
-use edgevlm_runtime::{GenerateOptions, Generator, LoadOptions, Sampling};
+use edgevlm_runtime::{FirstPrompt, GenerateOptions, Generator, LoadOptions, Sampling};
 use serde_json::json;
 
 const AFTER: &str = "\
@@ -100,8 +102,6 @@ impl Cmd {
             cache_dir: self.cache.dir(),
             ..Default::default()
         };
-        let (package, mut generator) = Generator::open(&self.model, &options)
-            .with_context(|| format!("loading model package {}", self.model.display()))?;
         let image = match &self.image {
             Some(path) => {
                 let bytes = std::fs::read(path)
@@ -110,11 +110,9 @@ impl Cmd {
             }
             None => None,
         };
-        let prompt = if self.raw_prompt {
-            self.prompt.clone()
-        } else {
-            generator.chat_prompt(&self.prompt, image.is_some())?
-        };
+        let loading = || format!("loading model package {}", self.model.display());
+        let package = ModelPackage::open(&self.model).with_context(loading)?;
+        let graphs = GraphPaths::of(&package).with_context(loading)?;
         let spec = package
             .manifest()
             .generation
@@ -133,13 +131,35 @@ impl Cmd {
             stop_strings: stop,
             stop_at_eos: !self.ignore_eos,
         };
+        // The prompt is tokenized and its image encoded while the decoder loads.
+        let first = FirstPrompt {
+            text: &self.prompt,
+            raw: self.raw_prompt,
+            image: image.as_ref(),
+        };
+        let (mut generator, prepared) =
+            Generator::load_preparing(&self.model, &graphs, &options, Some((first, &generate)))
+                .with_context(loading)?;
+        let mut prepared = prepared;
+        let prompt = if self.raw_prompt {
+            self.prompt.clone()
+        } else {
+            generator.chat_prompt(&self.prompt, image.is_some())?
+        };
         for _ in 0..self.warmup {
-            generator.generate(&prompt, image.as_ref(), &generate, &mut |_, _| {})?;
+            match prepared.take() {
+                Some(p) => generator.generate_prepared(p, &generate, &mut |_, _| {})?,
+                None => generator.generate(&prompt, image.as_ref(), &generate, &mut |_, _| {})?,
+            };
         }
+        let prepared = match prepared {
+            Some(p) => p,
+            None => generator.prepare(&prompt, image.as_ref(), &generate)?,
+        };
         let mut out = std::io::stdout().lock();
         let mut failed = Ok(());
         let json = self.json;
-        let result = generator.generate(&prompt, image.as_ref(), &generate, &mut |_, piece| {
+        let result = generator.generate_prepared(prepared, &generate, &mut |_, piece| {
             if !json && failed.is_ok() {
                 failed = write!(out, "{piece}").and_then(|_| out.flush());
             }
