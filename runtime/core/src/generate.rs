@@ -276,7 +276,9 @@ pub struct GenerationStats {
     pub vision_encode_ms: f64,
     /// Embedding and decoder over the whole prompt, ms.
     pub prefill_ms: f64,
-    /// From the call to the first generated token, ms.
+    /// From the call to the first generated token, ms. For
+    /// [`Generator::generate_prepared`]: the preparation's own time plus that call's time to
+    /// the first token.
     pub ttft_ms: f64,
     /// Every step after the first token, ms.
     pub decode_ms: f64,
@@ -369,9 +371,15 @@ impl Vision {
 
 /// A prompt made ready for the decoder ([`Generator::prepare`]): tokenized, its image
 /// processed, encoded and merged into the token embeddings.
+///
+/// It belongs to the generator that prepared it: the image processor's settings at that time
+/// apply, and another generator's [`Generator::generate_prepared`] refuses it if its decoder
+/// takes the other kind of token input.
 pub struct PreparedPrompt {
     ids: Vec<u32>,
     tokens: Tensor,
+    /// `tokens` are embeddings, not ids.
+    embeds: bool,
     stats: GenerationStats,
     /// Embedding, image encoding and merging, ms (the vision encoder's share is in `stats`).
     tokens_ms: f64,
@@ -435,14 +443,17 @@ impl Generator {
     /// [`Generator::load`], and `first` made ready for [`Generator::generate_prepared`]
     /// meanwhile: a vision-language model's vision graphs load faster than its decoder, so
     /// they encode the image while the decoder is still loading (a cold start then waits for
-    /// the slower of the two instead of both in turn). Errors come in the same order as
-    /// loading, then preparing, in turn.
+    /// the slower of the two instead of both in turn). The outer error is the load's; the
+    /// prepared prompt, when `first` is given, is `Ok` or the error [`Generator::prepare`]
+    /// would have given. Its timings were taken beside the decoder's load, so on a busy CPU
+    /// they are those of a first run, not steady state.
+    #[allow(clippy::type_complexity)]
     pub fn load_preparing(
         dir: &Path,
         graphs: &GraphPaths,
         options: &LoadOptions,
         first: Option<(FirstPrompt, &GenerateOptions)>,
-    ) -> Result<(Generator, Option<PreparedPrompt>)> {
+    ) -> Result<(Generator, Option<Result<PreparedPrompt>>)> {
         let config = ModelConfig::load(dir)?;
         let codec = TextCodec::load(dir)?;
         // The decoder loads on a second core while the vision graphs load here: cold start is
@@ -484,6 +495,14 @@ impl Generator {
                 "a vision-language decoder must take `inputs_embeds`".into(),
             ));
         }
+        if config.vision.is_none() && matches!(layout.tokens, TokenInput::Embeds(_)) {
+            return Err(graph_err(
+                &graphs.decoder,
+                "a text model's decoder must take `input_ids` (only a vision-language model \
+                 has the `embed_tokens` graph that makes `inputs_embeds`)"
+                    .into(),
+            ));
+        }
         let (vision, prepared) = vision?;
         let mut generator = Generator {
             config,
@@ -493,12 +512,12 @@ impl Generator {
             vision,
         };
         let prepared = match (prepared, first) {
-            (Some(prepared), _) => Some(prepared?),
+            (Some(prepared), _) => Some(prepared),
             // A text model: nothing to overlap with the load.
-            (None, Some((first, generate))) => {
-                let prompt = render(&generator.codec, generator.has_vision(), first)?;
-                Some(generator.prepare(&prompt, first.image, generate)?)
-            }
+            (None, Some((first, generate))) => Some(
+                render(&generator.codec, generator.has_vision(), first)
+                    .and_then(|prompt| generator.prepare(&prompt, first.image, generate)),
+            ),
             (None, None) => None,
         };
         Ok((generator, prepared))
@@ -826,7 +845,8 @@ impl Generator {
     }
 
     /// The first half of [`Generator::generate`]: tokenizes `prompt`, checks it fits the
-    /// context with `options.max_new_tokens`, and encodes and merges the image.
+    /// context (`options.max_new_tokens` is named in that error), and encodes and merges the
+    /// image.
     pub fn prepare(
         &mut self,
         prompt: &str,
@@ -839,8 +859,8 @@ impl Generator {
     }
 
     /// The second half of [`Generator::generate`]: prefill and decoding of a prompt
-    /// [`Generator::prepare`] (or [`Generator::load_preparing`]) made ready. Its statistics
-    /// count the preparation's own time, not the time between the two.
+    /// [`Generator::prepare`] (or [`Generator::load_preparing`]) made ready by this generator.
+    /// Its statistics count the preparation's own time, not the time between the two.
     pub fn generate_prepared(
         &mut self,
         prepared: PreparedPrompt,
@@ -850,9 +870,20 @@ impl Generator {
         let PreparedPrompt {
             ids,
             tokens,
+            embeds,
             mut stats,
             tokens_ms,
         } = prepared;
+        if embeds != matches!(self.layout.tokens, TokenInput::Embeds(_)) {
+            return Err(Error::Input {
+                name: "prepared prompt".into(),
+                message: format!(
+                    "prepared as {} for another model: this decoder takes {}",
+                    if embeds { "embeddings" } else { "token ids" },
+                    if embeds { "token ids" } else { "embeddings" }
+                ),
+            });
+        }
         let limit = self.config.text.max_positions;
         let prefill_start = Instant::now();
         // The preparation's time stands in for the time before this call.
@@ -1035,6 +1066,7 @@ fn prepare(
     Ok(PreparedPrompt {
         ids,
         tokens,
+        embeds,
         stats,
         tokens_ms: ms(t.elapsed()),
     })

@@ -1186,6 +1186,15 @@ impl ProductLayout {
 
 pub(crate) fn product_layout(a: &str, b: &str, outputs: &[String]) -> Option<ProductLayout> {
     let [out] = outputs else { return None };
+    // A letter twice in one operand is a diagonal, not a product.
+    let repeats = |s: &str| {
+        s.chars()
+            .enumerate()
+            .any(|(i, c)| s.chars().take(i).any(|d| d == c))
+    };
+    if repeats(a) || repeats(b) || repeats(out) {
+        return None;
+    }
     let contracted: String = b
         .chars()
         .filter(|c| a.contains(*c) && !out.contains(*c))
@@ -1250,6 +1259,11 @@ fn vnni_product(
     let Some(layout) = product_layout(a, b, &outputs) else {
         return Ok(None);
     };
+    // Contracted axes in place only: the moves are for f32 products (an `o_proj` with the
+    // heads' transpose folded in); an 8-bit one has its quantization in between.
+    if !layout.activation_moves().is_empty() {
+        return Ok(None);
+    }
     if inputs[2..]
         .iter()
         .any(|s| s.chars().any(|c| layout.contracted.contains(c)))
@@ -1617,9 +1631,11 @@ pub(crate) mod tests {
             vec![AxisOp::Move(3, 2)]
         );
         assert!(merged.activation_moves().is_empty());
-        // Not the kernel's shape: n not last, a batch axis on the weight.
+        // Not the kernel's shape: n not last, a batch axis on the weight, a diagonal.
         assert_eq!(layout("amk", "kn", "anm"), None);
         assert_eq!(layout("abmk", "bkn", "abmn"), None);
+        assert_eq!(layout("ak", "kkn", "an"), None);
+        assert_eq!(layout("akk", "kn", "an"), None);
     }
 
     /// Every shape class (row tails 1-7, partial panels, k not a multiple of 4), every

@@ -555,7 +555,7 @@ fn a_prompt_prepared_during_the_load_generates_as_after_it() {
         let (mut g, prepared) =
             Generator::load_preparing(&dir, &graphs, &options, Some((first, &greedy(6)))).unwrap();
         let got = g
-            .generate_prepared(prepared.unwrap(), &greedy(6), &mut |_, _| {})
+            .generate_prepared(prepared.unwrap().unwrap(), &greedy(6), &mut |_, _| {})
             .unwrap();
         assert_eq!(got.token_ids, want.token_ids, "{snapshot} {variant}");
         assert_eq!(got.text, want.text, "{snapshot} {variant}");
@@ -584,9 +584,19 @@ fn a_prompt_prepared_during_the_load_generates_as_after_it() {
                 raw: true,
                 image: Some(image),
             };
-            let e = Generator::load_preparing(&dir, &graphs, &options, Some((raw, &greedy(1))))
-                .unwrap_err();
+            let (_, prepared) =
+                Generator::load_preparing(&dir, &graphs, &options, Some((raw, &greedy(1))))
+                    .unwrap();
+            let e = prepared.unwrap().unwrap_err();
             assert!(format!("{e:#}").contains("placeholders"), "{e:#}");
         }
     }
+    // A prompt prepared as embeddings (a VLM's) is refused by a decoder that takes ids.
+    let mut vlm = load("smolvlm", "fp32");
+    let prompt = vlm.chat_prompt(question, false).unwrap();
+    let prepared = vlm.prepare(&prompt, None, &greedy(2)).unwrap();
+    let e = load("mistral", "fp32")
+        .generate_prepared(prepared, &greedy(2), &mut |_, _| {})
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("takes token ids"), "{e:#}");
 }

@@ -77,6 +77,12 @@ fn generate_streams_text_then_reports_timings_and_json_matches_the_reference() {
         assert!(stats[key].as_f64().unwrap() > 0.0, "{key}: {stats}");
     }
     assert!(stats["peak_rss_kib"].as_u64().unwrap() > 0);
+    // Without a warm-up the prompt and image are prepared while the decoder loads; with one,
+    // the reported run prepares them itself: the same tokens.
+    let o = edgevlm(&[&base[..], &["--json", "--warmup", "1"]].concat());
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let warm: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!(warm["token_ids"], case["greedy"]["fp32"]);
 
     let o = edgevlm(&base);
     assert!(o.status.success());

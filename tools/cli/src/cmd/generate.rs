@@ -61,7 +61,8 @@ pub struct Cmd {
     #[arg(long)]
     raw_prompt: bool,
     /// Untimed generations before the reported one (same prompt and image), so the figures
-    /// are steady-state rather than first-run.
+    /// are steady-state rather than first-run. Without any, the reported generation's prompt
+    /// and image are prepared while the decoder loads, and its figures are a cold first run's.
     #[arg(long, default_value_t = 0, value_name = "N")]
     warmup: usize,
     /// Threads for matrix products.
@@ -140,7 +141,7 @@ impl Cmd {
         let (mut generator, prepared) =
             Generator::load_preparing(&self.model, &graphs, &options, Some((first, &generate)))
                 .with_context(loading)?;
-        let mut prepared = prepared;
+        let mut prepared = prepared.transpose()?;
         let prompt = if self.raw_prompt {
             self.prompt.clone()
         } else {
