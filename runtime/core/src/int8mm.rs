@@ -586,7 +586,7 @@ impl Job<'_> {
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (rows, panels);
+            let _ = (kernel, rows, panels);
             unreachable!("VnniMatMul is only built on x86_64");
         }
     }
