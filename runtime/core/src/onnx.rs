@@ -47,10 +47,6 @@ pub struct LoadOptions {
     /// from there next time, skipping the ONNX protobuf, parsing, typing and decluttering
     /// (see [`crate::cache`]). A stale or unreadable entry is rebuilt; the notes say so.
     pub cache_dir: Option<PathBuf>,
-    /// Outputs of which only the last position (axis 1) is ever read, such as a decoder's
-    /// `logits` when generating: the product behind each is computed for that position only
-    /// (see [`crate::patches::last_position_only`]), and the output has one position.
-    pub last_position_outputs: Vec<String>,
 }
 
 impl Default for LoadOptions {
@@ -64,7 +60,6 @@ impl Default for LoadOptions {
             f16_as_f32: true,
             qdq_integer_products: true,
             cache_dir: None,
-            last_position_outputs: vec![],
         }
     }
 }
@@ -757,16 +752,6 @@ fn finish(
     let mut decluttered = decluttered;
     let mut notes = vec![];
     let mut stages = Stages::start();
-    // After the cache point: the cached model is the same whichever outputs are cut.
-    let cut = crate::patches::last_position_only(&mut typed, &options.last_position_outputs)
-        .map_err(|e| ("cutting outputs to their last position", e))?;
-    if cut > 0 {
-        notes.push(format!(
-            "last-position: {} computed for their last position only, the only one read \
-             (ONNX Runtime and tract compute the product behind them for every position)",
-            options.last_position_outputs.join(", ")
-        ));
-    }
     if options.prefill_plans {
         let compile = |single: TypedModel| {
             let (mut notes, mut stages) = (vec![], Stages::start());
