@@ -384,6 +384,8 @@ impl Slot {
             LoadOptions {
                 threads: 1,
                 cache_dir: None,
+                // Applied after the cache point.
+                last_position_outputs: vec![],
                 ..options.clone()
             }
         );

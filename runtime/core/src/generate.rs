@@ -458,8 +458,13 @@ impl Generator {
         let codec = TextCodec::load(dir)?;
         // The decoder loads on a second core while the vision graphs load here: cold start is
         // mostly graph loading. Its errors still come first, as when they loaded in turn.
+        // Generation reads the last position's logits only.
+        let decoder_options = LoadOptions {
+            last_position_outputs: vec!["logits".into()],
+            ..options.clone()
+        };
         let (decoder, vision) = crate::par::join(
-            || OnnxModel::load(&graphs.decoder, options),
+            || OnnxModel::load(&graphs.decoder, &decoder_options),
             || {
                 let mut vision = Generator::load_vision(dir, graphs, options, &config, &codec)?;
                 // A VLM decoder takes embeddings (checked below, after the join).

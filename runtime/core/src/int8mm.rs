@@ -1165,23 +1165,26 @@ pub(crate) struct ProductLayout {
 impl ProductLayout {
     /// The moves that turn the activation's axes into `outer` then `contracted`, in order.
     fn activation_moves(&self) -> Vec<AxisOp> {
-        let mut order: Vec<char> = self.activation.chars().collect();
-        let mut moves = vec![];
-        for (to, c) in self
-            .outer
-            .chars()
-            .chain(self.contracted.chars())
-            .enumerate()
-        {
-            let from = order.iter().position(|x| *x == c).unwrap();
-            if from != to {
-                moves.push(AxisOp::Move(from, to));
-                let moved = order.remove(from);
-                order.insert(to, moved);
-            }
-        }
-        moves
+        let to = format!("{}{}", self.outer, self.contracted);
+        let moves = moves(&self.activation, &to);
+        moves.into_iter().map(|(a, b)| AxisOp::Move(a, b)).collect()
     }
+}
+
+/// The axis moves (from, to), in turn, that take axes labelled `from` into the order `to`
+/// (the same letters).
+fn moves(from: &str, to: &str) -> Vec<(usize, usize)> {
+    let mut order: Vec<char> = from.chars().collect();
+    let mut moves = vec![];
+    for (at, c) in to.chars().enumerate() {
+        let from = order.iter().position(|x| *x == c).unwrap();
+        if from != at {
+            moves.push((from, at));
+            let moved = order.remove(from);
+            order.insert(at, moved);
+        }
+    }
+    moves
 }
 
 pub(crate) fn product_layout(a: &str, b: &str, outputs: &[String]) -> Option<ProductLayout> {
@@ -1316,14 +1319,14 @@ pub(crate) fn replace_product(
     let node = model.node(id);
     let mut patch = TypedModelPatch::new(format!("edgevlm product {}", node.name));
     let mut taps = patch.taps(model, inputs)?;
-    let moves = layout.activation_moves();
-    if !moves.is_empty() {
+    let gather = layout.activation_moves();
+    if !gather.is_empty() {
         // The barrier keeps tract's declutter from folding the moves back into the
         // activation's producer (an attention's value product, which would then no longer
         // be fused).
         let name = format!("{}.edgevlm_fold_barrier_0", node.name);
         taps[0] = patch.wire_node(name, crate::patches::FoldBarrier, &[taps[0]])?[0];
-        for (i, op) in moves.into_iter().enumerate() {
+        for (i, op) in gather.into_iter().enumerate() {
             let name = format!("{}.gather_k_{i}", node.name);
             taps[0] = patch.wire_node(name, op, &[taps[0]])?[0];
         }
@@ -1336,15 +1339,9 @@ pub(crate) fn replace_product(
         taps[0] = patch.wire_node(name, AxisOp::Reshape(at, dims, tvec![k]), &[taps[0]])?[0];
     }
     let mut wire = patch.wire_node(&node.name, op, &taps)?[0];
-    let mut order: Vec<char> = layout.outer.chars().collect();
-    for (to, c) in layout.output_outer.chars().enumerate() {
-        let from = order.iter().position(|x| *x == c).unwrap();
-        if from != to {
-            let name = format!("{}.move_{from}_{to}", node.name);
-            wire = patch.wire_node(name, AxisOp::Move(from, to), &[wire])?[0];
-            let moved = order.remove(from);
-            order.insert(to, moved);
-        }
+    for (from, to) in moves(&layout.outer, &layout.output_outer) {
+        let name = format!("{}.move_{from}_{to}", node.name);
+        wire = patch.wire_node(name, AxisOp::Move(from, to), &[wire])?[0];
     }
     patch.shunt_outside(model, id.into(), wire)?;
     patch.apply(model)

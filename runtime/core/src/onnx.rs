@@ -47,6 +47,10 @@ pub struct LoadOptions {
     /// from there next time, skipping the ONNX protobuf, parsing, typing and decluttering
     /// (see [`crate::cache`]). A stale or unreadable entry is rebuilt; the notes say so.
     pub cache_dir: Option<PathBuf>,
+    /// Outputs of which only the last position (axis 1) is ever read, such as a decoder's
+    /// `logits` when generating: the product behind each is computed for that position only
+    /// (see [`crate::patches::last_position_only`]), and the output has one position.
+    pub last_position_outputs: Vec<String>,
 }
 
 impl Default for LoadOptions {
@@ -60,6 +64,7 @@ impl Default for LoadOptions {
             f16_as_f32: true,
             qdq_integer_products: true,
             cache_dir: None,
+            last_position_outputs: vec![],
         }
     }
 }
@@ -752,6 +757,24 @@ fn finish(
     let mut decluttered = decluttered;
     let mut notes = vec![];
     let mut stages = Stages::start();
+    // After the cache point: the cached model is the same whichever outputs are cut. After a
+    // declutter, and none after the cut, on both paths: from ONNX, a declutter after the cut
+    // rewrote the sliced graph otherwise than the cache path's (which declutters before
+    // `finish`), and tract's own kernels then gave the two plans' logits ~1e-6 apart.
+    if !options.last_position_outputs.is_empty() && !decluttered {
+        typed.declutter().map_err(|e| ("optimizing", e))?;
+        decluttered = true;
+        stages.mark("declutter");
+    }
+    let cut = crate::patches::last_position_only(&mut typed, &options.last_position_outputs)
+        .map_err(|e| ("cutting outputs to their last position", e))?;
+    if cut > 0 {
+        notes.push(format!(
+            "last-position: {} computed for their last position only, the only one read \
+             (ONNX Runtime and tract compute the product behind them for every position)",
+            options.last_position_outputs.join(", ")
+        ));
+    }
     if options.prefill_plans {
         let compile = |single: TypedModel| {
             let (mut notes, mut stages) = (vec![], Stages::start());

@@ -600,3 +600,88 @@ fn a_prompt_prepared_during_the_load_generates_as_after_it() {
         .unwrap_err();
     assert!(format!("{e:#}").contains("takes token ids"), "{e:#}");
 }
+
+/// A decoder loaded with its `logits` cut to the last position (as `Generator` loads it)
+/// gives the last row of the whole logits, on every variant's product path (f32,
+/// int8 with its dynamic quantization taken over every row, 4-bit), and one row only.
+#[test]
+fn logits_cut_to_the_last_position_equal_the_last_row() {
+    use edgevlm_runtime::{Dim, OnnxModel};
+    use tract_onnx::prelude::Tensor;
+    let rows = 7;
+    for (snapshot, variant) in [
+        ("smolvlm", "fp32"),
+        ("smolvlm", "int8"),
+        ("smolvlm", "q4"),
+        ("mistral", "fp32"),
+    ] {
+        let dir = vlm_dir().join(snapshot);
+        let path = graphs(&dir, variant).decoder;
+        let whole = OnnxModel::load(&path, &LoadOptions::default()).unwrap();
+        let cut = OnnxModel::load(
+            &path,
+            &LoadOptions {
+                last_position_outputs: vec!["logits".into()],
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            cut.notes().iter().any(|n| n.starts_with("last-position:")),
+            "{snapshot} {variant}: {:?}",
+            cut.notes()
+        );
+        let inputs: Vec<Tensor> = whole
+            .inputs()
+            .iter()
+            .map(|spec| {
+                let fixed = |d: &Dim| match d {
+                    Dim::Fixed(n) => *n,
+                    Dim::Symbol(_) => 0,
+                };
+                let shape: Vec<usize> = match spec.name.as_str() {
+                    "inputs_embeds" => vec![1, rows, fixed(&spec.shape[2])],
+                    "input_ids" | "attention_mask" | "position_ids" => vec![1, rows],
+                    _ => spec.shape.iter().map(fixed).map(|n| n.max(1)).collect(),
+                };
+                let shape = if spec.name.starts_with("past_key_values") {
+                    vec![shape[0], shape[1], 0, shape[3]]
+                } else {
+                    shape
+                };
+                let n: usize = shape.iter().product();
+                let values: Vec<f32> = (0..n)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
+                let t = match spec.name.as_str() {
+                    "input_ids" => Tensor::from_shape(
+                        &shape,
+                        &(0..n as i64).map(|i| i * 3 + 5).collect::<Vec<_>>(),
+                    ),
+                    "attention_mask" => Tensor::from_shape(&shape, &vec![1i64; n]),
+                    "position_ids" => {
+                        Tensor::from_shape(&shape, &(0..n as i64).collect::<Vec<_>>())
+                    }
+                    _ => Tensor::from_shape(&shape, &values),
+                };
+                t.unwrap().cast_to_dt(spec.datum_type).unwrap().into_owned()
+            })
+            .collect();
+        let logits = whole.output_index("logits").unwrap();
+        let all = whole.run(inputs.clone()).unwrap().remove(logits);
+        let last = cut.run(inputs).unwrap().remove(logits);
+        let vocab = *all.shape().last().unwrap();
+        assert_eq!(all.shape(), &[1, rows, vocab]);
+        assert_eq!(last.shape(), &[1, 1, vocab], "{snapshot} {variant}");
+        let (all, last) = (values::<f32>(&all).unwrap(), values::<f32>(&last).unwrap());
+        // On edgevlm's kernels the f32 and int8 rows are the whole run's bit for bit; tract's
+        // kernels (aarch64, or f32 without AVX-512) sum one row in another order than seven,
+        // ~1e-6 apart. One 4-bit row runs on the kernel's row path (as a decode step does),
+        // seven on its expanded-f32 path. A slice taken before the int8 product's dynamic
+        // quantization would differ by the quantization's step, ~1e-2.
+        let tolerance = if variant == "q4" { 1e-3 } else { 1e-4 };
+        let diff = max_abs_diff(&all[(rows - 1) * vocab..], &last);
+        assert!(diff < tolerance, "{snapshot} {variant}: {diff}");
+        assert_ne!(&all[(rows - 2) * vocab..(rows - 1) * vocab], &last[..]);
+    }
+}

@@ -70,6 +70,10 @@ pub struct Cmd {
     /// of running them as integer products (for comparing the two).
     #[arg(long)]
     keep_qdq_products: bool,
+    /// Compute this output (e.g. a decoder's `logits`) for the last position of its axis 1
+    /// only, as generation does: the product behind it then multiplies one row (repeatable).
+    #[arg(long = "last-position", value_name = "OUTPUT")]
+    last_position: Vec<String>,
 }
 
 impl Cmd {
@@ -85,6 +89,7 @@ impl Cmd {
             f16_as_f32: !self.keep_f16,
             qdq_integer_products: !self.keep_qdq_products,
             cache_dir: self.cache.dir(),
+            last_position_outputs: self.last_position.clone(),
         };
         let mut files = vec![];
         for arg in &self.inputs {
