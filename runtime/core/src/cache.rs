@@ -431,11 +431,10 @@ impl Slot {
                 executable: std::env::current_exe()
                     .ok()
                     .and_then(|p| FileId::of(&p).ok()),
-                cpu: if crate::int8mm::available() {
-                    "avx512".into()
-                } else {
-                    "baseline".into()
-                },
+                // Which f32 products were packed before the cache point.
+                cpu: crate::q4mm::f32_kernel()
+                    .map_or("baseline", |k| k.tag())
+                    .into(),
                 sources,
                 options,
                 fixed,

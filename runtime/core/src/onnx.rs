@@ -35,7 +35,8 @@ pub struct LoadOptions {
     /// Where the CPU has AVX-512, run 8-bit products with a constant weight (`MatMulInteger`,
     /// see [`crate::int8mm`]), f32 and 4-bit products and ViT attention (see
     /// [`crate::attention`]) on edgevlm's own kernels instead of tract's; where it has AVX2
-    /// only, the 8-bit products (on the AVX2 int8 kernel).
+    /// only, the 8-bit and f32 products (on the AVX2 int8 kernel and [`crate::q4mm`]'s AVX2
+    /// FMA tiles).
     pub avx512_kernels: bool,
     /// Run float16 graphs in float32 (see [`crate::upcast`]): tract has no fast float16
     /// path on most CPUs. The graph's float16 inputs and outputs stay float16.
@@ -730,11 +731,23 @@ fn declutter(
         // uses them as read instead of packing every f32 weight again.
         let f32s =
             crate::q4mm::own_f32_products(&mut typed).map_err(|e| ("packing f32 weights", e))?;
-        if f32s > 0 {
+        if let (Some(kernel), true) = (crate::q4mm::f32_kernel(), f32s > 0) {
+            let (tag, name, tract) = match kernel {
+                crate::q4mm::F32Kernel::Avx512 => (
+                    "f32-avx512",
+                    "AVX-512",
+                    "kernel choice is about half as fast for a ViT's products",
+                ),
+                crate::q4mm::F32Kernel::Avx2 => (
+                    "f32-avx2",
+                    "AVX2",
+                    "kernels run a decode step's one-row products on one thread however many \
+                     there are, and many-row products a little slower",
+                ),
+            };
             notes.push(format!(
-                "f32-avx512: {f32s} f32 product(s) with constant weights packed at load for \
-                 edgevlm's AVX-512 FMA kernel (tract {TRACT_VERSION}'s kernel choice is about \
-                 half as fast for a ViT's products)"
+                "{tag}: {f32s} f32 product(s) with constant weights packed at load for \
+                 edgevlm's {name} FMA kernel (tract {TRACT_VERSION}'s {tract})"
             ));
         }
         stages.mark("f32 packing");

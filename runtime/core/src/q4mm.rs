@@ -21,10 +21,15 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 
 /// Output columns per panel: two 16-lane registers.
 pub(crate) const NR: usize = 32;
-/// Activation rows per kernel tile.
+/// Activation rows per kernel tile on AVX-512 (32 registers: 16 accumulators).
 const MR: usize = 8;
+/// Activation rows per kernel tile on AVX2 (16 registers: 12 accumulators per half panel;
+/// fewer would not cover the FMA units' latency).
+const MR_AVX2: usize = 6;
 /// Contraction values per pass of the row tiles over a panel (a 32 KiB slice of it, in L1).
 const KC: usize = 256;
+/// [`KC`] on AVX2.
+const KC_AVX2: usize = 768;
 /// Activation rows per block kept in L2 while a thread's panels pass (`MC * KC` floats).
 const MC: usize = 384;
 
@@ -200,12 +205,13 @@ impl Q4Packed {
 }
 
 /// Rows `m0..m0 + rows` of `a` (`[m, k]` at address `a`) against contraction rows `k0..k0 +
-/// kc` of panel `p` (`chunk`, `[kc, 32]`), 8-row tile by tile, into `c` (`[m, n]` at address
-/// `c`): stored when `k0 == 0`, added to it after. The first tile brings `next` (null, or
-/// the chunk read after this one) towards L2 while the others reuse this one.
+/// kc` of panel `p` (`chunk`, `[kc, 32]`), tile by tile (8 rows, 6 on AVX2), into `c`
+/// (`[m, n]` at address `c`): stored when `k0 == 0`, added to it after. The first tile
+/// brings `next` (null, or the chunk read after this one) towards L2 while the others reuse
+/// this one.
 ///
 /// # Safety
-/// AVX-512 F; `a` and `c` hold the rows; `chunk` holds `kc * 32` floats.
+/// [`f32_kernel`] is some; `a` and `c` hold the rows; `chunk` holds `kc * 32` floats.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_against_chunk(
@@ -219,9 +225,14 @@ unsafe fn rows_against_chunk(
     c: usize,
 ) {
     let cols = NR.min(n - p * NR);
+    let mr = if crate::int8mm::available() {
+        MR
+    } else {
+        MR_AVX2
+    };
     let mut r0 = m0;
     while r0 < m0 + rows {
-        let tile = MR.min(m0 + rows - r0);
+        let tile = mr.min(m0 + rows - r0);
         // SAFETY: rows r0..r0 + tile of a and c exist; columns p * 32 + cols <= n; the
         // chunk holds kc rows.
         unsafe {
@@ -380,6 +391,10 @@ impl PanelProduct for F32Panels {
     const SCRATCH: bool = false;
     const WEIGHT_BITS: usize = 32;
 
+    fn runs_here() -> bool {
+        f32_kernel().is_some()
+    }
+
     fn k(&self) -> usize {
         self.k
     }
@@ -412,6 +427,10 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     const WEIGHT_BITS: usize;
     /// Products with fewer rows run [`PanelProduct::few_rows`] instead of f32 chunks.
     const FEW_ROWS: usize = 0;
+    /// Can this CPU run the product's kernels? AVX-512 unless a type says otherwise.
+    fn runs_here() -> bool {
+        crate::int8mm::available()
+    }
     /// Contraction rows `k0..k0 + kc` of panel `p` as `[kc, 32]` f32: in place, or decoded
     /// into `block`.
     fn chunk(&self, p: usize, k0: usize, kc: usize, block: &mut [f32]) -> *const f32;
@@ -431,7 +450,7 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
 
     /// `c = a w` for the `m` rows of `a` (`[m, k]` row-major) into `c` (`[m, n]`), split by
     /// panels over edgevlm's thread team when big enough. Panics unless
-    /// [`crate::int8mm::available`] (checked by the caller once, at load).
+    /// [`PanelProduct::runs_here`] (checked by the caller once, at load).
     ///
     /// A slice of `KC` contraction rows of a panel (32 KiB) stays in L1 while the 8-row tiles
     /// pass over it. An activation of at most `MC * KC` floats stays in L2 and each panel is
@@ -441,8 +460,16 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     /// memory for every panel (a 1024 x 768 x 3072 product 58 -> 70 GMAC/s on one thread,
     /// 116 -> 145 on two).
     fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
-        assert!(crate::int8mm::available(), "{} needs AVX-512", Self::NAME);
+        assert!(Self::runs_here(), "{} cannot run on this CPU", Self::NAME);
         let (k, n) = (self.k(), self.n());
+        // AVX2: the whole contraction of a 768-deep product per pass. Its tiles store and
+        // reload their outputs between slices, which cost more there than the panel rows
+        // read from L2 instead of L1 (a 1024 x 768 x 3072 product 69.8 -> 57.8 ms).
+        let kc_max = if crate::int8mm::available() {
+            KC
+        } else {
+            KC_AVX2
+        };
         assert!(a.len() >= m * k && c.len() >= m * n);
         let (a, c) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
         let panels = n.div_ceil(NR);
@@ -453,9 +480,9 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                 }
                 return;
             }
-            let mut block = vec![0f32; if Self::SCRATCH { KC * NR } else { 0 }];
+            let mut block = vec![0f32; if Self::SCRATCH { kc_max * NR } else { 0 }];
             let mut pass = |p: usize, (m0, rows), k0: usize, next: (usize, usize)| {
-                let kc = KC.min(k - k0);
+                let kc = kc_max.min(k - k0);
                 let chunk = (
                     self.chunk(p, k0, kc, &mut block),
                     self.prefetch(next.0, next.1),
@@ -469,12 +496,12 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (chunk, p, m0, rows);
             };
-            if m * k <= MC * KC {
+            if m * k <= MC * kc_max {
                 // The whole activation stays in L2: each panel is read once, front to back.
                 for p in ps {
-                    for k0 in (0..k).step_by(KC) {
-                        let next = if k0 + KC < k {
-                            (p, k0 + KC)
+                    for k0 in (0..k).step_by(kc_max) {
+                        let next = if k0 + kc_max < k {
+                            (p, k0 + kc_max)
                         } else {
                             (p + 1, 0)
                         };
@@ -483,7 +510,7 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                 }
                 return;
             }
-            for k0 in (0..k).step_by(KC) {
+            for k0 in (0..k).step_by(kc_max) {
                 for m0 in (0..m).step_by(MC) {
                     for p in ps.clone() {
                         // After this thread's last panel comes its first again (the next
@@ -492,7 +519,7 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                         let k_next = if p + 1 < ps.end || m0 + MC < m {
                             k0
                         } else {
-                            k0 + KC
+                            k0 + kc_max
                         };
                         pass(p, (m0, MC.min(m - m0)), k0, (next, k_next));
                     }
@@ -715,13 +742,15 @@ pub fn own_q4_products(model: &mut TypedModel) -> TractResult<usize> {
 
 /// Replaces every f32 product with a constant weight (an einsum with the activation first,
 /// no quantization parameters, axes [`crate::int8mm`]'s layout rules take) by an
-/// [`F32MatMul`] on AVX-512 CPUs: the weight is packed into panels once at load and each run
-/// multiplies it in place with the 8x32 FMA tile. tract 0.23.9 picks a 64x3 kernel for a
-/// ViT's `[1024, 768] x [768, 3072]` products on this project's machines, about half the
-/// speed ONNX Runtime reaches there. Runs right after tract's declutter, before the load
-/// cache's write point, so the cache keeps the panels. Returns how many were replaced.
+/// [`F32MatMul`] on CPUs with an [`f32_kernel`] (AVX-512, or AVX2 with FMA): the weight is
+/// packed into panels once at load and each run multiplies it in place with the FMA tile.
+/// tract 0.23.9 picks a 64x3 kernel for a ViT's `[1024, 768] x [768, 3072]` products on this
+/// project's AVX-512 machines, about half the speed ONNX Runtime reaches there; on AVX2 its
+/// kernels are a little slower than edgevlm's and run a decode step's one-row products on
+/// one thread only. Runs right after tract's declutter, before the load cache's write point,
+/// so the cache keeps the panels. Returns how many were replaced.
 pub fn own_f32_products(model: &mut TypedModel) -> TractResult<usize> {
-    if !crate::int8mm::available() {
+    if f32_kernel().is_none() {
         return Ok(0);
     }
     let mut targets = vec![];
@@ -897,13 +926,54 @@ pub(crate) struct FmaTile {
     pub prefetch: *const f32,
 }
 
-/// [`fma_tile`] for `rows` (1 to 8) rows.
+/// Which FMA tile edgevlm's f32 panel products ([`F32MatMul`]) run on this CPU: AVX-512 F,
+/// else AVX2 with FMA, else none (the f32 panel products are then not used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum F32Kernel {
+    /// 8 rows by 32 columns in two 16-lane registers per row.
+    Avx512,
+    /// The panel's two 16-column halves in turn, up to 6 rows at a time (12 accumulators of
+    /// the 16 registers), the AVX-512 tile's sums in its order; one or two rows (a decode
+    /// step) over all 32 columns, one row's contraction in two interleaved halves.
+    Avx2,
+}
+
+impl F32Kernel {
+    /// The tag in load notes and the load cache's CPU stamp.
+    pub fn tag(self) -> &'static str {
+        match self {
+            F32Kernel::Avx512 => "avx512",
+            F32Kernel::Avx2 => "avx2",
+        }
+    }
+}
+
+/// The FMA tile this CPU runs, if any (none off x86_64).
+pub fn f32_kernel() -> Option<F32Kernel> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::int8mm::available() {
+            return Some(F32Kernel::Avx512);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Some(F32Kernel::Avx2);
+        }
+    }
+    None
+}
+
+/// [`fma_tile`] for `rows` (1 to 8) rows, on [`f32_kernel`]'s tile.
 ///
 /// # Safety
-/// AVX-512 F; `rows` rows of `a` and `c`, `k` rows of the panel `b` must be readable and the
-/// first `cols` columns of `c` writable.
+/// [`f32_kernel`] is some; `rows` rows of `a` and `c`, `k` rows of the panel `b` must be
+/// readable and the first `cols` columns of `c` writable.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn fma_tile_rows(rows: usize, t: &FmaTile) {
+    if !crate::int8mm::available() {
+        // SAFETY: forwarded to the caller.
+        unsafe { fma_tile_rows_avx2(rows, t) };
+        return;
+    }
     // SAFETY: forwarded to the caller.
     unsafe {
         match rows {
@@ -968,6 +1038,167 @@ unsafe fn fma_tile<const R: usize>(t: &FmaTile) {
     }
 }
 
+/// [`fma_tile_rows`] on AVX2: one or two rows (a decode step) on [`fma_rows_avx2`]; 3 to 6
+/// rows, and 7 and 8 as two groups of 4 and 3 or 4, over the panel's first 16 columns, then
+/// (when the panel has more) its last 16.
+///
+/// # Safety
+/// AVX2 and FMA; as [`fma_tile_rows`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn fma_tile_rows_avx2(rows: usize, t: &FmaTile) {
+    if rows <= 2 {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            match rows {
+                2 => fma_rows_avx2::<2>(t),
+                _ => fma_rows_avx2::<1>(t),
+            }
+        }
+        return;
+    }
+    let groups: &[(usize, usize)] = match rows {
+        8 => &[(0, 4), (4, 4)],
+        7 => &[(0, 4), (4, 3)],
+        r => &[(0, r)][..],
+    };
+    for half in 0..2 {
+        if t.cols <= half * 16 {
+            break;
+        }
+        for &(row0, rows) in groups {
+            // SAFETY: forwarded to the caller; row0 + rows is within its rows.
+            unsafe {
+                match rows {
+                    6 => fma_half_avx2::<6>(t, row0, half),
+                    5 => fma_half_avx2::<5>(t, row0, half),
+                    4 => fma_half_avx2::<4>(t, row0, half),
+                    _ => fma_half_avx2::<3>(t, row0, half),
+                }
+            }
+        }
+    }
+}
+
+/// One or two rows of [`fma_tile`]'s product over all 32 columns at once, for a decode
+/// step's products, which stream their weight from memory: eight accumulators (one row's
+/// contraction in two interleaved halves, summed at the end; or two rows), enough to cover
+/// the FMA latency, where a half-panel pass would have two or four. No software prefetch:
+/// the hardware's kept up better (probe fp32 decode step 8.6-8.9 ms with the AVX-512 tile's
+/// prefetches, 7.2-8.9 without, one thread; 4.9-5.4 and 4.4-5.0 on two).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_rows_avx2<const R: usize>(t: &FmaTile) {
+    use std::arch::x86_64::*;
+    // [row, or contraction parity for one row][8-column group]
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    // One row: even contraction steps into acc[0], odd ones into acc[1]. Two rows: every
+    // step into both, row by row.
+    let (pairs, rows) = if R == 2 { (t.k, 2) } else { (t.k / 2, 1) };
+    for i in 0..pairs {
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let (r, kk) = if rows == 2 { (h, i) } else { (0, 2 * i + h) };
+            // SAFETY: r < R rows, kk < k (the caller's bounds).
+            unsafe {
+                let b = t.b.add(kk * NR);
+                let x = _mm256_set1_ps(*t.a.add(r * t.lda + kk));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(b.add(8 * g)), *acc);
+                }
+            }
+        }
+    }
+    if R == 1 {
+        if t.k % 2 == 1 {
+            let kk = t.k - 1;
+            // SAFETY: as above.
+            unsafe {
+                let b = t.b.add(kk * NR);
+                let x = _mm256_set1_ps(*t.a.add(kk));
+                for (g, acc) in acc[0].iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(b.add(8 * g)), *acc);
+                }
+            }
+        }
+        let [even, odd] = &mut acc;
+        for (e, o) in even.iter_mut().zip(odd.iter()) {
+            *e = _mm256_add_ps(*e, *o);
+        }
+    }
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let s = _mm256_set1_ps(t.scale);
+    for (r, acc) in acc.iter().take(R).enumerate() {
+        for (g, acc) in acc.iter().enumerate() {
+            let first = 8 * g;
+            if first >= t.cols {
+                break;
+            }
+            let valid = (t.cols - first).min(8) as i32;
+            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lanes);
+            // SAFETY: row r of c, its first `cols` columns (the caller's bounds); masked
+            // lanes are neither read nor written.
+            unsafe {
+                let out = t.c.add(r * t.ldc + first);
+                let mut y = _mm256_mul_ps(*acc, s);
+                if t.accumulate {
+                    y = _mm256_add_ps(y, _mm256_maskload_ps(out, m));
+                }
+                _mm256_maskstore_ps(out, m, y);
+            }
+        }
+    }
+}
+
+/// Rows `row0..row0 + R` of [`fma_tile`]'s product, 16 columns from `half * 16`: two 8-lane
+/// registers per row, stored under a lane mask.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_half_avx2<const R: usize>(t: &FmaTile, row0: usize, half: usize) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    // SAFETY: rows row0..row0 + R of a (the caller's bounds).
+    let a = unsafe { t.a.add(row0 * t.lda) };
+    let prefetch = half == 0 && row0 == 0 && !t.prefetch.is_null();
+    for kk in 0..t.k {
+        // SAFETY: kk < k (the caller's bounds).
+        unsafe {
+            let b = t.b.add(kk * NR + half * 16);
+            let (b0, b1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
+            if prefetch {
+                let pf = t.prefetch.wrapping_add(kk * NR) as *const i8;
+                _mm_prefetch::<_MM_HINT_T1>(pf);
+                _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(64));
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*a.add(r * t.lda + kk));
+                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+            }
+        }
+    }
+    let first = half * 16;
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let mask = |from: usize| {
+        let valid = t.cols.saturating_sub(from).min(8) as i32;
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lanes)
+    };
+    let (m0, m1) = (mask(first), mask(first + 8));
+    let s = _mm256_set1_ps(t.scale);
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: row row0 + r of c, its first `cols` columns (the caller's bounds); masked
+        // lanes are neither read nor written.
+        unsafe {
+            let out = t.c.add((row0 + r) * t.ldc + first);
+            let (mut y0, mut y1) = (_mm256_mul_ps(acc[0], s), _mm256_mul_ps(acc[1], s));
+            if t.accumulate {
+                y0 = _mm256_add_ps(y0, _mm256_maskload_ps(out, m0));
+                y1 = _mm256_add_ps(y1, _mm256_maskload_ps(out.wrapping_add(8), m1));
+            }
+            _mm256_maskstore_ps(out, m0, y0);
+            _mm256_maskstore_ps(out.wrapping_add(8), m1, y1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -995,8 +1226,8 @@ mod tests {
     /// anything, against the f64 definition.
     #[test]
     fn f32_panels_equal_the_definition() {
-        if !crate::int8mm::available() {
-            eprintln!("skipped: this CPU has no AVX-512");
+        if f32_kernel().is_none() {
+            eprintln!("skipped: this CPU has no f32 panel kernel");
             return;
         }
         let mut seed = 11u64;
@@ -1045,6 +1276,62 @@ mod tests {
             }
         }
         assert!(F32Panels::pack(&[1.0; 6], 2, 4, true).is_none());
+    }
+
+    /// The AVX2 tiles (also where AVX-512 would be taken) against the definition: every row
+    /// count (one and two rows on the decode-step kernel, an odd contraction length for its
+    /// split), full and partial panels (masked halves, a second half skipped), stored and
+    /// accumulated, scaled; nothing outside the rows and columns written.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_tiles_equal_the_definition() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            eprintln!("skipped: this CPU has no AVX2 with FMA");
+            return;
+        }
+        let mut seed = 5u64;
+        let mut next = || (crate::int8mm::tests::lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0;
+        let (k, lda, ldc) = (37, 41, 40);
+        let b: Vec<f32> = (0..k * NR).map(|_| next()).collect();
+        let a: Vec<f32> = (0..8 * lda).map(|_| next()).collect();
+        let start: Vec<f32> = (0..8 * ldc).map(|_| next()).collect();
+        for rows in 1..=8 {
+            for cols in [32, 31, 17, 16, 9, 8, 1] {
+                for accumulate in [false, true] {
+                    let mut c = start.clone();
+                    let t = FmaTile {
+                        a: a.as_ptr(),
+                        lda,
+                        b: b.as_ptr(),
+                        k,
+                        scale: 0.75,
+                        c: c.as_mut_ptr(),
+                        ldc,
+                        cols,
+                        accumulate,
+                        prefetch: std::ptr::null(),
+                    };
+                    // SAFETY: checked above: the CPU; a has 8 rows of lda >= k, b has k rows
+                    // of the panel, c has 8 rows of ldc >= 32 columns.
+                    unsafe { fma_tile_rows_avx2(rows, &t) };
+                    for r in 0..8 {
+                        for j in 0..ldc {
+                            let (got, was) = (c[r * ldc + j], start[r * ldc + j]);
+                            if r >= rows || j >= cols {
+                                assert_eq!(got.to_bits(), was.to_bits(), "{rows} {cols} [{r},{j}]");
+                                continue;
+                            }
+                            let sum: f64 = (0..k)
+                                .map(|kk| a[r * lda + kk] as f64 * b[kk * NR + j] as f64)
+                                .sum();
+                            let want = sum * 0.75 + if accumulate { was as f64 } else { 0.0 };
+                            let diff = (got as f64 - want).abs();
+                            assert!(diff < 1e-5, "{rows} {cols} {accumulate} [{r},{j}]: {diff}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

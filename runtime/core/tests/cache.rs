@@ -99,7 +99,7 @@ fn fixtures_read_from_the_cache_run_as_from_onnx() {
             // Packed f32 weights are read in place from the archive, not copied.
             let packed = other_notes(&second)
                 .iter()
-                .any(|n| n.starts_with("f32-avx512:"));
+                .any(|n| n.starts_with("f32-avx512:") || n.starts_with("f32-avx2:"));
             assert_eq!(
                 note.contains("of f32 weights mapped in place"),
                 packed,

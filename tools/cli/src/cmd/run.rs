@@ -58,8 +58,9 @@ pub struct Cmd {
     /// (the weights of those products are held once), slower prefill.
     #[arg(long)]
     no_prefill_plans: bool,
-    /// Leave 8-bit products and attention to tract's kernels instead of edgevlm's AVX-512
-    /// ones (for comparing the two; without AVX-512 tract's are always used).
+    /// Leave products and attention to tract's kernels instead of edgevlm's x86 ones (AVX-512:
+    /// 8-bit, f32 and 4-bit products and attention; AVX2: 8-bit and f32 products), for
+    /// comparing the two. Other CPUs always run tract's.
     #[arg(long)]
     no_avx512_kernels: bool,
     /// Run float16 graphs in float16 on tract's kernels instead of in float32 (slow on
