@@ -205,7 +205,7 @@ impl Q4Packed {
 }
 
 /// Rows `m0..m0 + rows` of `a` (`[m, k]` at address `a`) against contraction rows `k0..k0 +
-/// kc` of panel `p` (`chunk`, `[kc, 32]`), tile by tile (8 rows, 6 on AVX2), into `c`
+/// kc` of panel `p` (`chunk`, `[kc, 32]`), `mr` rows per tile, into `c`
 /// (`[m, n]` at address `c`): stored when `k0 == 0`, added to it after. The first tile
 /// brings `next` (null, or the chunk read after this one) towards L2 while the others reuse
 /// this one.
@@ -217,7 +217,7 @@ impl Q4Packed {
 unsafe fn rows_against_chunk(
     (chunk, next): (*const f32, *const f32),
     p: usize,
-    (m0, rows): (usize, usize),
+    (m0, rows, mr): (usize, usize, usize),
     (k0, kc): (usize, usize),
     k: usize,
     n: usize,
@@ -225,11 +225,6 @@ unsafe fn rows_against_chunk(
     c: usize,
 ) {
     let cols = NR.min(n - p * NR);
-    let mr = if crate::int8mm::available() {
-        MR
-    } else {
-        MR_AVX2
-    };
     let mut r0 = m0;
     while r0 < m0 + rows {
         let tile = mr.min(m0 + rows - r0);
@@ -462,13 +457,13 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
         assert!(Self::runs_here(), "{} cannot run on this CPU", Self::NAME);
         let (k, n) = (self.k(), self.n());
+        // The tile height and contraction slice of this CPU's tile, chosen once per call.
         // AVX2: the whole contraction of a 768-deep product per pass. Its tiles store and
         // reload their outputs between slices, which cost more there than the panel rows
         // read from L2 instead of L1 (a 1024 x 768 x 3072 product 69.8 -> 57.8 ms).
-        let kc_max = if crate::int8mm::available() {
-            KC
-        } else {
-            KC_AVX2
+        let (mr, kc_max) = match f32_kernel() {
+            Some(F32Kernel::Avx2) => (MR_AVX2, KC_AVX2),
+            _ => (MR, KC),
         };
         assert!(a.len() >= m * k && c.len() >= m * n);
         let (a, c) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
@@ -491,10 +486,10 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                 // SAFETY: checked above: the CPU, and that a and c hold m rows; the chunk
                 // holds kc rows of the panel.
                 unsafe {
-                    rows_against_chunk(chunk, p, (m0, rows), (k0, kc), k, n, a, c)
+                    rows_against_chunk(chunk, p, (m0, rows, mr), (k0, kc), k, n, a, c)
                 };
                 #[cfg(not(target_arch = "x86_64"))]
-                let _ = (chunk, p, m0, rows);
+                let _ = (chunk, p, m0, rows, mr);
             };
             if m * k <= MC * kc_max {
                 // The whole activation stays in L2: each panel is read once, front to back.

@@ -675,7 +675,7 @@ fn logits_cut_to_the_last_position_equal_the_last_row() {
         assert_eq!(last.shape(), &[1, 1, vocab], "{snapshot} {variant}");
         let (all, last) = (values::<f32>(&all).unwrap(), values::<f32>(&last).unwrap());
         // On edgevlm's kernels the f32 and int8 rows are the whole run's bit for bit; tract's
-        // kernels (aarch64, or f32 without AVX-512) sum one row in another order than seven,
+        // kernels (aarch64, or f32 on x86 without AVX2) sum one row in another order than seven,
         // ~1e-6 apart. One 4-bit row runs on the kernel's row path (as a decode step does),
         // seven on its expanded-f32 path. A slice taken before the int8 product's dynamic
         // quantization would differ by the quantization's step, ~1e-2.
