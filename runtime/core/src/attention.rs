@@ -324,6 +324,7 @@ impl Job<'_> {
                         // panels and vectors.
                         unsafe {
                             crate::q4mm::fma_tile_rows(
+                                crate::q4mm::F32Kernel::Avx512,
                                 TILE.min(rb - t0),
                                 &crate::q4mm::FmaTile {
                                     a: qt.as_ptr().add(t0 * d),

@@ -205,19 +205,20 @@ impl Q4Packed {
 }
 
 /// Rows `m0..m0 + rows` of `a` (`[m, k]` at address `a`) against contraction rows `k0..k0 +
-/// kc` of panel `p` (`chunk`, `[kc, 32]`), `mr` rows per tile, into `c`
+/// kc` of panel `p` (`chunk`, `[kc, 32]`), on `kernel`'s tiles, into `c`
 /// (`[m, n]` at address `c`): stored when `k0 == 0`, added to it after. The first tile
 /// brings `next` (null, or the chunk read after this one) towards L2 while the others reuse
 /// this one.
 ///
 /// # Safety
-/// [`f32_kernel`] is some; `a` and `c` hold the rows; `chunk` holds `kc * 32` floats.
+/// `kernel` runs on this CPU; `a` and `c` hold the rows; `chunk` holds `kc * 32` floats.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_against_chunk(
+    kernel: F32Kernel,
     (chunk, next): (*const f32, *const f32),
     p: usize,
-    (m0, rows, mr): (usize, usize, usize),
+    (m0, rows): (usize, usize),
     (k0, kc): (usize, usize),
     k: usize,
     n: usize,
@@ -225,6 +226,7 @@ unsafe fn rows_against_chunk(
     c: usize,
 ) {
     let cols = NR.min(n - p * NR);
+    let mr = kernel.tile().0;
     let mut r0 = m0;
     while r0 < m0 + rows {
         let tile = mr.min(m0 + rows - r0);
@@ -243,7 +245,7 @@ unsafe fn rows_against_chunk(
                 accumulate: k0 > 0,
                 prefetch: if r0 == m0 { next } else { std::ptr::null() },
             };
-            fma_tile_rows(tile, &t);
+            fma_tile_rows(kernel, tile, &t);
         }
         r0 += tile;
     }
@@ -457,14 +459,9 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
         assert!(Self::runs_here(), "{} cannot run on this CPU", Self::NAME);
         let (k, n) = (self.k(), self.n());
-        // The tile height and contraction slice of this CPU's tile, chosen once per call.
-        // AVX2: the whole contraction of a 768-deep product per pass. Its tiles store and
-        // reload their outputs between slices, which cost more there than the panel rows
-        // read from L2 instead of L1 (a 1024 x 768 x 3072 product 69.8 -> 57.8 ms).
-        let (mr, kc_max) = match f32_kernel() {
-            Some(F32Kernel::Avx2) => (MR_AVX2, KC_AVX2),
-            _ => (MR, KC),
-        };
+        // This CPU's tile, chosen once per call.
+        let kernel = f32_kernel().expect("runs_here implies an f32 tile");
+        let kc_max = kernel.tile().1;
         assert!(a.len() >= m * k && c.len() >= m * n);
         let (a, c) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
         let panels = n.div_ceil(NR);
@@ -486,10 +483,10 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
                 // SAFETY: checked above: the CPU, and that a and c hold m rows; the chunk
                 // holds kc rows of the panel.
                 unsafe {
-                    rows_against_chunk(chunk, p, (m0, rows, mr), (k0, kc), k, n, a, c)
+                    rows_against_chunk(kernel, chunk, p, (m0, rows), (k0, kc), k, n, a, c)
                 };
                 #[cfg(not(target_arch = "x86_64"))]
-                let _ = (chunk, p, m0, rows, mr);
+                let _ = (kernel, chunk, p, m0, rows);
             };
             if m * k <= MC * kc_max {
                 // The whole activation stays in L2: each panel is read once, front to back.
@@ -934,6 +931,17 @@ pub enum F32Kernel {
 }
 
 impl F32Kernel {
+    /// Activation rows per tile and contraction values per pass of the tiles over a panel.
+    /// AVX2 takes the whole contraction of a 768-deep product per pass: its tiles store and
+    /// reload their outputs between slices, which cost more there than the panel rows read
+    /// from L2 instead of L1 (a 1024 x 768 x 3072 product 69.8 -> 57.8 ms).
+    fn tile(self) -> (usize, usize) {
+        match self {
+            F32Kernel::Avx512 => (MR, KC),
+            F32Kernel::Avx2 => (MR_AVX2, KC_AVX2),
+        }
+    }
+
     /// The tag in load notes and the load cache's CPU stamp.
     pub fn tag(self) -> &'static str {
         match self {
@@ -957,14 +965,14 @@ pub fn f32_kernel() -> Option<F32Kernel> {
     None
 }
 
-/// [`fma_tile`] for `rows` (1 to 8) rows, on [`f32_kernel`]'s tile.
+/// [`fma_tile`] for `rows` (1 to 8) rows, on `kernel`'s tile.
 ///
 /// # Safety
-/// [`f32_kernel`] is some; `rows` rows of `a` and `c`, `k` rows of the panel `b` must be
+/// `kernel` runs on this CPU; `rows` rows of `a` and `c`, `k` rows of the panel `b` must be
 /// readable and the first `cols` columns of `c` writable.
 #[cfg(target_arch = "x86_64")]
-pub(crate) unsafe fn fma_tile_rows(rows: usize, t: &FmaTile) {
-    if !crate::int8mm::available() {
+pub(crate) unsafe fn fma_tile_rows(kernel: F32Kernel, rows: usize, t: &FmaTile) {
+    if kernel == F32Kernel::Avx2 {
         // SAFETY: forwarded to the caller.
         unsafe { fma_tile_rows_avx2(rows, t) };
         return;
@@ -1119,27 +1127,41 @@ unsafe fn fma_rows_avx2<const R: usize>(t: &FmaTile) {
             *e = _mm256_add_ps(*e, *o);
         }
     }
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let s = _mm256_set1_ps(t.scale);
     for (r, acc) in acc.iter().take(R).enumerate() {
         for (g, acc) in acc.iter().enumerate() {
             let first = 8 * g;
             if first >= t.cols {
                 break;
             }
-            let valid = (t.cols - first).min(8) as i32;
-            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lanes);
-            // SAFETY: row r of c, its first `cols` columns (the caller's bounds); masked
-            // lanes are neither read nor written.
-            unsafe {
-                let out = t.c.add(r * t.ldc + first);
-                let mut y = _mm256_mul_ps(*acc, s);
-                if t.accumulate {
-                    y = _mm256_add_ps(y, _mm256_maskload_ps(out, m));
-                }
-                _mm256_maskstore_ps(out, m, y);
-            }
+            // SAFETY: row r of c, columns first.. of its first `cols` (the caller's bounds).
+            unsafe { store_avx2(t, r * t.ldc + first, first, *acc) };
         }
+    }
+}
+
+/// Stores `acc` (columns `first..first + 8` of one row) times the tile's scale, plus what
+/// is there when the tile accumulates, at `c + at`: the lanes of the columns below `cols`,
+/// the others neither read nor written.
+///
+/// # Safety
+/// AVX2; the lanes of the columns below `cols` at `c + at` are readable and writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_avx2(t: &FmaTile, at: usize, first: usize, acc: std::arch::x86_64::__m256) {
+    use std::arch::x86_64::*;
+    let valid = t.cols.saturating_sub(first).min(8) as i32;
+    let m = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(valid),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let out = t.c.wrapping_add(at);
+    let mut y = _mm256_mul_ps(acc, _mm256_set1_ps(t.scale));
+    // SAFETY: the caller's bounds, masked.
+    unsafe {
+        if t.accumulate {
+            y = _mm256_add_ps(y, _mm256_maskload_ps(out, m));
+        }
+        _mm256_maskstore_ps(out, m, y);
     }
 }
 
@@ -1171,25 +1193,12 @@ unsafe fn fma_half_avx2<const R: usize>(t: &FmaTile, row0: usize, half: usize) {
         }
     }
     let first = half * 16;
-    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let mask = |from: usize| {
-        let valid = t.cols.saturating_sub(from).min(8) as i32;
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), lanes)
-    };
-    let (m0, m1) = (mask(first), mask(first + 8));
-    let s = _mm256_set1_ps(t.scale);
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: row row0 + r of c, its first `cols` columns (the caller's bounds); masked
-        // lanes are neither read nor written.
+        let at = (row0 + r) * t.ldc + first;
+        // SAFETY: row row0 + r of c, its first `cols` columns (the caller's bounds).
         unsafe {
-            let out = t.c.add((row0 + r) * t.ldc + first);
-            let (mut y0, mut y1) = (_mm256_mul_ps(acc[0], s), _mm256_mul_ps(acc[1], s));
-            if t.accumulate {
-                y0 = _mm256_add_ps(y0, _mm256_maskload_ps(out, m0));
-                y1 = _mm256_add_ps(y1, _mm256_maskload_ps(out.wrapping_add(8), m1));
-            }
-            _mm256_maskstore_ps(out, m0, y0);
-            _mm256_maskstore_ps(out.wrapping_add(8), m1, y1);
+            store_avx2(t, at, first, acc[0]);
+            store_avx2(t, at + 8, first + 8, acc[1]);
         }
     }
 }
