@@ -1,5 +1,6 @@
-//! Fused f32 attention for AVX-512: `softmax(q k^T * scale + bias) v`, one block of query rows
-//! at a time, so the `heads x rows x rows` score tensor is never written out.
+//! Fused f32 attention for AVX-512 and AVX2: `softmax(q k^T * scale + bias) v`, one block of
+//! query rows at a time, so the `heads x rows x rows` score tensor is never written out. The
+//! kernels are those of [`crate::q4mm::f32_kernel`]'s choice: AVX-512 F, else AVX2 with FMA.
 //!
 //! tract 0.23.9 runs a ViT's attention as it is exported: a batched product into a
 //! `[batch, heads, 1024, 1024]` f32 tensor (48 MiB per layer at 512x512 px), a scale, the
@@ -26,19 +27,19 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
+use crate::q4mm::F32Kernel;
+
 /// Keys per panel of the score kernel: two 16-lane registers.
 const KP: usize = crate::q4mm::NR;
 /// Query rows per block: a panel of 32 keys (`d * 32` floats) is read once from L2 for all
 /// of them, and a chunk of value rows once for all of them.
 const RB: usize = 32;
-/// Rows per score tile (the FMA tile's height).
-const TILE: usize = 8;
 /// Value rows per pass of the weighted sum (`VC * 64` floats, 32 KiB at a head size of 64,
 /// stay in L1 while every row of the block passes over them).
 const VC: usize = 128;
-// The weighted sum passes over 4 rows at a time and the scores over whole tiles: both stay
-// inside a block's RB rows of scores and output.
-const _: () = assert!(RB.is_multiple_of(4) && RB.is_multiple_of(TILE));
+// The weighted sum passes over 4 rows at a time and stays inside a block's RB rows of
+// scores and output.
+const _: () = assert!(RB.is_multiple_of(4));
 
 /// `softmax(q k^T * scale + bias) v` for every query head, with `q`, `k` (keys as rows), `v`
 /// and the output laid out as [`Layout`] says; `bias` (optional input 3) broadcasts to
@@ -161,6 +162,14 @@ impl EvalOp for FusedAttention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let kernel = crate::q4mm::f32_kernel().context("FusedAttention: no AVX2 or AVX-512")?;
+        self.run(kernel, inputs)
+    }
+}
+
+impl FusedAttention {
+    /// [`EvalOp::eval`] on `kernel`'s kernels, which must run on this CPU.
+    fn run(&self, kernel: F32Kernel, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (q, k, v) = (&inputs[0], &inputs[1], &inputs[2]);
         let dims = Dims::of(self.layout, q.shape(), k.shape(), v.shape())?;
         // The bias's strides over [batch, heads, rows, keys], 0 where it broadcasts.
@@ -203,6 +212,7 @@ impl EvalOp for FusedAttention {
             dims,
             layout: self.layout,
             scale: self.scale,
+            kernel,
         };
         {
             let mut out_plain = out.try_as_plain_ram_mut()?;
@@ -239,6 +249,8 @@ struct Job<'a> {
     dims: Dims,
     layout: Layout,
     scale: f32,
+    /// The kernels, which run on this CPU.
+    kernel: F32Kernel,
 }
 
 /// Where one unit of work (a key / value head of one batch item) finds its operands: the
@@ -305,6 +317,9 @@ impl Job<'_> {
             for j in 0..keys {
                 vh[j * ep..j * ep + e].copy_from_slice(&self.v[span.v.0 + j * span.v.1..][..e]);
             }
+            let kernel = self.kernel;
+            // Score rows per tile: the panel products' tile height.
+            let tile = kernel.tile().0;
             let mut qt = vec![0f32; RB * d];
             let mut s = vec![0f32; RB * np];
             let mut brow = vec![0f32; keys];
@@ -318,14 +333,13 @@ impl Job<'_> {
                 }
                 // The scores, one panel of 32 keys at a time, every tile of the block against it.
                 for p in 0..panels {
-                    for t0 in (0..rb).step_by(TILE) {
-                        // SAFETY: `unit` is only reached through a plan built when
-                        // `available()`; the buffers are sized above for RB rows, whole
-                        // panels and vectors.
+                    for t0 in (0..rb).step_by(tile) {
+                        // SAFETY: `kernel` runs on this CPU (the job's); the buffers are
+                        // sized above for RB rows, whole panels and vectors.
                         unsafe {
                             crate::q4mm::fma_tile_rows(
-                                crate::q4mm::F32Kernel::Avx512,
-                                TILE.min(rb - t0),
+                                kernel,
+                                tile.min(rb - t0),
                                 &crate::q4mm::FmaTile {
                                     a: qt.as_ptr().add(t0 * d),
                                     lda: d,
@@ -361,10 +375,10 @@ impl Job<'_> {
                         }
                     }
                     // SAFETY: as above.
-                    unsafe { softmax_row(row) };
+                    unsafe { softmax_row(kernel, row) };
                 }
                 // SAFETY: as above.
-                unsafe { weighted_values(&s, np, rb, keys, &vh, ep, &mut orow) };
+                unsafe { weighted_values(kernel, &s, np, rb, keys, &vh, ep, &mut orow) };
                 for r in 0..rb {
                     let dst = o as *mut f32;
                     let at = span.o.0 + (r0 + r) * span.o.1;
@@ -409,10 +423,51 @@ fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n))
 }
 
-/// In place: `row[j] = e^(row[j] - max) / sum`.
+/// `e^x` for 8 lanes on AVX2, as [`exp16`]; `2^n` is built in the exponent bits, and inputs
+/// are clamped at -80 rather than -87 so that `p(r) 2^n` stays a normal number in the lanes
+/// set to 0 after (a subnormal product takes a microcode assist on some CPUs).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-70.0));
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-80.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm256_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    )));
+    _mm256_and_ps(_mm256_mul_ps(p, two_n), keep)
+}
+
+/// In place: `row[j] = e^(row[j] - max) / sum`, on `kernel`.
+///
+/// # Safety
+/// `kernel` runs on this CPU.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn softmax_row(kernel: F32Kernel, row: &mut [f32]) {
+    // SAFETY: the caller's.
+    unsafe {
+        match kernel {
+            F32Kernel::Avx512 => softmax_row_avx512(row),
+            F32Kernel::Avx2 => softmax_row_avx2(row),
+        }
+    }
+}
+
+/// [`softmax_row`] on AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_row(row: &mut [f32]) {
+unsafe fn softmax_row_avx512(row: &mut [f32]) {
     use std::arch::x86_64::*;
     let n = row.len();
     let full = n / 16 * 16;
@@ -456,14 +511,84 @@ unsafe fn softmax_row(row: &mut [f32]) {
     }
 }
 
+/// [`softmax_row`] on AVX2 (8-lane sums, in another order than AVX-512's 16).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let full = n / 8 * 8;
+    let tail = n - full;
+    let tail_mask = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(tail as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let tail_lanes = _mm256_castsi256_ps(tail_mask);
+    let p = row.as_mut_ptr();
+    let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+    // SAFETY: every access is below n (whole vectors, then the masked tail).
+    unsafe {
+        for i in (0..full).step_by(8) {
+            mx = _mm256_max_ps(mx, _mm256_loadu_ps(p.add(i)));
+        }
+        if tail > 0 {
+            let t = _mm256_maskload_ps(p.add(full), tail_mask);
+            mx = _mm256_blendv_ps(mx, _mm256_max_ps(mx, t), tail_lanes);
+        }
+        let m = _mm256_set1_ps(horizontal(mx, _mm_max_ps));
+        let mut sum = _mm256_setzero_ps();
+        for i in (0..full).step_by(8) {
+            let y = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+            _mm256_storeu_ps(p.add(i), y);
+            sum = _mm256_add_ps(sum, y);
+        }
+        if tail > 0 {
+            let t = _mm256_maskload_ps(p.add(full), tail_mask);
+            let y = _mm256_and_ps(exp8(_mm256_sub_ps(t, m)), tail_lanes);
+            _mm256_maskstore_ps(p.add(full), tail_mask, y);
+            sum = _mm256_add_ps(sum, y);
+        }
+        let inv = _mm256_set1_ps(1.0 / horizontal(sum, _mm_add_ps));
+        for i in (0..full).step_by(8) {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+        }
+        if tail > 0 {
+            let y = _mm256_mul_ps(_mm256_maskload_ps(p.add(full), tail_mask), inv);
+            _mm256_maskstore_ps(p.add(full), tail_mask, y);
+        }
+    }
+}
+
+/// `op` (max or add) over the 8 lanes of `v`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn horizontal(
+    v: std::arch::x86_64::__m256,
+    op: unsafe fn(
+        std::arch::x86_64::__m128,
+        std::arch::x86_64::__m128,
+    ) -> std::arch::x86_64::__m128,
+) -> f32 {
+    use std::arch::x86_64::*;
+    // SAFETY: `op` is an SSE intrinsic, which every x86_64 CPU runs.
+    unsafe {
+        let h = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = op(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(op(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+}
+
 /// `o[r] = sum_j s[r][j] v[j]` for the first `rows` (at most [`RB`]) rows of `s` (stride
 /// `np`, `keys` used) and `v` (`[keys, ep]`), into `o` (`[RB, ep]`; rows up to the next
 /// multiple of 4 are written too): [`VC`] value rows at a time, 4 rows by up to 64 columns
-/// per pass over them.
+/// (AVX-512) or 16 (AVX2) per pass over them.
+///
+/// # Safety
+/// `kernel` runs on this CPU.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn weighted_values(
+    kernel: F32Kernel,
     s: &[f32],
     np: usize,
     rows: usize,
@@ -479,18 +604,23 @@ unsafe fn weighted_values(
         for r0 in (0..rows).step_by(4) {
             let mut c0 = 0;
             while c0 < ep {
-                let w = (ep - c0).min(64) / 16;
+                let w = match kernel {
+                    F32Kernel::Avx512 => (ep - c0).min(64) / 16,
+                    F32Kernel::Avx2 => 1,
+                };
                 let at = Pv {
                     r0,
                     c0,
                     js: js.clone(),
                 };
-                // SAFETY: the asserts above bound every row and column these kernels touch.
+                // SAFETY: the CPU is the caller's; the asserts above bound every row and
+                // column these kernels touch.
                 unsafe {
-                    match w {
-                        4 => pv::<4>(s, np, v, ep, o, at),
-                        3 => pv::<3>(s, np, v, ep, o, at),
-                        2 => pv::<2>(s, np, v, ep, o, at),
+                    match (kernel, w) {
+                        (F32Kernel::Avx2, _) => pv_avx2(s, np, v, ep, o, at),
+                        (_, 4) => pv::<4>(s, np, v, ep, o, at),
+                        (_, 3) => pv::<3>(s, np, v, ep, o, at),
+                        (_, 2) => pv::<2>(s, np, v, ep, o, at),
                         _ => pv::<1>(s, np, v, ep, o, at),
                     }
                 }
@@ -548,7 +678,46 @@ unsafe fn pv<const W: usize>(s: &[f32], np: usize, v: &[f32], ep: usize, o: &mut
     }
 }
 
-/// Softmax over the last axis of an f32 tensor on the AVX-512 row softmax (`softmax_row`) kernel. tract
+/// [`pv`] on AVX2: rows `r0..r0 + 4`, columns `c0..c0 + 16` (8 accumulators).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pv_avx2(s: &[f32], np: usize, v: &[f32], ep: usize, o: &mut [f32], at: Pv) {
+    use std::arch::x86_64::*;
+    let Pv { r0, c0, js } = at;
+    let first = js.start == 0;
+    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+    let (sp, vp) = (s.as_ptr(), v.as_ptr());
+    for j in js {
+        // SAFETY: j < keys, rows r0..r0 + 4 <= RB and columns c0 + 16 <= ep (the caller).
+        unsafe {
+            let vv = [
+                _mm256_loadu_ps(vp.add(j * ep + c0)),
+                _mm256_loadu_ps(vp.add(j * ep + c0 + 8)),
+            ];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*sp.add((r0 + r) * np + j));
+                acc[0] = _mm256_fmadd_ps(x, vv[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(x, vv[1], acc[1]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (w, a) in acc.iter().enumerate() {
+            // SAFETY: as above.
+            unsafe {
+                let out = o.as_mut_ptr().add((r0 + r) * ep + c0 + 8 * w);
+                let y = if first {
+                    *a
+                } else {
+                    _mm256_add_ps(*a, _mm256_loadu_ps(out))
+                };
+                _mm256_storeu_ps(out, y);
+            }
+        }
+    }
+}
+
+/// Softmax over the last axis of an f32 tensor on edgevlm's row softmax (`softmax_row`). tract
 /// 0.23.9 runs rows whose length is not a multiple of 4 (a decoder's prompt of 85 tokens
 /// attending to itself) through per-row calls of its generic max / exp-sum / scale kernels:
 /// ~16 ns per element, a sixth of an int8 decoder's prefill. Whatever the fast path does not
@@ -571,6 +740,21 @@ impl EvalOp for LastAxisSoftmax {
     op_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        match crate::q4mm::f32_kernel() {
+            Some(kernel) => self.run(kernel, ctx, inputs),
+            None => self.fallback.eval(ctx, inputs),
+        }
+    }
+}
+
+impl LastAxisSoftmax {
+    /// [`EvalOp::eval`] on `kernel`'s row softmax, which must run on this CPU.
+    fn run(
+        &self,
+        kernel: F32Kernel,
+        ctx: &EvalContext,
+        inputs: TVec<TValue>,
+    ) -> TractResult<TVec<TValue>> {
         let x = &inputs[0];
         let natural = x.strides() == &*Tensor::natural_strides(x.shape());
         let row = x.shape().last().copied().unwrap_or(0);
@@ -585,14 +769,14 @@ impl EvalOp for LastAxisSoftmax {
             tract_linalg::multithread::par_chunks_mut(data, row, total, |_, chunk| {
                 for r in chunk.chunks_exact_mut(row) {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the op is only built when `available()` (AVX-512).
+                    // SAFETY: `kernel` runs on this CPU (the caller's).
                     unsafe {
-                        softmax_row(r)
+                        softmax_row(kernel, r)
                     };
                     #[cfg(not(target_arch = "x86_64"))]
                     {
-                        let _ = r;
-                        unreachable!("LastAxisSoftmax is only built on x86_64");
+                        let _ = (kernel, r);
+                        unreachable!("f32_kernel is none off x86_64");
                     }
                 }
                 Ok(())
@@ -611,10 +795,10 @@ impl TypedOp for LastAxisSoftmax {
 }
 
 /// Replaces every f32 softmax over the last axis by a [`LastAxisSoftmax`] when this CPU has
-/// AVX-512 (run after [`fuse_attention`], which takes the softmaxes of whole attention
-/// blocks). Returns how many were replaced.
+/// AVX-512 or AVX2 (run after [`fuse_attention`], which takes the softmaxes of whole
+/// attention blocks). Returns how many were replaced.
 pub fn fast_softmaxes(model: &mut TypedModel) -> TractResult<usize> {
-    if !crate::int8mm::available() {
+    if crate::q4mm::f32_kernel().is_none() {
         return Ok(0);
     }
     let mut found = vec![];
@@ -762,9 +946,10 @@ fn scale_step(
 /// axis) -> EinSum(., v)` whose intermediate results have no other consumer, in either
 /// [`Layout`] (for [`Layout::Grouped`], with the reshapes that merge the heads for the
 /// softmax and split them again around it), and replaces each by a [`FusedAttention`], when
-/// this CPU has AVX-512. Run after tract's last declutter. Returns how many were fused.
+/// this CPU has AVX-512 or AVX2. Run after tract's last declutter. Returns how many were
+/// fused.
 pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
-    if !crate::int8mm::available() {
+    if crate::q4mm::f32_kernel().is_none() {
         return Ok(0);
     }
     struct Chain {
@@ -930,11 +1115,12 @@ mod tests {
     /// Against the definition in f64, in both layouts, over row blocks with tails, key
     /// panels with tails, value widths of one to five vectors (72 = 64 + 8), odd head sizes,
     /// one to three query heads per key / value head and every bias broadcast the matcher
-    /// accepts, with 1 and 2 threads.
+    /// accepts, with 1 and 2 threads, on every kernel this CPU runs.
     #[test]
     fn fused_attention_equals_the_definition() {
-        if !crate::int8mm::available() {
-            eprintln!("skipped: this CPU has no AVX-512");
+        let kernels = kernels_here();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
             return;
         }
         let fill = |n: usize, seed: usize| -> Vec<f32> {
@@ -1032,11 +1218,11 @@ mod tests {
                 }
                 bias[at] as f64
             };
-            for threads in [1, 2] {
+            for (kernel, threads) in kernels.iter().flat_map(|&k| [(k, 1), (k, 2)]) {
                 let executor = crate::int8mm::tests::executor(threads);
                 let out = tract_linalg::multithread::multithread_tract_scope(executor, || {
                     FusedAttention { scale, layout }
-                        .eval(&EvalContext::out_of_plan(), inputs.clone())
+                        .run(kernel, inputs.clone())
                         .unwrap()
                 });
                 assert_eq!(out[0].shape(), &*out_shape);
@@ -1068,8 +1254,8 @@ mod tests {
                                 assert!(
                                     (got - want).abs() < 1e-5,
                                     "{layout:?} {batch}x{rows}x{groups}x{per_group}x{d}, keys \
-                                     {keys}, e {e}, bias {bias_shape:?}, {threads} thread(s), at \
-                                     ({b}, {h}, {r}, {c}): {got} vs {want}"
+                                     {keys}, e {e}, bias {bias_shape:?}, {kernel:?}, {threads} \
+                                     thread(s), at ({b}, {h}, {r}, {c}): {got} vs {want}"
                                 );
                             }
                         }
@@ -1099,21 +1285,44 @@ mod tests {
         assert!(!fits("abcd,aecd->abce", si, so));
     }
 
-    /// Against the definition in f64 for row lengths around whole vectors (1, 15, 16, 17,
-    /// 85), with a masked (-inf-like) entry, with 1 and 2 threads; and `fast_softmaxes`
-    /// replaces only last-axis f32 softmaxes.
+    /// The f32 kernels this CPU runs.
+    fn kernels_here() -> Vec<F32Kernel> {
+        let mut kernels = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::int8mm::available() {
+                kernels.push(F32Kernel::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                kernels.push(F32Kernel::Avx2);
+            }
+        }
+        kernels
+    }
+
+    /// Against the definition in f64 for row lengths around whole vectors (1, 7, 8, 9, 15,
+    /// 16, 17, 85), with a masked (-inf-like) entry and scores far below the row's largest,
+    /// with 1 and 2 threads, on every kernel this CPU runs; and `fast_softmaxes` replaces only
+    /// last-axis f32 softmaxes.
     #[test]
     fn last_axis_softmax_equals_the_definition() {
-        if !crate::int8mm::available() {
-            eprintln!("skipped: this CPU has no AVX-512");
+        let kernels = kernels_here();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
             return;
         }
-        for row in [1usize, 15, 16, 17, 85] {
+        for row in [1usize, 7, 8, 9, 15, 16, 17, 85] {
             let rows = 7;
             let mut x: Vec<f32> = (0..rows * row)
                 .map(|i| ((i * 2_654_435_761 % 1000) as f32 / 100.0) - 5.0)
                 .collect();
             x[row / 2] = -3.4e38;
+            // e^-75 (0 in the kernels, below -70) and e^-60 relative to the row's largest.
+            if row > 8 {
+                let top = x[..row].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                x[1] = top - 75.0;
+                x[row - 1] = top - 60.0;
+            }
             let input = tract_ndarray::ArrayD::from_shape_vec(vec![1, rows, row], x.clone())
                 .unwrap()
                 .into_tensor()
@@ -1121,10 +1330,10 @@ mod tests {
             let op = LastAxisSoftmax {
                 fallback: Softmax::new(tvec!(2), None, SoftmaxKind::Softmax),
             };
-            for threads in [1, 2] {
+            for (kernel, threads) in kernels.iter().flat_map(|&k| [(k, 1), (k, 2)]) {
                 let executor = crate::int8mm::tests::executor(threads);
                 let out = tract_linalg::multithread::multithread_tract_scope(executor, || {
-                    op.eval(&EvalContext::out_of_plan(), tvec!(input.clone()))
+                    op.run(kernel, &EvalContext::out_of_plan(), tvec!(input.clone()))
                         .unwrap()
                 });
                 let got = out[0].try_as_plain_ram().unwrap();
@@ -1141,7 +1350,8 @@ mod tests {
                         let g = got[r * row + j] as f64;
                         assert!(
                             (g - want).abs() <= 1e-6 * want.max(1e-3),
-                            "row length {row}, {threads} thread(s), at ({r}, {j}): {g} vs {want}"
+                            "row length {row}, {kernel:?}, {threads} thread(s), at ({r}, {j}): \
+                             {g} vs {want}"
                         );
                     }
                 }

@@ -35,8 +35,8 @@ pub struct LoadOptions {
     /// Where the CPU has AVX-512, run 8-bit products with a constant weight (`MatMulInteger`,
     /// see [`crate::int8mm`]), f32 and 4-bit products and ViT attention (see
     /// [`crate::attention`]) on edgevlm's own kernels instead of tract's; where it has AVX2
-    /// only, the 8-bit and f32 products (on the AVX2 int8 kernel and [`crate::q4mm`]'s AVX2
-    /// FMA tiles).
+    /// only, the 8-bit and f32 products and the attention (on the AVX2 int8 kernel and
+    /// [`crate::q4mm`]'s AVX2 FMA tiles).
     pub avx512_kernels: bool,
     /// Run float16 graphs in float32 (see [`crate::upcast`]): tract has no fast float16
     /// path on most CPUs. The graph's float16 inputs and outputs stay float16.
@@ -863,11 +863,15 @@ fn optimize(
         typed.declutter().map_err(|e| ("optimizing", e))?;
     }
     if options.avx512_kernels {
+        let kernel = match crate::q4mm::f32_kernel() {
+            Some(crate::q4mm::F32Kernel::Avx2) => "AVX2",
+            _ => "AVX-512",
+        };
         let fused =
             crate::attention::fuse_attention(&mut typed).map_err(|e| ("fusing attention", e))?;
         if fused > 0 {
             notes.push(format!(
-                "attention: {fused} attention block(s) fused into edgevlm's AVX-512 kernel, \
+                "attention: {fused} attention block(s) fused into edgevlm's {kernel} kernel, \
                  scores never written out (tract {TRACT_VERSION} writes, scales, masks, \
                  softmaxes and repacks a heads x rows x keys tensor)"
             ));
@@ -876,7 +880,7 @@ fn optimize(
             crate::attention::fast_softmaxes(&mut typed).map_err(|e| ("replacing softmax", e))?;
         if softmaxes > 0 {
             notes.push(format!(
-                "softmax: {softmaxes} last-axis softmax(es) on edgevlm's AVX-512 kernel (tract \
+                "softmax: {softmaxes} last-axis softmax(es) on edgevlm's {kernel} kernel (tract \
                  {TRACT_VERSION} runs rows of a length not a multiple of 4 through generic \
                  per-row kernels)"
             ));

@@ -935,7 +935,7 @@ impl F32Kernel {
     /// AVX2 takes the whole contraction of a 768-deep product per pass: its tiles store and
     /// reload their outputs between slices, which cost more there than the panel rows read
     /// from L2 instead of L1 (a 1024 x 768 x 3072 product 69.8 -> 57.8 ms).
-    fn tile(self) -> (usize, usize) {
+    pub(crate) fn tile(self) -> (usize, usize) {
         match self {
             F32Kernel::Avx512 => (MR, KC),
             F32Kernel::Avx2 => (MR_AVX2, KC_AVX2),
