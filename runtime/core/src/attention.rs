@@ -1111,6 +1111,7 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::q4mm::tests::kernels_here;
 
     /// Against the definition in f64, in both layouts, over row blocks with tails, key
     /// panels with tails, value widths of one to five vectors (72 = 64 + 8), odd head sizes,
@@ -1283,21 +1284,6 @@ mod tests {
         let [(si, so), _] = attention_einsums(Layout::RowsMajor);
         assert!(fits("abcd,aecd->acbe", si, so));
         assert!(!fits("abcd,aecd->abce", si, so));
-    }
-
-    /// The f32 kernels this CPU runs.
-    fn kernels_here() -> Vec<F32Kernel> {
-        let mut kernels = vec![];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::int8mm::available() {
-                kernels.push(F32Kernel::Avx512);
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                kernels.push(F32Kernel::Avx2);
-            }
-        }
-        kernels
     }
 
     /// Against the definition in f64 for row lengths around whole vectors (1, 7, 8, 9, 15,

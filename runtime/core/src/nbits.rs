@@ -30,9 +30,9 @@ type Builder = fn(&ParsingContext, &pb::NodeProto) -> TractResult<Parsed>;
 static TRACT_PARSER: OnceLock<Builder> = OnceLock::new();
 
 /// Parses `MatMulNBits` with edgevlm's parser in `onnx` from now on, where the CPU runs
-/// [`Q4MatMul`] (AVX-512). Returns whether it did.
+/// [`Q4MatMul`] (AVX-512 or AVX2). Returns whether it did.
 pub fn register(onnx: &mut tract_onnx::Onnx) -> bool {
-    if !crate::int8mm::available() {
+    if crate::q4mm::f32_kernel().is_none() {
         return false;
     }
     let Some(tract) = onnx.op_register.0.get("MatMulNBits").copied() else {

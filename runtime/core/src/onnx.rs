@@ -691,8 +691,12 @@ fn declutter(
         let own_q4 = parsed
             + crate::q4mm::own_q4_products(&mut typed).map_err(|e| ("packing 4-bit weights", e))?;
         if own_q4 > 0 {
+            let (tag, name) = match crate::q4mm::f32_kernel() {
+                Some(crate::q4mm::F32Kernel::Avx2) => ("q4-avx2", "AVX2"),
+                _ => ("q4-avx512", "AVX-512"),
+            };
             notes.push(format!(
-                "q4-avx512: {own_q4} 4-bit product(s) run on edgevlm's AVX-512 4-bit kernel at \
+                "{tag}: {own_q4} 4-bit product(s) run on edgevlm's {name} 4-bit kernel at \
                  every row count, weights packed once at load (tract {TRACT_VERSION} runs them as \
                  matrix-vector products)"
             ));

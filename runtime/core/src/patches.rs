@@ -1545,11 +1545,11 @@ mod tests {
             .into_runnable()
             .unwrap();
         let compile = |m: TypedModel| m.into_optimized()?.into_runnable();
-        // The chunked f32 plan, then (with AVX-512) edgevlm's 4-bit kernel.
+        // The chunked f32 plan, then (with AVX-512 or AVX2) edgevlm's 4-bit kernel.
         for own_kernel in [false, true] {
             let mut model = model.clone();
-            // With AVX-512 the loader's 4-bit pass takes the product first.
-            let own = own_kernel && crate::int8mm::available();
+            // With AVX-512 or AVX2 the loader's 4-bit pass takes the product first.
+            let own = own_kernel && crate::q4mm::f32_kernel().is_some();
             if own_kernel {
                 let taken = crate::q4mm::own_q4_products(&mut model).unwrap();
                 assert_eq!(taken, own as usize);

@@ -1,8 +1,8 @@
 //! 4-bit (GGML `Q4_0`, ONNX `MatMulNBits` as tract loads it) products with f32 activations and
-//! many rows, on AVX-512: the weight is repacked once at load into panels of 32 output columns
-//! whose nibbles decode straight into two 16-lane registers; a run decodes a slice of one
-//! panel into an L1-resident f32 block and multiplies the 8-row tiles of a block of the
-//! activation against it.
+//! many rows, on AVX-512 or AVX2 ([`F32Kernel`]): the weight is repacked once at load into
+//! panels of 32 output columns whose nibbles decode straight into two 16-lane (or four
+//! 8-lane) registers; a run decodes a slice of one panel into a cache-resident f32 block and
+//! multiplies the row tiles of a block of the activation against it.
 //!
 //! tract 0.23.9 runs such products as matrix-vector products (`docs/tract-slow-paths.md`,
 //! section 3); edgevlm's first fix expanded the weight to f32 chunk by chunk and ran tract's
@@ -179,12 +179,14 @@ impl Q4Packed {
         }
     }
 
-    /// Every row of `a` against panel `p` straight from the nibbles (a decode step).
+    /// Every row of `a` against panel `p` straight from the nibbles (a decode step), on
+    /// `kernel`.
     ///
     /// # Safety
-    /// AVX-512 F; `a` holds `m` rows of `k` and `c` `m` rows of `n` (addresses).
+    /// `kernel` runs on this CPU; `a` holds `m` rows of `k` and `c` `m` rows of `n`
+    /// (addresses).
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows_from_nibbles(&self, p: usize, m: usize, a: usize, c: usize) {
+    unsafe fn rows_from_nibbles(&self, kernel: F32Kernel, p: usize, m: usize, a: usize, c: usize) {
         let kb = self.k / 32;
         let cols = NR.min(self.n - p * NR);
         for r in 0..m {
@@ -192,13 +194,15 @@ impl Q4Packed {
             // nibbles exist for every block (whole panels are allocated).
             unsafe {
                 let row = std::slice::from_raw_parts((a as *const f32).add(r * self.k), self.k);
-                row_against_panel(
+                let (scales, nibbles) = (
                     &self.scales[p * kb * NR..][..kb * NR],
                     &self.nibbles[p * kb * 32 * 16..][..kb * 32 * 16],
-                    row,
-                    (c as *mut f32).add(r * self.n + p * NR),
-                    cols,
-                )
+                );
+                let out = (c as *mut f32).add(r * self.n + p * NR);
+                match kernel {
+                    F32Kernel::Avx512 => row_against_panel(scales, nibbles, row, out, cols),
+                    F32Kernel::Avx2 => row_against_panel_avx2(scales, nibbles, row, out, cols),
+                }
             };
         }
     }
@@ -388,10 +392,6 @@ impl PanelProduct for F32Panels {
     const SCRATCH: bool = false;
     const WEIGHT_BITS: usize = 32;
 
-    fn runs_here() -> bool {
-        f32_kernel().is_some()
-    }
-
     fn k(&self) -> usize {
         self.k
     }
@@ -400,7 +400,7 @@ impl PanelProduct for F32Panels {
         self.n
     }
 
-    fn chunk(&self, p: usize, k0: usize, _: usize, _: &mut [f32]) -> *const f32 {
+    fn chunk(&self, _: F32Kernel, p: usize, k0: usize, _: usize, _: &mut [f32]) -> *const f32 {
         self.data()[(p * self.k + k0) * NR..].as_ptr()
     }
 
@@ -424,13 +424,20 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     const WEIGHT_BITS: usize;
     /// Products with fewer rows run [`PanelProduct::few_rows`] instead of f32 chunks.
     const FEW_ROWS: usize = 0;
-    /// Can this CPU run the product's kernels? AVX-512 unless a type says otherwise.
+    /// Can this CPU run the product's kernels (is [`f32_kernel`] some)?
     fn runs_here() -> bool {
-        crate::int8mm::available()
+        f32_kernel().is_some()
     }
     /// Contraction rows `k0..k0 + kc` of panel `p` as `[kc, 32]` f32: in place, or decoded
-    /// into `block`.
-    fn chunk(&self, p: usize, k0: usize, kc: usize, block: &mut [f32]) -> *const f32;
+    /// into `block` on `kernel`, which runs on this CPU.
+    fn chunk(
+        &self,
+        kernel: F32Kernel,
+        p: usize,
+        k0: usize,
+        kc: usize,
+        block: &mut [f32],
+    ) -> *const f32;
     /// Null, or the address of chunk `k0` of panel `p` in memory, to prefetch before
     /// [`PanelProduct::chunk`] reads it (a weight used in place, streamed from memory).
     fn prefetch(&self, p: usize, k0: usize) -> *const f32 {
@@ -438,10 +445,10 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
         std::ptr::null()
     }
     /// Every row of `a` (`[m, k]` at address `a`) against panel `p` without an f32 chunk,
-    /// into `c` (`[m, n]` at address `c`), for fewer than [`PanelProduct::FEW_ROWS`] rows;
-    /// `matmul` has checked the CPU and the sizes.
-    fn few_rows(&self, p: usize, m: usize, a: usize, c: usize) {
-        let _ = (p, m, a, c);
+    /// into `c` (`[m, n]` at address `c`), for fewer than [`PanelProduct::FEW_ROWS`] rows,
+    /// on `kernel`; `matmul` has checked the CPU and the sizes.
+    fn few_rows(&self, kernel: F32Kernel, p: usize, m: usize, a: usize, c: usize) {
+        let _ = (kernel, p, m, a, c);
         unreachable!("{} has no few-rows path", Self::NAME)
     }
 
@@ -457,10 +464,17 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     /// memory for every panel (a 1024 x 768 x 3072 product 58 -> 70 GMAC/s on one thread,
     /// 116 -> 145 on two).
     fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
-        assert!(Self::runs_here(), "{} cannot run on this CPU", Self::NAME);
-        let (k, n) = (self.k(), self.n());
         // This CPU's tile, chosen once per call.
-        let kernel = f32_kernel().expect("runs_here implies an f32 tile");
+        let kernel = f32_kernel();
+        assert!(kernel.is_some(), "{} cannot run on this CPU", Self::NAME);
+        if let Some(kernel) = kernel {
+            self.matmul_on(kernel, a, m, c)
+        }
+    }
+
+    /// [`PanelProduct::matmul`] on `kernel`, which must run on this CPU.
+    fn matmul_on(&self, kernel: F32Kernel, a: &[f32], m: usize, c: &mut [f32]) {
+        let (k, n) = (self.k(), self.n());
         let kc_max = kernel.tile().1;
         assert!(a.len() >= m * k && c.len() >= m * n);
         let (a, c) = (a.as_ptr() as usize, c.as_mut_ptr() as usize);
@@ -468,7 +482,7 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
         let run = |ps: std::ops::Range<usize>| {
             if m < Self::FEW_ROWS {
                 for p in ps {
-                    self.few_rows(p, m, a, c);
+                    self.few_rows(kernel, p, m, a, c);
                 }
                 return;
             }
@@ -476,7 +490,7 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
             let mut pass = |p: usize, (m0, rows), k0: usize, next: (usize, usize)| {
                 let kc = kc_max.min(k - k0);
                 let chunk = (
-                    self.chunk(p, k0, kc, &mut block),
+                    self.chunk(kernel, p, k0, kc, &mut block),
                     self.prefetch(next.0, next.1),
                 );
                 #[cfg(target_arch = "x86_64")]
@@ -537,32 +551,43 @@ impl PanelProduct for Q4Packed {
         self.n
     }
 
-    fn chunk(&self, p: usize, k0: usize, kc: usize, block: &mut [f32]) -> *const f32 {
+    fn chunk(
+        &self,
+        kernel: F32Kernel,
+        p: usize,
+        k0: usize,
+        kc: usize,
+        block: &mut [f32],
+    ) -> *const f32 {
         let (kb, b0, bs) = (self.k / 32, k0 / 32, kc / 32);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `matmul` checked the CPU; chunks start at multiples of 32 (KC is one, and
-        // k too), so blocks b0..b0 + bs of the panel exist, and `block` holds KC x 32.
+        // SAFETY: `matmul` checked the CPU; chunks start at multiples of 32 (KC and KC_AVX2
+        // are, and k too), so blocks b0..b0 + bs of the panel exist, and `block` holds a
+        // slice of 32 columns.
         unsafe {
-            decode_panel(
+            let (scales, nibbles) = (
                 &self.scales[(p * kb + b0) * NR..][..bs * NR],
                 &self.nibbles[(p * kb + b0) * 32 * 16..][..bs * 32 * 16],
-                block,
-            )
+            );
+            match kernel {
+                F32Kernel::Avx512 => decode_panel(scales, nibbles, block),
+                F32Kernel::Avx2 => decode_panel_avx2(scales, nibbles, block),
+            }
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (p, kb, b0, bs);
+        let _ = (kernel, p, kb, b0, bs);
         block.as_ptr()
     }
 
-    fn few_rows(&self, p: usize, m: usize, a: usize, c: usize) {
+    fn few_rows(&self, kernel: F32Kernel, p: usize, m: usize, a: usize, c: usize) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `matmul` checked the CPU and that a and c hold m rows.
         unsafe {
-            self.rows_from_nibbles(p, m, a, c)
+            self.rows_from_nibbles(kernel, p, m, a, c)
         };
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (p, m, a, c);
+            let _ = (kernel, p, m, a, c);
             unreachable!("Q4Packed is only built on x86_64");
         }
     }
@@ -638,13 +663,13 @@ impl<W: PanelProduct> PanelMatMul<W> {
 impl Q4MatMul {
     /// A `Q4MatMul` for the product `op` whose input `slot` is the constant `Q4_0` weight
     /// `weight` (`[n, k]` or `[1, n, k]`), if its activation has the contraction last and the output is the
-    /// activation's outer axes then `n`, and the CPU has AVX-512.
+    /// activation's outer axes then `n`, and the CPU has AVX-512 or AVX2.
     pub fn for_product(op: &EinSum, slot: usize, weight: &Tensor) -> Option<Q4MatMul> {
         use tract_linalg::block_quant::BlockQuantStorage;
         let shape = weight.shape();
         // `[n, k]`, or `[1, n, k]` (MatMulNBits as tract-onnx loads it: a group axis of 1).
         let grouped = shape.len() == 3 && shape[0] == 1;
-        if !crate::int8mm::available() || slot > 1 || !(shape.len() == 2 || grouped) {
+        if f32_kernel().is_none() || slot > 1 || !(shape.len() == 2 || grouped) {
             return None;
         }
         let (inputs, outputs) = op.axes.to_strs();
@@ -900,6 +925,99 @@ unsafe fn decode_panel(scales: &[f32], nibbles: &[u8], block: &mut [f32]) {
     }
 }
 
+/// The four 8-column groups of the 32 codes one contraction step of a panel holds in its 16
+/// bytes (low nibbles columns 0-15, high nibbles 16-31), as 32-bit integers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn codes_avx2(bytes: *const u8) -> [std::arch::x86_64::__m256i; 4] {
+    use std::arch::x86_64::*;
+    let low = _mm_set1_epi8(0x0f);
+    // SAFETY: the caller's 16 bytes.
+    let bytes = unsafe { _mm_loadu_si128(bytes as *const __m128i) };
+    let lo = _mm_and_si128(bytes, low);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low);
+    [lo, _mm_srli_si128::<8>(lo), hi, _mm_srli_si128::<8>(hi)].map(|q| _mm256_cvtepu8_epi32(q))
+}
+
+/// [`row_against_panel`] on AVX2: the same sums in the same order, 8 columns per register.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_against_panel_avx2(
+    scales: &[f32],
+    nibbles: &[u8],
+    a: &[f32],
+    out: *mut f32,
+    cols: usize,
+) {
+    use std::arch::x86_64::*;
+    let kb = scales.len() / NR;
+    assert!(nibbles.len() >= kb * 32 * 16 && a.len() >= kb * 32);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for b in 0..kb {
+        let xs = &a[b * 32..b * 32 + 32];
+        let eight_sum = _mm256_set1_ps(8.0 * xs.iter().sum::<f32>());
+        let mut t = [_mm256_setzero_ps(); 4];
+        // SAFETY: the asserts above bound every access.
+        unsafe {
+            for (kk, &x) in xs.iter().enumerate() {
+                let q = codes_avx2(nibbles.as_ptr().add((b * 32 + kk) * 16));
+                let x = _mm256_set1_ps(x);
+                for (t, q) in t.iter_mut().zip(q) {
+                    *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), x, *t);
+                }
+            }
+            for (g, (acc, t)) in acc.iter_mut().zip(t).enumerate() {
+                let s = _mm256_loadu_ps(scales.as_ptr().add(b * NR + 8 * g));
+                *acc = _mm256_fmadd_ps(_mm256_sub_ps(t, eight_sum), s, *acc);
+            }
+        }
+    }
+    for (g, acc) in acc.iter().enumerate() {
+        if 8 * g >= cols {
+            break;
+        }
+        // SAFETY: the caller's `cols` columns at `out` are writable; masked lanes are not
+        // written.
+        unsafe { _mm256_maskstore_ps(out.add(8 * g), lanes_below(cols - 8 * g), *acc) };
+    }
+}
+
+/// [`decode_panel`] on AVX2: the same values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_panel_avx2(scales: &[f32], nibbles: &[u8], block: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let kb = scales.len() / NR;
+    assert!(nibbles.len() >= kb * 32 * 16 && block.len() >= kb * 32 * NR);
+    let eight = _mm256_set1_ps(8.0);
+    for b in 0..kb {
+        // SAFETY: the asserts above bound every access.
+        unsafe {
+            let s: [__m256; 4] =
+                std::array::from_fn(|g| _mm256_loadu_ps(scales.as_ptr().add(b * NR + 8 * g)));
+            for kk in 0..32 {
+                let q = codes_avx2(nibbles.as_ptr().add((b * 32 + kk) * 16));
+                let dst = block.as_mut_ptr().add((b * 32 + kk) * NR);
+                for (g, (q, s)) in q.into_iter().zip(s).enumerate() {
+                    let v = _mm256_sub_ps(_mm256_cvtepi32_ps(q), eight);
+                    _mm256_storeu_ps(dst.add(8 * g), _mm256_mul_ps(v, s));
+                }
+            }
+        }
+    }
+}
+
+/// A lane mask of the first `valid` (at most 8) of 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn lanes_below(valid: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(valid.min(8) as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
 /// One call of [`fma_tile`]: rows of `a` (stride `lda`) against a `[k, 32]` panel `b`, times
 /// `scale`, into `c` (stride `ldc`), `cols` of the 32 columns stored.
 pub(crate) struct FmaTile {
@@ -1149,11 +1267,7 @@ unsafe fn fma_rows_avx2<const R: usize>(t: &FmaTile) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn store_avx2(t: &FmaTile, at: usize, first: usize, acc: std::arch::x86_64::__m256) {
     use std::arch::x86_64::*;
-    let valid = t.cols.saturating_sub(first).min(8) as i32;
-    let m = _mm256_cmpgt_epi32(
-        _mm256_set1_epi32(valid),
-        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-    );
+    let m = lanes_below(t.cols.saturating_sub(first));
     let out = t.c.wrapping_add(at);
     let mut y = _mm256_mul_ps(acc, _mm256_set1_ps(t.scale));
     // SAFETY: the caller's bounds, masked.
@@ -1204,8 +1318,23 @@ unsafe fn fma_half_avx2<const R: usize>(t: &FmaTile, row0: usize, half: usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The f32 kernels this CPU runs (AVX-512 hosts run the AVX2 ones too).
+    pub(crate) fn kernels_here() -> Vec<F32Kernel> {
+        let mut kernels = vec![];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::int8mm::available() {
+                kernels.push(F32Kernel::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                kernels.push(F32Kernel::Avx2);
+            }
+        }
+        kernels
+    }
 
     /// Random Q4_0 bytes for an `[n, k]` weight and their f32 values (the definition).
     fn q4_weight(n: usize, k: usize, seed: &mut u64) -> (Vec<u8>, Vec<f32>) {
@@ -1227,10 +1356,11 @@ mod tests {
     }
 
     /// f32 panels from both weight layouts, row tails, partial panels, k not a multiple of
-    /// anything, against the f64 definition.
+    /// anything, against the f64 definition, on every kernel this CPU runs.
     #[test]
     fn f32_panels_equal_the_definition() {
-        if f32_kernel().is_none() {
+        let kernels = kernels_here();
+        if kernels.is_empty() {
             eprintln!("skipped: this CPU has no f32 panel kernel");
             return;
         }
@@ -1251,12 +1381,16 @@ mod tests {
         ] {
             let w: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let a: Vec<f32> = (0..m * k).map(|_| next()).collect();
-            for (k_major, threads) in [(true, 1), (false, 1), (true, 2)] {
+            let runs = [(true, 1), (false, 1), (true, 2)];
+            for (kernel, (k_major, threads)) in kernels
+                .iter()
+                .flat_map(|&kernel| runs.map(|run| (kernel, run)))
+            {
                 let packed = F32Panels::pack(&w, k, n, k_major).unwrap();
                 let mut c = vec![f32::NAN; m * n];
                 let executor = crate::int8mm::tests::executor(threads);
                 tract_linalg::multithread::multithread_tract_scope(executor, || {
-                    packed.matmul(&a, m, &mut c)
+                    packed.matmul_on(kernel, &a, m, &mut c)
                 });
                 for r in 0..m {
                     for j in 0..n {
@@ -1273,7 +1407,7 @@ mod tests {
                         let got = c[r * n + j] as f64;
                         assert!(
                             (got - want).abs() < 1e-4,
-                            "{m}x{k}x{n} {k_major} {threads} [{r},{j}]: {got} vs {want}"
+                            "{m}x{k}x{n} {k_major} {kernel:?} {threads} [{r},{j}]: {got} vs {want}"
                         );
                     }
                 }
@@ -1389,11 +1523,12 @@ mod tests {
     }
 
     /// Row tails 1-8, the row-by-row path for a few rows, partial panels, 1 and 2 threads,
-    /// against the f64 definition.
+    /// against the f64 definition, on every kernel this CPU runs.
     #[test]
     fn q4_product_equals_the_definition() {
-        if !crate::int8mm::available() {
-            eprintln!("skipped: this CPU has no AVX-512");
+        let kernels = kernels_here();
+        if kernels.is_empty() {
+            eprintln!("skipped: this CPU has no f32 panel kernel");
             return;
         }
         let mut seed = 11;
@@ -1413,11 +1548,11 @@ mod tests {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
                 .collect();
-            for threads in [1, 2] {
+            for (kernel, threads) in kernels.iter().flat_map(|&k| [(k, 1), (k, 2)]) {
                 let mut c = vec![f32::NAN; m * n];
                 let executor = crate::int8mm::tests::executor(threads);
                 tract_linalg::multithread::multithread_tract_scope(executor, || {
-                    packed.matmul(&a, m, &mut c)
+                    packed.matmul_on(kernel, &a, m, &mut c)
                 });
                 for r in 0..m {
                     for j in 0..n {
@@ -1427,7 +1562,8 @@ mod tests {
                         let got = c[r * n + j] as f64;
                         assert!(
                             (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "m={m} k={k} n={n} threads={threads} at ({r}, {j}): {got} vs {want}"
+                            "m={m} k={k} n={n} {kernel:?} threads={threads} at ({r}, {j}): {got} \
+                             vs {want}"
                         );
                     }
                 }

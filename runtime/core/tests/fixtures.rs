@@ -82,17 +82,18 @@ fn every_fixture_matches_onnxruntime() {
 }
 
 /// The 4-bit fixture's `MatMulNBits` products, parsed straight onto edgevlm's kernel where
-/// the CPU has AVX-512 (f32 scales, as ONNX Runtime) and through tract's Q4_0 path (f16
-/// scales) otherwise: both match ONNX Runtime.
+/// the CPU has AVX-512 or AVX2 (f32 scales, as ONNX Runtime) and through tract's Q4_0 path
+/// (f16 scales) otherwise: both match ONNX Runtime.
 #[test]
 fn q4_fixture_matches_onnxruntime_on_both_4bit_paths() {
     let index = index();
     let f = index.fixture.iter().find(|f| f.name == "q4").unwrap();
     let dir = common::models().join("fixtures");
     let ours = OnnxModel::load(&dir.join(&f.model), &LoadOptions::default()).unwrap();
-    if edgevlm_runtime::int8mm::available() {
+    if let Some(kernel) = edgevlm_runtime::q4mm::f32_kernel() {
         let notes = ours.notes().join("\n");
-        assert!(notes.contains("q4-avx512: 4 4-bit product(s)"), "{notes}");
+        let want = format!("q4-{}: 4 4-bit product(s)", kernel.tag());
+        assert!(notes.contains(&want), "{notes}");
     }
     let tract_path = LoadOptions {
         avx512_kernels: false,

@@ -251,17 +251,14 @@ fn smolvlm_quantized_greedy_tokens_agree_with_onnx_runtime() {
                     );
                 }
             }
-            // The vision encoder's 4-bit products (16 patch rows) run on edgevlm's AVX-512
-            // kernel, or else on expanded weights; the decoder's (symbolic rows) run on that
-            // kernel too, or else switch between tract's plan and expanded weights by row
+            // The vision encoder's 4-bit products (16 patch rows) run on edgevlm's AVX-512 or
+            // AVX2 kernel, or else on expanded weights; the decoder's (symbolic rows) run on
+            // that kernel too, or else switch between tract's plan and expanded weights by row
             // count.
             if variant == "q4" {
-                if edgevlm_runtime::int8mm::available() {
-                    assert!(notes.contains("q4-avx512: "), "{notes}");
-                    assert!(
-                        notes.contains("AVX-512 4-bit kernel at every row count"),
-                        "{notes}"
-                    );
+                if let Some(kernel) = edgevlm_runtime::q4mm::f32_kernel() {
+                    assert!(notes.contains(&format!("q4-{}: ", kernel.tag())), "{notes}");
+                    assert!(notes.contains("4-bit kernel at every row count"), "{notes}");
                 } else {
                     assert!(notes.contains("q4-many-rows: "), "{notes}");
                     assert!(notes.contains("prefill-plans: "), "{notes}");
