@@ -424,10 +424,6 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     const WEIGHT_BITS: usize;
     /// Products with fewer rows run [`PanelProduct::few_rows`] instead of f32 chunks.
     const FEW_ROWS: usize = 0;
-    /// Can this CPU run the product's kernels (is [`f32_kernel`] some)?
-    fn runs_here() -> bool {
-        f32_kernel().is_some()
-    }
     /// Contraction rows `k0..k0 + kc` of panel `p` as `[kc, 32]` f32: in place, or decoded
     /// into `block` on `kernel`, which runs on this CPU.
     fn chunk(
@@ -453,8 +449,8 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     }
 
     /// `c = a w` for the `m` rows of `a` (`[m, k]` row-major) into `c` (`[m, n]`), split by
-    /// panels over edgevlm's thread team when big enough. Panics unless
-    /// [`PanelProduct::runs_here`] (checked by the caller once, at load).
+    /// panels over edgevlm's thread team when big enough, on [`f32_kernel`]'s tiles. Panics
+    /// where there are none (the loader creates these products only where there are).
     ///
     /// A slice of `KC` contraction rows of a panel (32 KiB) stays in L1 while the 8-row tiles
     /// pass over it. An activation of at most `MC * KC` floats stays in L2 and each panel is
@@ -465,11 +461,10 @@ pub trait PanelProduct: std::fmt::Debug + Send + Sync + 'static {
     /// 116 -> 145 on two).
     fn matmul(&self, a: &[f32], m: usize, c: &mut [f32]) {
         // This CPU's tile, chosen once per call.
-        let kernel = f32_kernel();
-        assert!(kernel.is_some(), "{} cannot run on this CPU", Self::NAME);
-        if let Some(kernel) = kernel {
-            self.matmul_on(kernel, a, m, c)
-        }
+        let Some(kernel) = f32_kernel() else {
+            panic!("{} cannot run on this CPU", Self::NAME)
+        };
+        self.matmul_on(kernel, a, m, c)
     }
 
     /// [`PanelProduct::matmul`] on `kernel`, which must run on this CPU.
