@@ -398,6 +398,21 @@ impl Job<'_> {
     }
 }
 
+/// ln 2 in two parts, so that `n * LN2_HI` is exact in the exponentials' range reduction.
+const LN2_HI: f32 = 0.693_145_75;
+/// The rest of ln 2 after [`LN2_HI`].
+const LN2_LO: f32 = 1.428_606_8e-6;
+/// `e^r` for `|r| <= ln 2 / 2`: Taylor coefficients from degree 6 down to 0, in Horner order.
+const EXP_POLY: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// `e^x` for 16 lanes, `x <= 0` (scores minus their maximum): `2^n * p(r)` with
 /// `x = n ln 2 + r`, `|r| <= ln 2 / 2`, a degree-6 polynomial (relative error ~2e-7); exactly
 /// 0 below -70 (`e^-70` ~ 4e-31, far below an f32 ulp of the row's largest weight, 1). A
@@ -413,12 +428,11 @@ fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
-    // ln 2 in two parts, so `n * LN2_HI` is exact.
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-    let mut p = _mm512_set1_ps(1.0 / 720.0);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n))
 }
@@ -436,11 +450,11 @@ fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
     ));
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
-    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
-    let mut p = _mm256_set1_ps(1.0 / 720.0);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
     }
     let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
         _mm256_cvtps_epi32(n),
