@@ -35,7 +35,7 @@ pub struct LoadOptions {
     /// Where the CPU has AVX-512, run 8-bit products with a constant weight (`MatMulInteger`,
     /// see [`crate::int8mm`]), f32 and 4-bit products and ViT attention (see
     /// [`crate::attention`]) on edgevlm's own kernels instead of tract's; where it has AVX2
-    /// only, the 8-bit and f32 products and the attention (on the AVX2 int8 kernel and
+    /// only, the 8-bit, f32 and 4-bit products and the attention (on the AVX2 int8 kernel and
     /// [`crate::q4mm`]'s AVX2 FMA tiles).
     pub avx512_kernels: bool,
     /// Run float16 graphs in float32 (see [`crate::upcast`]): tract has no fast float16
@@ -690,13 +690,11 @@ fn declutter(
             .count();
         let own_q4 = parsed
             + crate::q4mm::own_q4_products(&mut typed).map_err(|e| ("packing 4-bit weights", e))?;
-        if own_q4 > 0 {
-            let (tag, name) = match crate::q4mm::f32_kernel() {
-                Some(crate::q4mm::F32Kernel::Avx2) => ("q4-avx2", "AVX2"),
-                _ => ("q4-avx512", "AVX-512"),
-            };
+        // Only built where there is an f32 kernel.
+        if let (Some(kernel), true) = (crate::q4mm::f32_kernel(), own_q4 > 0) {
+            let (tag, name) = (kernel.tag(), kernel.name());
             notes.push(format!(
-                "{tag}: {own_q4} 4-bit product(s) run on edgevlm's {name} 4-bit kernel at \
+                "q4-{tag}: {own_q4} 4-bit product(s) run on edgevlm's {name} 4-bit kernel at \
                  every row count, weights packed once at load (tract {TRACT_VERSION} runs them as \
                  matrix-vector products)"
             ));
@@ -736,21 +734,18 @@ fn declutter(
         let f32s =
             crate::q4mm::own_f32_products(&mut typed).map_err(|e| ("packing f32 weights", e))?;
         if let (Some(kernel), true) = (crate::q4mm::f32_kernel(), f32s > 0) {
-            let (tag, name, tract) = match kernel {
-                crate::q4mm::F32Kernel::Avx512 => (
-                    "f32-avx512",
-                    "AVX-512",
-                    "kernel choice is about half as fast for a ViT's products",
-                ),
-                crate::q4mm::F32Kernel::Avx2 => (
-                    "f32-avx2",
-                    "AVX2",
+            let tract = match kernel {
+                crate::q4mm::F32Kernel::Avx512 => {
+                    "kernel choice is about half as fast for a ViT's products"
+                }
+                crate::q4mm::F32Kernel::Avx2 => {
                     "kernels run a decode step's one-row products on one thread however many \
-                     there are, and many-row products a little slower",
-                ),
+                     there are, and many-row products a little slower"
+                }
             };
+            let (tag, name) = (kernel.tag(), kernel.name());
             notes.push(format!(
-                "{tag}: {f32s} f32 product(s) with constant weights packed at load for \
+                "f32-{tag}: {f32s} f32 product(s) with constant weights packed at load for \
                  edgevlm's {name} FMA kernel (tract {TRACT_VERSION}'s {tract})"
             ));
         }
@@ -867,10 +862,8 @@ fn optimize(
         typed.declutter().map_err(|e| ("optimizing", e))?;
     }
     if options.avx512_kernels {
-        let kernel = match crate::q4mm::f32_kernel() {
-            Some(crate::q4mm::F32Kernel::Avx2) => "AVX2",
-            _ => "AVX-512",
-        };
+        // Both ops below are only built where there is an f32 kernel.
+        let kernel = crate::q4mm::f32_kernel().map_or("", |k| k.name());
         let fused =
             crate::attention::fuse_attention(&mut typed).map_err(|e| ("fusing attention", e))?;
         if fused > 0 {

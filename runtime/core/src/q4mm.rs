@@ -1055,6 +1055,14 @@ impl F32Kernel {
         }
     }
 
+    /// The instruction set's name, as load notes spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            F32Kernel::Avx512 => "AVX-512",
+            F32Kernel::Avx2 => "AVX2",
+        }
+    }
+
     /// The tag in load notes and the load cache's CPU stamp.
     pub fn tag(self) -> &'static str {
         match self {
