@@ -634,7 +634,7 @@ fn read_proto(map: &Arc<MappedFile>) -> TractResult<tract_nnef::ast::ProtoModel>
                 }
                 let path = entry.path()?.into_owned();
                 if path.extension().is_some_and(|e| e == "dat") {
-                    let id = tract_nnef::resource::resource_path_to_id(&path)?;
+                    let id = tensor_id(&path)?;
                     if path.starts_with(PANELS_DIR) {
                         let panels = mapped_f32(map, &entry)
                             .with_context(|| format!("tensor {}", path.display()))?;
@@ -643,7 +643,17 @@ fn read_proto(map: &Arc<MappedFile>) -> TractResult<tract_nnef::ast::ProtoModel>
                     }
                     let tensor = tract_nnef::tensors::read_tensor(&mut entry)
                         .with_context(|| format!("tensor {}", path.display()))?;
-                    tensors.insert(Identifier::from(&*id), Arc::new(tensor));
+                    // Under its label with and without a leading `/` (see `tensor_id`);
+                    // two labels that differ only there would be one entry name, and the
+                    // archive cannot say which tensor is which.
+                    let tensor = Arc::new(tensor);
+                    let slash = Identifier(format!("/{id}"));
+                    ensure!(
+                        tensors.insert(slash, tensor.clone()).is_none(),
+                        "two tensors named {}",
+                        path.display()
+                    );
+                    tensors.insert(Identifier(id), tensor);
                 } else if path == Path::new(GRAPH_QUANT_FILENAME) {
                     let mut text = String::new();
                     entry.read_to_string(&mut text)?;
@@ -663,6 +673,15 @@ fn read_proto(map: &Arc<MappedFile>) -> TractResult<tract_nnef::ast::ProtoModel>
         quantization,
         resources,
     })
+}
+
+/// The label of the tensor an archive entry holds, without a leading `/`. tract's writer
+/// stores a label that starts with `/` (a constant named after an ONNX node, `/model/...`, as
+/// real exports name their nodes) as `./model/....dat`, which the tar format keeps only for
+/// names past 100 bytes; tract's reader takes the `./` off. Either way the archive no longer
+/// says whether the label had its `/`: [`read_proto`] files each tensor under both.
+fn tensor_id(path: &Path) -> TractResult<String> {
+    tract_nnef::resource::resource_path_to_id(path.strip_prefix("./").unwrap_or(path))
 }
 
 /// The f32 vector an archive entry holds, in place: the entry is a 128-byte header in the
@@ -1195,6 +1214,45 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&bytes).unwrap();
         MappedFile::open(&file, bytes.len() as u64).unwrap()
+    }
+
+    /// Constants whose labels start with `/` (named after an ONNX node, as real exports name
+    /// them), short and past the tar header's 100 bytes, come back from the archive under
+    /// their labels, and the model runs.
+    #[test]
+    fn labels_from_onnx_node_names_round_trip() {
+        // Large enough to be written as a tensor of its own, not inlined in the text.
+        let n = 300;
+        let long = format!("/model/{}/MatMul/folded", "layers.0".repeat(15));
+        let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([n])).unwrap();
+        let c = model
+            .add_const("/model/layers.0/MatMul/folded", tensor1(&values))
+            .unwrap();
+        let c2 = model.add_const(&*long, tensor1(&values)).unwrap();
+        let add = tract_onnx::tract_core::ops::math::add;
+        let y = model.wire_node("/model/Add", add(), &[x, c]).unwrap()[0];
+        let y = model.wire_node("/model/Add_1", add(), &[y, c2]).unwrap()[0];
+        model.select_output_outlets(&[y]).unwrap();
+        let mut bytes = vec![];
+        nnef().write_to_tar(&model, &mut bytes).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        let map = MappedFile::open(&file, bytes.len() as u64).unwrap();
+        let proto = read_proto(&map).unwrap();
+        assert!(proto
+            .tensors
+            .contains_key(&Identifier("/model/layers.0/MatMul/folded".into())));
+        let read = nnef_reader().model_for_proto_model(&proto).unwrap();
+        let out = read
+            .into_runnable()
+            .unwrap()
+            .run(tvec!(tensor1(&vec![1f32; n]).into_tvalue()))
+            .unwrap();
+        let want: Vec<f32> = values.iter().map(|v| 1.0 + v + v).collect();
+        let got = out[0].try_as_plain_ram().unwrap();
+        assert_eq!(got.as_slice::<f32>().unwrap(), &want[..]);
     }
 
     #[test]
