@@ -28,6 +28,7 @@ use tract_onnx::tract_core::ops::math::{Add, Mul};
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
 use crate::q4mm::F32Kernel;
+use crate::quant::LinearQuant;
 
 /// Keys per panel of the score kernel: two 16-lane registers.
 const KP: usize = crate::q4mm::NR;
@@ -50,6 +51,12 @@ pub struct FusedAttention {
     pub scale: f32,
     /// Where heads, rows and keys are.
     pub layout: Layout,
+    /// A static QDQ export's quantize -> dequantize of the raw scores, before `scale` (a
+    /// [`LinearQuant`] with a float output).
+    pub score_quant: Option<LinearQuant>,
+    /// A static QDQ export's quantize -> dequantize of the softmax's weights, before the
+    /// product with `v`.
+    pub weight_quant: Option<LinearQuant>,
 }
 
 /// How [`FusedAttention`]'s operands are laid out.
@@ -75,8 +82,8 @@ impl Op for FusedAttention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "scale={} layout={:?}",
-            self.scale, self.layout
+            "scale={} layout={:?} score_quant={:?} weight_quant={:?}",
+            self.scale, self.layout, self.score_quant, self.weight_quant
         )])
     }
 
@@ -212,6 +219,8 @@ impl FusedAttention {
             dims,
             layout: self.layout,
             scale: self.scale,
+            score_quant: self.score_quant.as_ref(),
+            weight_quant: self.weight_quant.as_ref(),
             kernel,
         };
         {
@@ -249,6 +258,8 @@ struct Job<'a> {
     dims: Dims,
     layout: Layout,
     scale: f32,
+    score_quant: Option<&'a LinearQuant>,
+    weight_quant: Option<&'a LinearQuant>,
     /// The kernels, which run on this CPU.
     kernel: F32Kernel,
 }
@@ -325,6 +336,11 @@ impl Job<'_> {
             let mut brow = vec![0f32; keys];
             let mut orow = vec![0f32; RB * ep];
             let [sb_b, sb_h, sb_r, sb_k] = self.bias_strides;
+            // Quantized scores are scaled after their quantize -> dequantize, not in the tile.
+            let tile_scale = match self.score_quant {
+                Some(_) => 1.0,
+                None => self.scale,
+            };
             for r0 in (0..span.rows).step_by(RB) {
                 let rb = RB.min(span.rows - r0);
                 for r in 0..rb {
@@ -345,7 +361,7 @@ impl Job<'_> {
                                     lda: d,
                                     b: kt.as_ptr().add(p * d * KP),
                                     k: d,
-                                    scale: self.scale,
+                                    scale: tile_scale,
                                     c: s.as_mut_ptr().add(t0 * np + p * KP),
                                     ldc: np,
                                     cols: KP,
@@ -358,6 +374,10 @@ impl Job<'_> {
                 }
                 for r in 0..rb {
                     let row = &mut s[r * np..r * np + keys];
+                    if let Some(fq) = self.score_quant {
+                        fq.requantize_in_place(row);
+                        row.iter_mut().for_each(|x| *x *= self.scale);
+                    }
                     if let Some(bias) = self.bias {
                         // Local row `i` is query head `g * per_group + i / rows`'s row `i % rows`.
                         let i = r0 + r;
@@ -376,6 +396,9 @@ impl Job<'_> {
                     }
                     // SAFETY: as above.
                     unsafe { softmax_row(kernel, row) };
+                    if let Some(fq) = self.weight_quant {
+                        fq.requantize_in_place(row);
+                    }
                 }
                 // SAFETY: as above.
                 unsafe { weighted_values(kernel, &s, np, rb, keys, &vh, ep, &mut orow) };
@@ -862,6 +885,18 @@ fn scalar_const(model: &TypedModel, outlet: OutletId) -> TractResult<Option<f32>
     })
 }
 
+/// Is `node` a static per-tensor quantize whose only consumer is a dequantize (a static QDQ
+/// export's fake quantization)? The pair as one op, and the dequantize's node.
+fn fake_quant(
+    model: &TypedModel,
+    node: Option<usize>,
+) -> TractResult<Option<(LinearQuant, usize)>> {
+    match node {
+        Some(n) => crate::quant::quantize_pair(model, model.node(n)),
+        None => Ok(None),
+    }
+}
+
 /// Does `op` compute `inputs -> output` (a plain f32 einsum), up to a renaming of its axis
 /// letters that keeps distinct letters distinct?
 fn einsum_fits(op: &EinSum, inputs: [&str; 2], output: &str) -> bool {
@@ -956,8 +991,8 @@ fn scale_step(
     }
 }
 
-/// Finds attention blocks: `EinSum(q, k) [-> Mul(scalar)] [-> Add(bias)] -> Softmax(last
-/// axis) -> EinSum(., v)` whose intermediate results have no other consumer, in either
+/// Finds attention blocks: `EinSum(q, k) [-> Quantize -> Dequantize] [-> Mul(scalar)] [->
+/// Add(bias)] -> Softmax(last axis) [-> Quantize -> Dequantize] -> EinSum(., v)` whose intermediate results have no other consumer, in either
 /// [`Layout`] (for [`Layout::Grouped`], with the reshapes that merge the heads for the
 /// softmax and split them again around it), and replaces each by a [`FusedAttention`], when
 /// this CPU has AVX-512 or AVX2. Run after tract's last declutter. Returns how many were
@@ -972,6 +1007,8 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         scale: f32,
         bias: Option<OutletId>,
         layout: Layout,
+        score_quant: Option<LinearQuant>,
+        weight_quant: Option<LinearQuant>,
     }
     let mut chains = vec![];
     for node in model.nodes() {
@@ -995,13 +1032,21 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         let mut scale = 1.0;
         let mut bias = None;
         let mut next = only_successor(model, OutletId::new(at, 0));
-        // An optional scalar Mul, then an optional Add, in that order; for the grouped
-        // layout the merge of the heads, [x, g, p, r, k] -> [x, h, r, k], before the Add,
-        // on either side of the Mul (a model read back from the load cache has the Mul
-        // pushed before it).
+        // An optional quantize -> dequantize, an optional scalar Mul, then an optional Add,
+        // in that order; for the grouped layout the merge of the heads, [x, g, p, r, k] ->
+        // [x, h, r, k], before the Add, anywhere among the others (a model read back from
+        // the load cache has the Mul pushed before it).
         let mut scaled = false;
         let mut merge: Option<HeadsReshape> = None;
+        let mut score_quant = None;
         loop {
+            if !scaled && score_quant.is_none() {
+                if let Some((fq, dq)) = fake_quant(model, next)? {
+                    (score_quant, at) = (Some(fq), dq);
+                    next = only_successor(model, OutletId::new(at, 0));
+                    continue;
+                }
+            }
             if !scaled {
                 if let Some((s, n)) = scale_step(model, at, next)? {
                     (scale, scaled, at) = (s, true, n);
@@ -1063,6 +1108,13 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         }
         let mut weights = OutletId::new(sm.id, 0);
         let mut next = only_successor(model, weights);
+        // An optional quantize -> dequantize of the weights, before or after the split of
+        // the heads.
+        let mut weight_quant = None;
+        if let Some((fq, dq)) = fake_quant(model, next)? {
+            (weight_quant, weights) = (Some(fq), OutletId::new(dq, 0));
+            next = only_successor(model, weights);
+        }
         if layout == Layout::Grouped {
             // [x, h, r, k] -> [x, g, p, r, k], splitting the heads as they were merged.
             let Some(reshape) = next else { continue };
@@ -1075,6 +1127,12 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
                 _ => None,
             };
             weights = OutletId::new(reshape, 0);
+            if weight_quant.is_none() {
+                if let Some((fq, dq)) = fake_quant(model, next)? {
+                    (weight_quant, weights) = (Some(fq), OutletId::new(dq, 0));
+                    next = only_successor(model, weights);
+                }
+            }
         }
         let Some(pv) = next.map(|n| model.node(n)) else {
             continue;
@@ -1098,6 +1156,8 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
                 scale,
                 bias,
                 layout,
+                score_quant,
+                weight_quant,
             });
         }
     }
@@ -1113,6 +1173,8 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
             FusedAttention {
                 scale: chain.scale,
                 layout: chain.layout,
+                score_quant: chain.score_quant.clone(),
+                weight_quant: chain.weight_quant.clone(),
             },
             &taps,
         )?[0];
@@ -1130,18 +1192,47 @@ mod tests {
     /// Against the definition in f64, in both layouts, over row blocks with tails, key
     /// panels with tails, value widths of one to five vectors (72 = 64 + 8), odd head sizes,
     /// one to three query heads per key / value head and every bias broadcast the matcher
-    /// accepts, with 1 and 2 threads, on every kernel this CPU runs.
+    /// accepts, with 1 and 2 threads, on every kernel this CPU runs; in float and with a
+    /// static QDQ export's quantize -> dequantize of the scores and of the weights.
     #[test]
     fn fused_attention_equals_the_definition() {
+        use crate::quant::QuantOut;
         let kernels = kernels_here();
         if kernels.is_empty() {
             eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
             return;
         }
+        // Eighths in [-1, 1]: every dot product is exact in f32 whatever the order of its
+        // sums, so the scores' quantization rounds the same values as the definition.
         let fill = |n: usize, seed: usize| -> Vec<f32> {
             (0..n)
-                .map(|i| (((i * 2_654_435_761 + seed * 97) % 1000) as f32 / 500.0 - 1.0) * 1.5)
+                .map(|i| (((i * 2_654_435_761 + seed * 97) % 17) as f32 - 8.0) / 8.0)
                 .collect()
+        };
+        // Scores in steps of 0.5 around a zero point of 3 (the largest saturate), weights in
+        // steps of 1 / 255 as a calibrated softmax has them.
+        let score_fq = LinearQuant {
+            mult: 2.0,
+            zero: 3,
+            range: (-128, 127),
+            out: QuantOut::Float {
+                scale: 0.5,
+                zero: 3,
+            },
+        };
+        let weight_fq = LinearQuant {
+            mult: 255.0,
+            zero: 0,
+            range: (0, 255),
+            out: QuantOut::Float {
+                scale: 1.0 / 255.0,
+                zero: 0,
+            },
+        };
+        let fq = |op: &LinearQuant, x: f64| -> f64 {
+            let mut y = [x as f32];
+            op.requantize_in_place(&mut y);
+            y[0] as f64
         };
         // layout, batch, rows, groups, per group, d, keys, e, bias shape ([] = no bias)
         type Case = (Layout, [usize; 4], usize, usize, usize, &'static [usize]);
@@ -1233,12 +1324,28 @@ mod tests {
                 }
                 bias[at] as f64
             };
-            for (kernel, threads) in kernels.iter().flat_map(|&k| [(k, 1), (k, 2)]) {
+            let runs = kernels
+                .iter()
+                .flat_map(|&k| [(k, 1), (k, 2)])
+                .flat_map(|(k, t)| [(k, t, false), (k, t, true)]);
+            for (kernel, threads, quantized) in runs {
+                let (score_quant, weight_quant) = match quantized {
+                    true => (Some(score_fq.clone()), Some(weight_fq.clone())),
+                    false => (None, None),
+                };
+                // The weights' f32 softmax and the definition's f64 one may round a weight
+                // near a half step apart: a step times |v| <= 1, at most twice per output.
+                let tol = if quantized { 1e-5 + 2.0 / 255.0 } else { 1e-5 };
                 let executor = crate::int8mm::tests::executor(threads);
                 let out = tract_linalg::multithread::multithread_tract_scope(executor, || {
-                    FusedAttention { scale, layout }
-                        .run(kernel, inputs.clone())
-                        .unwrap()
+                    FusedAttention {
+                        scale,
+                        layout,
+                        score_quant: score_quant.clone(),
+                        weight_quant: weight_quant.clone(),
+                    }
+                    .run(kernel, inputs.clone())
+                    .unwrap()
                 });
                 assert_eq!(out[0].shape(), &*out_shape);
                 let got = out[0].try_as_plain_ram().unwrap();
@@ -1255,27 +1362,140 @@ mod tests {
                                                 * k[kv_at(b, g, j, c, d)] as f64
                                         })
                                         .sum();
+                                    let dot = match &score_quant {
+                                        Some(op) => fq(op, dot),
+                                        None => dot,
+                                    };
                                     dot * scale as f64 + bias_at(b, h, r, j)
                                 })
                                 .collect();
                             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                             let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                             let sum: f64 = w.iter().sum();
+                            let w: Vec<f64> = match &weight_quant {
+                                Some(op) => w.iter().map(|x| fq(op, x / sum)).collect(),
+                                None => w.iter().map(|x| x / sum).collect(),
+                            };
                             for c in 0..e {
                                 let want: f64 = (0..keys)
-                                    .map(|j| w[j] / sum * v[kv_at(b, g, j, c, e)] as f64)
+                                    .map(|j| w[j] * v[kv_at(b, g, j, c, e)] as f64)
                                     .sum();
                                 let got = got[q_at(b, h, r, c, e)] as f64;
                                 assert!(
-                                    (got - want).abs() < 1e-5,
+                                    (got - want).abs() < tol,
                                     "{layout:?} {batch}x{rows}x{groups}x{per_group}x{d}, keys \
                                      {keys}, e {e}, bias {bias_shape:?}, {kernel:?}, {threads} \
-                                     thread(s), at ({b}, {h}, {r}, {c}): {got} vs {want}"
+                                     thread(s), quantized {quantized}, at ({b}, {h}, {r}, {c}): \
+                                     {got} vs {want}"
                                 );
                             }
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// A ViT attention block as tract's ONNX import wires it, in float and as a static QDQ
+    /// export has it (the scores and the softmax's weights quantized and dequantized again):
+    /// `fuse_attention` replaces it by one op that carries both quantizations, and the model
+    /// gives tract's unfused results.
+    #[test]
+    fn quantized_attention_blocks_are_fused_and_equal_tract() {
+        use tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast;
+        use tract_onnx::tract_core::ops::math::{add, mul};
+        use tract_onnx::tract_core::ops::quant::{
+            quantize_linear_i8, quantize_linear_u8, DequantizeLinearF32,
+        };
+        if crate::q4mm::f32_kernel().is_none() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
+            return;
+        }
+        let (rows, heads, d, keys) = (37, 2, 16, 37);
+        let fill = |n: usize, seed: usize| -> Tensor {
+            let data: Vec<f32> = (0..n)
+                .map(|i| (((i * 2_654_435_761 + seed * 97) % 17) as f32 - 8.0) / 8.0)
+                .collect();
+            let shape = [1, n / (heads * d), heads, d];
+            tract_ndarray::ArrayD::from_shape_vec(&shape[..], data)
+                .unwrap()
+                .into_tensor()
+        };
+        let bias = tract_ndarray::ArrayD::from_shape_fn(&[1, 1, 1, keys][..], |i| {
+            if i[3] % 5 == 0 {
+                -1e4f32
+            } else {
+                0.0
+            }
+        })
+        .into_tensor();
+        let inputs = tvec!(
+            fill(rows * heads * d, 1).into_tvalue(),
+            fill(keys * heads * d, 2).into_tvalue(),
+            fill(keys * heads * d, 3).into_tvalue(),
+            bias.into_tvalue(),
+        );
+        for quantized in [false, true] {
+            let build = || -> TractResult<TypedModel> {
+                let mut m = TypedModel::default();
+                let q = m.add_source("q", f32::fact([1, rows, heads, d]))?;
+                let k = m.add_source("k", f32::fact([1, keys, heads, d]))?;
+                let v = m.add_source("v", f32::fact([1, keys, heads, d]))?;
+                let bias = m.add_source("bias", f32::fact([1, 1, 1, keys]))?;
+                let scores = EinSum::new("xrhd,xkhd->xhrk".parse()?, f32::datum_type());
+                let mut s = m.wire_node("scores", scores, &[q, k])?[0];
+                if quantized {
+                    s = m.wire_node("scores.q", quantize_linear_i8(2.0, 3), &[s])?[0];
+                    s = m.wire_node("scores.dq", DequantizeLinearF32::new(0.5, 3), &[s])?[0];
+                }
+                let scale = m.add_const("scale", tensor0(0.37f32))?;
+                s = wire_with_rank_broadcast("scaled", &mut m, mul(), &[s, scale])?[0];
+                s = wire_with_rank_broadcast("masked", &mut m, add(), &[s, bias])?[0];
+                let softmax = Softmax::new(tvec![3], None, SoftmaxKind::Softmax);
+                s = m.wire_node("softmax", softmax, &[s])?[0];
+                if quantized {
+                    s = m.wire_node("weights.q", quantize_linear_u8(255.0, 0), &[s])?[0];
+                    let dq = DequantizeLinearF32::new(1.0 / 255.0, 0);
+                    s = m.wire_node("weights.dq", dq, &[s])?[0];
+                }
+                let pv = EinSum::new("xhrk,xkhe->xrhe".parse()?, f32::datum_type());
+                let out = m.wire_node("pv", pv, &[s, v])?[0];
+                m.select_output_outlets(&[out])?;
+                m.into_decluttered()
+            };
+            let want = build().unwrap().into_runnable().unwrap();
+            let want = want.run(inputs.clone()).unwrap();
+            let mut model = build().unwrap();
+            assert_eq!(
+                fuse_attention(&mut model).unwrap(),
+                1,
+                "quantized {quantized}"
+            );
+            let fused: Vec<&FusedAttention> = model
+                .nodes()
+                .iter()
+                .filter_map(|n| n.op_as::<FusedAttention>())
+                .collect();
+            assert_eq!(fused.len(), 1);
+            assert_eq!(fused[0].scale, 0.37);
+            assert_eq!(fused[0].score_quant.is_some(), quantized);
+            assert_eq!(fused[0].weight_quant.is_some(), quantized);
+            let got = model.into_runnable().unwrap().run(inputs.clone()).unwrap();
+            let (got, want) = (
+                got[0].try_as_plain_ram().unwrap(),
+                want[0].try_as_plain_ram().unwrap(),
+            );
+            let (got, want) = (
+                got.as_slice::<f32>().unwrap(),
+                want.as_slice::<f32>().unwrap(),
+            );
+            // tract's softmax and edgevlm's may round a weight near a half step apart.
+            let tol = if quantized { 1e-5 + 2.0 / 255.0 } else { 1e-5 };
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g - w).abs() < tol,
+                    "quantized {quantized}, [{i}]: {g} vs {w}"
+                );
             }
         }
     }

@@ -252,32 +252,44 @@ fn quantize_of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Linea
     Ok((input.datum_type == f32::datum_type()).then_some(op))
 }
 
+/// tract's `QuantizeLinear` at `node` (f32 input) whose only consumer is a `DequantizeLinear`
+/// and whose output is no model output: the pair as one [`LinearQuant`] with a float output
+/// ([`QuantOut::Float`]), and the dequantize's node.
+pub fn quantize_pair(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(LinearQuant, usize)>> {
+    let Some(mut op) = quantize_of(model, node)? else {
+        return Ok(None);
+    };
+    let succ = &node.outputs[0].successors;
+    if succ.len() != 1 || model.output_outlets()?.contains(&OutletId::new(node.id, 0)) {
+        return Ok(None);
+    }
+    let dq_node = model.node(succ[0].node);
+    let Some(dq) = dq_node.op_as::<DequantizeLinearF32>() else {
+        return Ok(None);
+    };
+    op.out = QuantOut::Float {
+        scale: dq.scale,
+        zero: dq.zero_point,
+    };
+    Ok(Some((op, dq_node.id)))
+}
+
 /// Replaces tract's static `QuantizeLinear` (f32 input) and `DequantizeLinear` (8-bit input)
 /// nodes by [`LinearQuant`] / [`LinearDequant`]; a quantize whose only consumer is a
 /// dequantize becomes one [`LinearQuant`] with a float output. Run after tract's optimizer.
 /// Returns (fused pairs, quantizes, dequantizes) replaced.
 pub fn fast_quantize_ops(model: &mut TypedModel) -> TractResult<(usize, usize, usize)> {
-    let outputs = model.output_outlets()?.to_vec();
     let mut counts = (0, 0, 0);
     for id in model.eval_order()? {
         let node = model.node(id);
-        let Some(mut op) = quantize_of(model, node)? else {
-            continue;
-        };
-        let succ = &node.outputs[0].successors;
-        let pair = (succ.len() == 1 && !outputs.contains(&OutletId::new(id, 0)))
-            .then(|| model.node(succ[0].node))
-            .and_then(|d| Some((d, d.op_as::<DequantizeLinearF32>()?)));
-        if let Some((dq_node, dq)) = pair {
-            op.out = QuantOut::Float {
-                scale: dq.scale,
-                zero: dq.zero_point,
-            };
-            let dq_node = dq_node.clone();
-            let patch = TypedModelPatch::replace_single_op(model, &dq_node, &node.inputs, op)?;
-            patch.apply(model)?;
+        if let Some((op, dq)) = quantize_pair(model, node)? {
+            let (inputs, dq_node) = (node.inputs.clone(), model.node(dq).clone());
+            TypedModelPatch::replace_single_op(model, &dq_node, &inputs, op)?.apply(model)?;
             counts.0 += 1;
-        } else {
+        } else if let Some(op) = quantize_of(model, node)? {
             let node = node.clone();
             TypedModelPatch::replace_single_op(model, &node, &node.inputs, op)?.apply(model)?;
             counts.1 += 1;
