@@ -18,21 +18,21 @@ use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, 
 /// Rounds half to even: exact for `|v| <= 2^22`, and vectorizes (no `rint` call).
 const ROUND: f32 = 12_582_912.0;
 
-/// `i8` or `u8`, from an integer-valued float already in range.
+/// `i8` or `u8`, from the low byte of an integer in range.
 pub trait Quantized: Copy {
-    /// The value of `v`.
-    fn from_integral(v: f32) -> Self;
+    /// The value whose two's complement byte is `b`.
+    fn from_byte(b: u8) -> Self;
 }
 
 impl Quantized for i8 {
-    fn from_integral(v: f32) -> i8 {
-        v as i8
+    fn from_byte(b: u8) -> i8 {
+        b as i8
     }
 }
 
 impl Quantized for u8 {
-    fn from_integral(v: f32) -> u8 {
-        v as u8
+    fn from_byte(b: u8) -> u8 {
+        b
     }
 }
 
@@ -71,11 +71,12 @@ pub struct LinearQuant {
 impl Eq for LinearQuant {}
 
 impl LinearQuant {
-    /// Per element: `round(clamp(x * mult, lo - zero, hi - zero))`, the quantized value
-    /// minus its zero point as an integer-valued float. Clamping first keeps `|v| <= 255`,
-    /// where the rounding trick is exact; rounding and clamping to integer bounds commute.
-    /// Written as compare-and-select so that it compiles to SIMD min/max.
-    fn centered(&self) -> impl Fn(f32) -> f32 {
+    /// Per element: `round(clamp(x * mult, lo - zero, hi - zero)) + 1.5 * 2^23`, the
+    /// quantized value minus its zero point, rounded half to even by the addition. Clamping
+    /// first keeps `|v| <= 255`, where the rounding trick is exact; rounding and clamping to
+    /// integer bounds commute. Written as compare-and-select so that it compiles to SIMD
+    /// min/max.
+    fn rounded(&self) -> impl Fn(f32) -> f32 {
         let mult = self.mult;
         let lo = (self.range.0 - self.zero) as f32;
         let hi = (self.range.1 - self.zero) as f32;
@@ -83,16 +84,21 @@ impl LinearQuant {
             let v = x * mult;
             let v = if v < lo { lo } else { v };
             let v = if v > hi { hi } else { v };
-            (v + ROUND) - ROUND
+            v + ROUND
         }
     }
 
     /// Quantizes `xs` into `ys` (`i8` or `u8` outputs; for [`QuantOut::Float`] see
     /// [`LinearQuant::requantize_in_place`]).
+    ///
+    /// The integer is read from the float's bits, not converted: `q + 1.5 * 2^23` (adding
+    /// the integer zero point to the rounded, clamped `x * mult` is exact) holds `q` in its low
+    /// mantissa bits, its low byte being `q`'s two's complement byte. A float-to-`i8`
+    /// conversion (which Rust saturates) made this loop three times as slow.
     pub fn quantize<T: Quantized>(&self, xs: &[f32], ys: &mut [T]) {
-        let (centered, z) = (self.centered(), self.zero as f32);
+        let (rounded, z) = (self.rounded(), self.zero as f32);
         for (y, &x) in ys.iter_mut().zip(xs) {
-            *y = T::from_integral(centered(x) + z);
+            *y = T::from_byte((rounded(x) + z).to_bits() as u8);
         }
     }
 
@@ -101,9 +107,9 @@ impl LinearQuant {
         let QuantOut::Float { scale, zero } = self.out else {
             return;
         };
-        let (centered, shift) = (self.centered(), (self.zero - zero) as f32);
+        let (rounded, shift) = (self.rounded(), (self.zero - zero) as f32);
         for x in xs.iter_mut() {
-            *x = (centered(*x) + shift) * scale;
+            *x = ((rounded(*x) - ROUND) + shift) * scale;
         }
     }
 
