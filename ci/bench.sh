@@ -2,9 +2,10 @@
 # Benchmarks edgevlm against ONNX Runtime, same inputs, back to back in this script:
 #   bash ci/bench.sh [--repeat N] [--threads T] [--quick]   (defaults: 200 runs, 1 thread)
 # 1. every fixture graph and the demo model (ci/bench_report.py; raw results in bench-out/);
-# 2. SmolVLM-shaped vision encoder + decoder in fp32, int8, uint8 and q4 at the probe size
-#    (4+4 layers, hidden 768) and, unless --quick, at SmolVLM2-256M size (ci/bench_vlm.py;
-#    the graphs are generated under target/, ~0.7 GB and ~2 GB, not committed).
+# 2. SmolVLM-shaped vision encoder + decoder at the probe size (4+4 layers, hidden 768) in
+#    every export variant (fp32, int8, uint8, q4, per-channel int8, fp16, static QDQ) and,
+#    unless --quick, at SmolVLM2-256M size in fp32, int8, uint8 and q4 (ci/bench_vlm.py;
+#    the graphs are generated under target/, ~1 GB and ~2 GB, not committed).
 # Each part prints a Markdown table and its worst ratio; the last line is the worst of all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,10 @@ trap 'rm -f "$out"' EXIT
 sizes=(probe)
 [ "$quick" = 1 ] || sizes+=(256m)
 for size in "${sizes[@]}"; do
-  "$python" ci/bench_vlm.py --size "$size" --threads "$threads" | tee -a "$out" || status=$?
+  variants=fp32,int8,uint8,q4
+  [ "$size" = probe ] && variants+=,int8pc,fp16,qdq
+  "$python" ci/bench_vlm.py --size "$size" --variants "$variants" --threads "$threads" \
+    | tee -a "$out" || status=$?
 done
 # One line for the whole run: the largest ratio any part printed.
 "$python" - "$out" <<'PY'

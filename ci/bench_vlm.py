@@ -4,6 +4,9 @@
     python3 ci/bench_vlm.py [--size 256m|probe] [--out DIR] [--variants fp32,int8,uint8,q4]
                             [--new-tokens 32] [--threads 1] [--rounds 3]
 
+Variants: fp32, int8, uint8, q4 (the default), int8pc (per-channel int8), fp16 and qdq
+(static QDQ), as models/gen/vlm_models.py exports them.
+
 1. Generates the snapshot once (models/gen/vlm_bench.py, not committed): `256m` has the real
    SmolVLM2-256M dimensions (~2 GB for all variants, under target/bench-vlm), `probe` the
    4-layer graphs of issue #7's table (~0.7 GB, under target/bench-probe). Image splitting is
