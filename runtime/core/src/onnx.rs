@@ -564,13 +564,25 @@ struct HeldProto {
 
 /// The ONNX protobuf at `path`, checked (a graph, only operators tract implements) and with
 /// the protobuf-level rewrites `options` ask for; what they changed is in the notes.
+/// The ONNX protobuf in `path`, decoded from a read-only mapping held by a `Bytes`: prost
+/// then copies each weight (`raw_data`) once, into its field. tract's `proto_model_for_path`
+/// decodes from the mapping as a byte slice, which prost copies twice (into a `Bytes`, then
+/// into the field): twice the fresh memory, page faults and copying for every weight.
+/// Like tract's reader, this maps the file: it must not shrink while it is decoded.
+fn decode_proto(path: &Path) -> TractResult<pb::ModelProto> {
+    use prost::Message;
+    let file = std::fs::File::open(path)?;
+    let map = crate::mapped::MappedFile::open(&file, file.metadata()?.len())?;
+    Ok(pb::ModelProto::decode(map.into_bytes())?)
+}
+
 fn read_proto(
     onnx: &tract_onnx::Onnx,
     path: &Path,
     options: &LoadOptions,
 ) -> Result<(HeldProto, Vec<String>)> {
     let turn = PROTOBUF_TURN.lock().unwrap_or_else(|e| e.into_inner());
-    let mut proto = onnx.proto_model_for_path(path).map_err(|e| {
+    let mut proto = decode_proto(path).map_err(|e| {
         Error::model(
             path,
             "not a valid ONNX protobuf (truncated file, or not an ONNX model?)",
