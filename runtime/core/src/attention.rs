@@ -992,11 +992,12 @@ fn scale_step(
 }
 
 /// Finds attention blocks: `EinSum(q, k) [-> Quantize -> Dequantize] [-> Mul(scalar)] [->
-/// Add(bias)] -> Softmax(last axis) [-> Quantize -> Dequantize] -> EinSum(., v)` whose intermediate results have no other consumer, in either
-/// [`Layout`] (for [`Layout::Grouped`], with the reshapes that merge the heads for the
-/// softmax and split them again around it), and replaces each by a [`FusedAttention`], when
-/// this CPU has AVX-512 or AVX2. Run after tract's last declutter. Returns how many were
-/// fused.
+/// Add(bias)] -> Softmax(last axis) [-> Quantize -> Dequantize] -> EinSum(., v)` (the
+/// quantize -> dequantize pairs as a static QDQ export has them) whose intermediate results
+/// have no other consumer, in either [`Layout`] (for [`Layout::Grouped`], with the reshapes
+/// that merge the heads for the softmax and split them again around it), and replaces each
+/// by a [`FusedAttention`], when this CPU has AVX-512 or AVX2. Run after tract's last
+/// declutter. Returns how many were fused.
 pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
     if crate::q4mm::f32_kernel().is_none() {
         return Ok(0);
