@@ -1190,6 +1190,15 @@ mod tests {
     use super::*;
     use crate::q4mm::tests::kernels_here;
 
+    /// `n` eighths in [-1, 1], spread by `seed`: every dot product of them is exact in f32
+    /// whatever the order of its sums, so a quantization of the scores rounds the same values
+    /// in the kernel, in tract and in the definition.
+    fn eighths(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 2_654_435_761 + seed * 97) % 17) as f32 - 8.0) / 8.0)
+            .collect()
+    }
+
     /// Against the definition in f64, in both layouts, over row blocks with tails, key
     /// panels with tails, value widths of one to five vectors (72 = 64 + 8), odd head sizes,
     /// one to three query heads per key / value head and every bias broadcast the matcher
@@ -1203,13 +1212,7 @@ mod tests {
             eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
             return;
         }
-        // Eighths in [-1, 1]: every dot product is exact in f32 whatever the order of its
-        // sums, so the scores' quantization rounds the same values as the definition.
-        let fill = |n: usize, seed: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i * 2_654_435_761 + seed * 97) % 17) as f32 - 8.0) / 8.0)
-                .collect()
-        };
+        let fill = eighths;
         // Scores in steps of 0.5 around a zero point of 3 (the largest saturate), weights in
         // steps of 1 / 255 as a calibrated softmax has them.
         let score_fq = LinearQuant {
@@ -1414,9 +1417,7 @@ mod tests {
         }
         let (rows, heads, d, keys) = (37, 2, 16, 37);
         let fill = |n: usize, seed: usize| -> Tensor {
-            let data: Vec<f32> = (0..n)
-                .map(|i| (((i * 2_654_435_761 + seed * 97) % 17) as f32 - 8.0) / 8.0)
-                .collect();
+            let data = eighths(n, seed);
             let shape = [1, n / (heads * d), heads, d];
             tract_ndarray::ArrayD::from_shape_vec(&shape[..], data)
                 .unwrap()
