@@ -4,8 +4,8 @@
 # 1. every fixture graph and the demo model (ci/bench_report.py; raw results in bench-out/);
 # 2. SmolVLM-shaped vision encoder + decoder at the probe size (4+4 layers, hidden 768) in
 #    every export variant (fp32, int8, uint8, q4, per-channel int8, fp16, static QDQ) and,
-#    unless --quick, at SmolVLM2-256M size in fp32, int8, uint8 and q4 (ci/bench_vlm.py;
-#    the graphs are generated under target/, ~1 GB and ~2 GB, not committed).
+#    unless --quick, at SmolVLM2-256M size in the same variants (ci/bench_vlm.py; the
+#    graphs are generated under target/, ~1 GB and ~3 GB, not committed).
 # Each part prints a Markdown table and its worst ratio; the last line is the worst of all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,8 +42,7 @@ trap 'rm -f "$out"' EXIT
 sizes=(probe)
 [ "$quick" = 1 ] || sizes+=(256m)
 for size in "${sizes[@]}"; do
-  variants=fp32,int8,uint8,q4
-  [ "$size" = probe ] && variants+=,int8pc,fp16,qdq
+  variants=fp32,int8,uint8,q4,int8pc,fp16,qdq
   "$python" ci/bench_vlm.py --size "$size" --variants "$variants" --threads "$threads" \
     | tee -a "$out" || status=$?
 done

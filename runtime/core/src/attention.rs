@@ -804,19 +804,18 @@ impl LastAxisSoftmax {
             let data = plain.as_slice_mut::<f32>()?;
             let total = data.len();
             tract_linalg::multithread::par_chunks_mut(data, row, total, |_, chunk| {
+                #[cfg(target_arch = "x86_64")]
                 for r in chunk.chunks_exact_mut(row) {
-                    #[cfg(target_arch = "x86_64")]
                     // SAFETY: `kernel` runs on this CPU (the caller's).
-                    unsafe {
-                        softmax_row(kernel, r)
-                    };
-                    #[cfg(not(target_arch = "x86_64"))]
-                    {
-                        let _ = (kernel, r);
-                        unreachable!("f32_kernel is none off x86_64");
-                    }
+                    unsafe { softmax_row(kernel, r) };
                 }
-                Ok(())
+                #[cfg(target_arch = "x86_64")]
+                return Ok(());
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = (kernel, chunk);
+                    bail!("edgevlm's softmax kernel runs on x86_64 only (f32_kernel is none elsewhere)")
+                }
             })?;
         }
         Ok(tvec!(out.into_tvalue()))
@@ -1047,6 +1046,20 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
                     next = only_successor(model, OutletId::new(at, 0));
                     continue;
                 }
+                // The merge of the heads between the quantize and the dequantize, where
+                // tract's declutter leaves it.
+                if let (Layout::Grouped, None, Some(n)) = (layout, &merge, next) {
+                    let around = crate::quant::quantize_pair_around(model, model.node(n))?;
+                    if let Some((fq, reshape, dq)) = around {
+                        if let Some((after, dims)) = heads_reshape(model, reshape, 2, 1) {
+                            if after == dq {
+                                (score_quant, merge, at) = (Some(fq), Some(dims), dq);
+                                next = only_successor(model, OutletId::new(at, 0));
+                                continue;
+                            }
+                        }
+                    }
+                }
             }
             if !scaled {
                 if let Some((s, n)) = scale_step(model, at, next)? {
@@ -1189,6 +1202,11 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
 mod tests {
     use super::*;
     use crate::q4mm::tests::kernels_here;
+    use tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast;
+    use tract_onnx::tract_core::ops::math::{add, mul};
+    use tract_onnx::tract_core::ops::quant::{
+        quantize_linear_i8, quantize_linear_u8, DequantizeLinearF32,
+    };
 
     /// `n` eighths in [-1, 1], spread by `seed`: every dot product of them is exact in f32
     /// whatever the order of its sums, so a quantization of the scores rounds the same values
@@ -1400,17 +1418,39 @@ mod tests {
         }
     }
 
+    /// An attention block's middle as tract's ONNX import wires it: the raw scores `s` scaled,
+    /// masked by `bias` and softmaxed into the weights; when `quantized`, with a static QDQ
+    /// export's pairs on the scores (i8, steps of 0.5) and on the weights (u8, steps of 1/255).
+    fn scores_to_weights(
+        m: &mut TypedModel,
+        mut s: OutletId,
+        scale: f32,
+        bias: OutletId,
+        quantized: bool,
+    ) -> TractResult<OutletId> {
+        if quantized {
+            s = m.wire_node("scores.q", quantize_linear_i8(2.0, 3), &[s])?[0];
+            s = m.wire_node("scores.dq", DequantizeLinearF32::new(0.5, 3), &[s])?[0];
+        }
+        let scale = m.add_const("scale", tensor0(scale))?;
+        s = wire_with_rank_broadcast("scaled", m, mul(), &[s, scale])?[0];
+        s = wire_with_rank_broadcast("masked", m, add(), &[s, bias])?[0];
+        let softmax = Softmax::new(tvec![3], None, SoftmaxKind::Softmax);
+        s = m.wire_node("softmax", softmax, &[s])?[0];
+        if quantized {
+            s = m.wire_node("weights.q", quantize_linear_u8(255.0, 0), &[s])?[0];
+            let dq = DequantizeLinearF32::new(1.0 / 255.0, 0);
+            s = m.wire_node("weights.dq", dq, &[s])?[0];
+        }
+        Ok(s)
+    }
+
     /// A ViT attention block as tract's ONNX import wires it, in float and as a static QDQ
     /// export has it (the scores and the softmax's weights quantized and dequantized again):
     /// `fuse_attention` replaces it by one op that carries both quantizations, and the model
     /// gives tract's unfused results.
     #[test]
     fn quantized_attention_blocks_are_fused_and_equal_tract() {
-        use tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast;
-        use tract_onnx::tract_core::ops::math::{add, mul};
-        use tract_onnx::tract_core::ops::quant::{
-            quantize_linear_i8, quantize_linear_u8, DequantizeLinearF32,
-        };
         if crate::q4mm::f32_kernel().is_none() {
             eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
             return;
@@ -1445,21 +1485,8 @@ mod tests {
                 let v = m.add_source("v", f32::fact([1, keys, heads, d]))?;
                 let bias = m.add_source("bias", f32::fact([1, 1, 1, keys]))?;
                 let scores = EinSum::new("xrhd,xkhd->xhrk".parse()?, f32::datum_type());
-                let mut s = m.wire_node("scores", scores, &[q, k])?[0];
-                if quantized {
-                    s = m.wire_node("scores.q", quantize_linear_i8(2.0, 3), &[s])?[0];
-                    s = m.wire_node("scores.dq", DequantizeLinearF32::new(0.5, 3), &[s])?[0];
-                }
-                let scale = m.add_const("scale", tensor0(0.37f32))?;
-                s = wire_with_rank_broadcast("scaled", &mut m, mul(), &[s, scale])?[0];
-                s = wire_with_rank_broadcast("masked", &mut m, add(), &[s, bias])?[0];
-                let softmax = Softmax::new(tvec![3], None, SoftmaxKind::Softmax);
-                s = m.wire_node("softmax", softmax, &[s])?[0];
-                if quantized {
-                    s = m.wire_node("weights.q", quantize_linear_u8(255.0, 0), &[s])?[0];
-                    let dq = DequantizeLinearF32::new(1.0 / 255.0, 0);
-                    s = m.wire_node("weights.dq", dq, &[s])?[0];
-                }
+                let s = m.wire_node("scores", scores, &[q, k])?[0];
+                let s = scores_to_weights(&mut m, s, 0.37, bias, quantized)?;
                 let pv = EinSum::new("xhrk,xkhe->xrhe".parse()?, f32::datum_type());
                 let out = m.wire_node("pv", pv, &[s, v])?[0];
                 m.select_output_outlets(&[out])?;
@@ -1483,22 +1510,122 @@ mod tests {
             assert_eq!(fused[0].score_quant.is_some(), quantized);
             assert_eq!(fused[0].weight_quant.is_some(), quantized);
             let got = model.into_runnable().unwrap().run(inputs.clone()).unwrap();
-            let (got, want) = (
-                got[0].try_as_plain_ram().unwrap(),
-                want[0].try_as_plain_ram().unwrap(),
-            );
-            let (got, want) = (
-                got.as_slice::<f32>().unwrap(),
-                want.as_slice::<f32>().unwrap(),
-            );
             // tract's softmax and edgevlm's may round a weight near a half step apart.
             let tol = if quantized { 1e-5 + 2.0 / 255.0 } else { 1e-5 };
-            for (i, (g, w)) in got.iter().zip(want).enumerate() {
-                assert!(
-                    (g - w).abs() < tol,
-                    "quantized {quantized}, [{i}]: {g} vs {w}"
-                );
+            assert_close(&got[0], &want[0], tol, &format!("quantized {quantized}"));
+        }
+    }
+
+    /// Every element of two f32 tensors of the same size within `tol`.
+    fn assert_close(got: &TValue, want: &TValue, tol: f32, what: &str) {
+        let (got, want) = (
+            got.try_as_plain_ram().unwrap(),
+            want.try_as_plain_ram().unwrap(),
+        );
+        let (got, want) = (
+            got.as_slice::<f32>().unwrap(),
+            want.as_slice::<f32>().unwrap(),
+        );
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < tol, "{what}, [{i}]: {g} vs {w}");
+        }
+    }
+
+    /// A LLaMA decoder's grouped-query attention as tract's ONNX import wires a static QDQ
+    /// export of it: the keys and values repeated per query head (`repeat_kv`: unsqueeze,
+    /// expand, reshape), then quantized and dequantized right before the products. As it
+    /// is, tract's declutter cannot fold the repeat into a grouped product and nothing
+    /// fuses; with [`crate::quant::quantize_before_repeats`] first the block fuses in the
+    /// grouped layout with both of its own pairs, and gives tract's unfused results.
+    #[test]
+    fn repeated_heads_behind_quantize_pairs_fuse() {
+        use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+        if crate::q4mm::f32_kernel().is_none() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
+            return;
+        }
+        let (groups, per_group, rows, keys, d) = (2, 3, 5, 23, 16);
+        let heads = groups * per_group;
+        let fill = |shape: &[usize], seed: usize| -> TValue {
+            let data = eighths(shape.iter().product(), seed);
+            tract_ndarray::ArrayD::from_shape_vec(shape, data)
+                .unwrap()
+                .into_tvalue()
+        };
+        // A causal mask of the last `rows` positions against all keys.
+        let bias = tract_ndarray::ArrayD::from_shape_fn(&[1, 1, rows, keys][..], |i| {
+            if i[3] > keys - rows + i[2] {
+                f32::MIN
+            } else {
+                0.0
             }
+        });
+        let inputs = tvec!(
+            fill(&[1, heads, rows, d], 1),
+            fill(&[1, groups, keys, d], 2),
+            fill(&[1, groups, keys, d], 3),
+            bias.into_tvalue(),
+        );
+        let build = || -> TractResult<TypedModel> {
+            let mut m = TypedModel::default();
+            let q = m.add_source("q", f32::fact([1, heads, rows, d]))?;
+            let k = m.add_source("k", f32::fact([1, groups, keys, d]))?;
+            let v = m.add_source("v", f32::fact([1, groups, keys, d]))?;
+            let bias = m.add_source("bias", f32::fact([1, 1, rows, keys]))?;
+            // The present key / value: the unrepeated, unquantized heads are outputs too.
+            let repeat = |m: &mut TypedModel, name: &str, x: OutletId| -> TractResult<OutletId> {
+                let mut x = m.wire_node(format!("{name}.unsqueeze"), AxisOp::Add(2), &[x])?[0];
+                let shape = ShapeFact::from_dims([1, groups, per_group, keys, d]);
+                let expand = MultiBroadcastTo { shape };
+                x = m.wire_node(format!("{name}.expand"), expand, &[x])?[0];
+                let merge = AxisOp::Reshape(
+                    1,
+                    tvec![groups.into(), per_group.into()],
+                    tvec![heads.into()],
+                );
+                x = m.wire_node(format!("{name}.reshape"), merge, &[x])?[0];
+                x = m.wire_node(format!("{name}.q"), quantize_linear_i8(4.0, -2), &[x])?[0];
+                Ok(m.wire_node(
+                    format!("{name}.dq"),
+                    DequantizeLinearF32::new(0.25, -2),
+                    &[x],
+                )?[0])
+            };
+            let (kr, vr) = (repeat(&mut m, "k", k)?, repeat(&mut m, "v", v)?);
+            let scores = EinSum::new("xhrd,xhkd->xhrk".parse()?, f32::datum_type());
+            let s = m.wire_node("scores", scores, &[q, kr])?[0];
+            let s = scores_to_weights(&mut m, s, 0.25, bias, true)?;
+            let pv = EinSum::new("xhrk,xhke->xhre".parse()?, f32::datum_type());
+            let out = m.wire_node("pv", pv, &[s, vr])?[0];
+            m.select_output_outlets(&[out, k, v])?;
+            Ok(m)
+        };
+        let want = build().unwrap().into_decluttered().unwrap();
+        let want = want.into_runnable().unwrap().run(inputs.clone()).unwrap();
+
+        let mut as_is = build().unwrap().into_decluttered().unwrap();
+        assert_eq!(fuse_attention(&mut as_is).unwrap(), 0);
+
+        let mut model = build().unwrap();
+        assert_eq!(
+            crate::quant::quantize_before_repeats(&mut model).unwrap(),
+            2
+        );
+        let mut model = model.into_decluttered().unwrap();
+        assert_eq!(fuse_attention(&mut model).unwrap(), 1);
+        let fused: Vec<&FusedAttention> = model
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<FusedAttention>())
+            .collect();
+        assert_eq!(fused[0].layout, Layout::Grouped);
+        assert!(fused[0].score_quant.is_some() && fused[0].weight_quant.is_some());
+        let got = model.into_runnable().unwrap().run(inputs.clone()).unwrap();
+        assert_close(&got[0], &want[0], 1e-5 + 2.0 / 255.0, "attention");
+        // The present key / value come out as they went in.
+        for i in 1..3 {
+            assert_eq!(got[i], inputs[i], "output {i}");
         }
     }
 

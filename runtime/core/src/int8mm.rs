@@ -1262,11 +1262,10 @@ fn vnni_product(
     let Some(layout) = product_layout(a, b, &outputs) else {
         return Ok(None);
     };
-    // Contracted axes in place only: the moves are for f32 products (an `o_proj` with the
-    // heads' transpose folded in); an 8-bit one has its quantization in between.
-    if !layout.activation_moves().is_empty() {
-        return Ok(None);
-    }
+    // Contracted axes out of place are moved in front of the kernel (`replace_product`): a
+    // static QDQ decoder's `o_proj` has the heads' transpose folded in once its attention
+    // is grouped (`crate::quant::quantize_before_repeats`), its 8-bit activation
+    // `[batch, groups, per_group, rows, width]` contracted over all but the rows.
     if inputs[2..]
         .iter()
         .any(|s| s.chars().any(|c| layout.contracted.contains(c)))
@@ -1783,6 +1782,61 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    /// An integer product whose contracted axes are not the activation's last ones (tract's
+    /// form of an `o_proj` with the attention heads' transpose and merge folded in:
+    /// `acbmk,cbkn->amn`) runs on edgevlm's int8 kernel with the axes moved in front of it,
+    /// and gives tract's integers.
+    #[test]
+    fn int8_products_with_moved_axes_equal_tract() {
+        let Some(_) = int8_kernel() else {
+            eprintln!("skipped: this CPU has neither AVX-512 VNNI nor AVX2");
+            return;
+        };
+        let (c, b, m, k, n) = (2, 3, 5, 8, 33);
+        let mut seed = 11;
+        let mut bytes = |len: usize| -> Vec<i8> {
+            (0..len)
+                .map(|_| (lcg(&mut seed) % 256) as u8 as i8)
+                .collect()
+        };
+        let a = tract_ndarray::ArrayD::from_shape_vec(vec![1, c, b, m, k], bytes(c * b * m * k))
+            .unwrap()
+            .into_tensor();
+        let w = tract_ndarray::ArrayD::from_shape_vec(vec![c, b, k, n], bytes(c * b * k * n))
+            .unwrap()
+            .into_tensor();
+        let build = || -> TractResult<TypedModel> {
+            let mut model = TypedModel::default();
+            let act = model.add_source("a", i8::fact([1, c, b, m, k]))?;
+            let mut inputs = tvec![act, model.add_const("w", w.clone())?];
+            for (name, value) in [
+                ("bias", tensor0(0i32)),
+                ("a0", tensor0(-3i8)),
+                ("a_scale", tensor0(1f32)),
+                ("b0", tensor0(5i8)),
+                ("b_scale", tensor0(1f32)),
+                ("c0", tensor0(0i32)),
+                ("c_scale", tensor0(1f32)),
+            ] {
+                inputs.push(model.add_const(name, value)?);
+            }
+            let axes = "acbmk,cbkn,,,,,,,->amn".parse()?;
+            let op = EinSum::newq(axes, i32::datum_type(), i32::datum_type());
+            let out = model.wire_node("product", op, &inputs)?[0];
+            model.select_output_outlets(&[out])?;
+            Ok(model)
+        };
+        let want = build().unwrap().into_runnable().unwrap();
+        let want = want.run(tvec![a.clone().into_tvalue()]).unwrap();
+        let mut model = build().unwrap();
+        assert_eq!(vnni_int8_products(&mut model).unwrap().1, 1);
+        assert!(model.nodes().iter().any(|n| n.op_is::<VnniMatMul>()));
+        let got = model.into_runnable().unwrap();
+        let got = got.run(tvec![a.into_tvalue()]).unwrap();
+        assert_eq!(got[0].shape(), &[1, m, n]);
+        assert_eq!(got[0], want[0]);
     }
 
     /// The AVX-512 range and quantization give the scalar results bit for bit, ties included,

@@ -733,6 +733,15 @@ fn declutter(
              would run x^3 as powf and never fuse them)"
         ));
     }
+    let requantized = crate::quant::quantize_before_repeats(&mut typed)
+        .map_err(|e| ("moving quantize pairs before repeats", e))?;
+    if requantized > 0 {
+        notes.push(format!(
+            "qdq-repeat: {requantized} quantize -> dequantize pair(s) moved before the repeat \
+             of the key / value heads they followed (tract {TRACT_VERSION} folds a repeat into \
+             a grouped product only when nothing sits in between)"
+        ));
+    }
     stages.mark("patches");
     let mut typed = typed.into_decluttered().map_err(|e| ("decluttering", e))?;
     stages.mark("declutter");

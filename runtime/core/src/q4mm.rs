@@ -1326,17 +1326,19 @@ pub(crate) mod tests {
 
     /// The f32 kernels this CPU runs (AVX-512 hosts run the AVX2 ones too).
     pub(crate) fn kernels_here() -> Vec<F32Kernel> {
-        let mut kernels = vec![];
         #[cfg(target_arch = "x86_64")]
         {
+            let mut kernels = vec![];
             if crate::int8mm::available() {
                 kernels.push(F32Kernel::Avx512);
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 kernels.push(F32Kernel::Avx2);
             }
+            kernels
         }
-        kernels
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![]
     }
 
     /// Random Q4_0 bytes for an `[n, k]` weight and their f32 values (the definition).

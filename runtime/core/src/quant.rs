@@ -265,22 +265,118 @@ pub fn quantize_pair(
     model: &TypedModel,
     node: &TypedNode,
 ) -> TractResult<Option<(LinearQuant, usize)>> {
+    Ok(pair_after(model, node, 0)?.map(|(op, _, dq)| (op, dq)))
+}
+
+/// As [`quantize_pair`], with one node between the quantize and the dequantize (their only
+/// consumers, no model outputs): tract's declutter moves an axis change across a quantize
+/// (an element-wise op) up to the dequantize, which it cannot cross. The pair, the node
+/// between, and the dequantize's node; the caller checks what the node between does.
+pub fn quantize_pair_around(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(LinearQuant, usize, usize)>> {
+    pair_after(model, node, 1)
+}
+
+/// A quantize at `node`, `hops` single consumers, then a dequantize: the pair as one op,
+/// the last node before the dequantize, and the dequantize's node.
+fn pair_after(
+    model: &TypedModel,
+    node: &TypedNode,
+    hops: usize,
+) -> TractResult<Option<(LinearQuant, usize, usize)>> {
     let Some(mut op) = quantize_of(model, node)? else {
         return Ok(None);
     };
-    let succ = &node.outputs[0].successors;
-    if succ.len() != 1 || model.output_outlets()?.contains(&OutletId::new(node.id, 0)) {
-        return Ok(None);
+    let outputs = model.output_outlets()?;
+    let mut at = node;
+    for hop in 0..=hops {
+        let succ = &at.outputs[0].successors;
+        if succ.len() != 1 || outputs.contains(&OutletId::new(at.id, 0)) {
+            return Ok(None);
+        }
+        let next = model.node(succ[0].node);
+        if hop < hops {
+            if next.outputs.len() != 1 {
+                return Ok(None);
+            }
+            at = next;
+            continue;
+        }
+        let Some(dq) = next.op_as::<DequantizeLinearF32>() else {
+            return Ok(None);
+        };
+        op.out = QuantOut::Float {
+            scale: dq.scale,
+            zero: dq.zero_point,
+        };
+        return Ok(Some((op, at.id, next.id)));
     }
-    let dq_node = model.node(succ[0].node);
-    let Some(dq) = dq_node.op_as::<DequantizeLinearF32>() else {
-        return Ok(None);
-    };
-    op.out = QuantOut::Float {
-        scale: dq.scale,
-        zero: dq.zero_point,
-    };
-    Ok(Some((op, dq_node.id)))
+    unreachable!("the loop returns at its last hop")
+}
+
+/// Moves each static quantize -> dequantize pair that follows a repeat of its input (a
+/// chain of layout ops with a broadcast among them, e.g. a LLaMA decoder's `repeat_kv`:
+/// Unsqueeze, Expand, Reshape, maybe a Transpose) to before that chain: every consumer of the
+/// chain's start other than the chain (the `present` key / value outputs) still gets the
+/// unquantized values. Exact: a per-tensor pair is the same function of each element
+/// wherever it runs, and the chain only moves and copies elements.
+///
+/// A static QDQ export puts the pair on the repeated keys and values, right before the
+/// attention's products. tract 0.23.9 folds a repeat into a grouped product only when the
+/// repeat reaches the product directly, so with the pair in between it materializes the
+/// repeated heads, quantizes each copy, and runs the attention as two plain batched
+/// products that [`crate::attention::fuse_attention`] does not take. Moved up, the pair
+/// rounds one copy of each key / value head and the decoder's attention fuses as a float
+/// export's does. Run before tract's declutter. Returns how many pairs moved.
+pub fn quantize_before_repeats(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    let outputs = model.output_outlets()?.to_vec();
+    let mut moves = vec![];
+    for node in model.nodes() {
+        let Some((_, dq)) = quantize_pair(model, node)? else {
+            continue;
+        };
+        // Up from the quantize through layout ops that feed only the next one.
+        let (mut start, mut chain) = (node.inputs[0], vec![]);
+        loop {
+            let n = model.node(start.node);
+            let layout = n.op_is::<AxisOp>() || n.op_is::<MultiBroadcastTo>();
+            if !layout
+                || n.inputs.len() != 1
+                || n.outputs.len() != 1
+                || n.outputs[0].successors.len() != 1
+                || outputs.contains(&start)
+            {
+                break;
+            }
+            chain.push(n.id);
+            start = n.inputs[0];
+        }
+        if chain
+            .iter()
+            .any(|&c| model.node(c).op_is::<MultiBroadcastTo>())
+        {
+            moves.push((node.id, dq, start, chain));
+        }
+    }
+    for (q, dq, start, chain) in &moves {
+        let (q, dq) = (model.node(*q), model.node(*dq));
+        let mut patch = TypedModelPatch::new(format!("edgevlm quantize before {}", q.name));
+        let mut wire = patch.tap_model(model, *start)?;
+        for n in [q, dq]
+            .into_iter()
+            .chain(chain.iter().rev().map(|&c| model.node(c)))
+        {
+            let name = format!("{}.edgevlm_requantized", n.name);
+            wire = patch.wire_node(name, n.op.clone(), &[wire])?[0];
+        }
+        patch.shunt_outside(model, OutletId::new(dq.id, 0), wire)?;
+        patch.apply(model)?;
+    }
+    Ok(moves.len())
 }
 
 /// Replaces tract's static `QuantizeLinear` (f32 input) and `DequantizeLinear` (8-bit input)
