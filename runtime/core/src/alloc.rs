@@ -15,13 +15,23 @@
 //! arena keeps its own, so the peaks add up. [`while_loading`] puts glibc back to returning
 //! large freed blocks for the duration of a load.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Whether [`reuse_freed_memory`] set the thresholds (and so may set them again).
 static REUSING: AtomicBool = AtomicBool::new(false);
-/// Loads running now ([`while_loading`] calls can nest and run on several threads).
-static LOADS: Mutex<usize> = Mutex::new(0);
+/// Loads running now ([`while_loading`] calls can nest and run on several threads); changed
+/// under [`SWITCH`], read without it by [`loads_in_progress`].
+static LOADS: AtomicUsize = AtomicUsize::new(0);
+/// Held while a load starts or ends, so that the settings change with the first and the
+/// last one.
+static SWITCH: Mutex<()> = Mutex::new(());
+
+/// Graph loads running now in this process ([`while_loading`]); inference splits leave
+/// their cores to them (`team::for_each_part`).
+pub(crate) fn loads_in_progress() -> usize {
+    LOADS.load(Ordering::SeqCst)
+}
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod glibc {
@@ -65,11 +75,11 @@ pub fn reuse_freed_memory() {
     {
         let from_env = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]
             .map(|var| std::env::var_os(var).is_some());
-        let loads = LOADS.lock().unwrap_or_else(|e| e.into_inner());
+        let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
         if !from_env.contains(&true) {
             REUSING.store(true, Ordering::SeqCst);
         }
-        if *loads == 0 {
+        if LOADS.load(Ordering::SeqCst) == 0 {
             for (setting, from_env) in glibc::REUSE.iter().zip(from_env) {
                 if !from_env {
                     glibc::set(std::slice::from_ref(setting));
@@ -90,22 +100,22 @@ pub fn while_loading<R>(load: impl FnOnce() -> R) -> R {
     struct Loading;
     impl Drop for Loading {
         fn drop(&mut self) {
-            let mut loads = LOADS.lock().unwrap_or_else(|e| e.into_inner());
-            *loads -= 1;
+            let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+            let last = LOADS.fetch_sub(1, Ordering::SeqCst) == 1;
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
-            if *loads == 0 && REUSING.load(Ordering::SeqCst) {
+            if last && REUSING.load(Ordering::SeqCst) {
                 glibc::trim();
                 glibc::set(&glibc::REUSE);
             }
         }
     }
     {
-        let mut loads = LOADS.lock().unwrap_or_else(|e| e.into_inner());
+        let _switch = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+        let first = LOADS.fetch_add(1, Ordering::SeqCst) == 0;
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        if *loads == 0 && REUSING.load(Ordering::SeqCst) {
+        if first && REUSING.load(Ordering::SeqCst) {
             glibc::set(&glibc::LOAD);
         }
-        *loads += 1;
     }
     let _loading = Loading;
     load()

@@ -210,7 +210,6 @@ impl OnnxModel {
     ) -> Result<OnnxModel> {
         // What the load frees (the protobuf, weights before packing) goes back to the system
         // instead of staying in this thread's heap; inference splits leave this thread's core.
-        let _loading = crate::team::Loading::start();
         crate::alloc::while_loading(|| OnnxModel::build(path, options, fixed))
     }
 

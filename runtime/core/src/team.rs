@@ -81,31 +81,6 @@ pub(crate) fn for_each_piece_of(xs: &mut [f32], unit: usize, f: impl Fn(usize, &
     });
 }
 
-/// Graph loads in progress in this process. A load keeps one core busy (parsing,
-/// decluttering and optimizing run on its thread), and a split beside it that counted on
-/// that core would wait for the part it got: `edgevlm generate` encodes the image while the
-/// decoder loads, and on two cores and two threads that encode took longer than on one
-/// (256M per-channel int8 package, cold start from the ONNX files: 2.25 s on two threads,
-/// 2.03 s on one).
-static LOADING: AtomicUsize = AtomicUsize::new(0);
-
-/// A graph load in progress until dropped: [`for_each_part`] leaves its core to it.
-pub(crate) struct Loading(());
-
-impl Loading {
-    /// Counts a load from now until the returned value is dropped.
-    pub(crate) fn start() -> Loading {
-        LOADING.fetch_add(1, Ordering::SeqCst);
-        Loading(())
-    }
-}
-
-impl Drop for Loading {
-    fn drop(&mut self) {
-        LOADING.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Threads the running plan may use: its tract executor's, 1 outside a multi-threaded plan.
 pub(crate) fn threads() -> usize {
     match tract_linalg::multithread::current_tract_executor() {
@@ -127,7 +102,14 @@ pub(crate) fn for_each_part(parts: usize, f: impl Fn(usize) + Sync) {
     }
     static CORES: OnceLock<usize> = OnceLock::new();
     let cores = *CORES.get_or_init(crate::par::cores);
-    let free = cores.saturating_sub(LOADING.load(Ordering::SeqCst)).max(1);
+    // A graph load keeps its core busy (parsing, decluttering and optimizing run on its
+    // thread), and a part handed to that core would hold up the split: `edgevlm generate`
+    // encodes the image while the decoder loads, and on two cores and two threads that
+    // encode took longer than on one (256M per-channel int8 package, cold start from the
+    // ONNX files: 2.25 s on two threads, 2.03 s on one).
+    let free = cores
+        .saturating_sub(crate::alloc::loads_in_progress())
+        .max(1);
     let helpers = threads().min(free).min(parts).saturating_sub(1);
     if helpers == 0 {
         return (0..parts).for_each(f);
@@ -354,16 +336,16 @@ mod tests {
         let parts = 4 * cores;
         let counts: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
         let names = std::sync::Mutex::new(std::collections::BTreeSet::new());
-        let loading = super::Loading::start();
-        on_threads(cores.max(2), || {
-            super::for_each_part(parts, |i| {
-                counts[i].fetch_add(1, Ordering::Relaxed);
-                let name = std::thread::current().name().map(str::to_owned);
-                names.lock().unwrap().insert(name);
-                std::thread::sleep(std::time::Duration::from_millis(5));
+        crate::alloc::while_loading(|| {
+            on_threads(cores.max(2), || {
+                super::for_each_part(parts, |i| {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                    let name = std::thread::current().name().map(str::to_owned);
+                    names.lock().unwrap().insert(name);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                })
             })
         });
-        drop(loading);
         assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1));
         let names = names.into_inner().unwrap();
         assert!(
