@@ -16,6 +16,8 @@ pub mod alloc;
 pub mod attention;
 pub mod cache;
 pub mod classify;
+#[allow(unsafe_code)]
+pub mod conv;
 pub mod error;
 pub mod generate;
 pub mod hf;

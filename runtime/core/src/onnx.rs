@@ -903,6 +903,21 @@ fn optimize(
                  per-row kernels)"
             ));
         }
+        let (f32_convs, pools) = crate::conv::own_convs_and_pools(&mut typed)
+            .map_err(|e| ("replacing convolutions and pools", e))?;
+        if f32_convs > 0 {
+            notes.push(format!(
+                "conv: {f32_convs} f32 convolution(s) on edgevlm's {kernel} kernel, their taps \
+                 copied 32 positions at a time into an L1 panel, bias and Relu applied there \
+                 (tract {TRACT_VERSION} writes out an Im2col of the whole image first)"
+            ));
+        }
+        if pools > 0 {
+            notes.push(format!(
+                "maxpool: {pools} f32 max pool(s) with their geometry resolved at load (tract \
+                 {TRACT_VERSION} rebuilds it on every run when the batch is symbolic)"
+            ));
+        }
         let convs = crate::int8mm::patch_convs_as_products(&mut typed)
             .map_err(|e| ("rewriting patch convolutions", e))?;
         if convs > 0 {

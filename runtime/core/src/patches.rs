@@ -396,7 +396,7 @@ pub(crate) fn has_integer_q_inputs(model: &TypedModel, node: &TypedNode) -> Trac
 }
 
 /// Is `outlet` a constant whose every value is `value`?
-fn is_uniform(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bool> {
+pub(crate) fn is_uniform(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bool> {
     let fact = model.outlet_fact(outlet)?;
     Ok(match &fact.konst {
         Some(k) => k
