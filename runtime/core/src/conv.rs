@@ -227,12 +227,13 @@ impl F32Conv {
         let bias = self.bias.try_as_plain_ram()?.as_slice::<f32>()?;
         let (ph, pw) = w.padded();
         let plane = ph * pw;
-        // On AVX-512 a convolution of stride 1 along the width reads its taps in place, 16
-        // positions of a row per register (narrower rows would leave most lanes idle).
-        let direct = kernel == F32Kernel::Avx512 && w.strides.1 == 1 && w.out.1 >= 16;
+        // On AVX-512 a convolution of stride 1 or 2 along the width reads its taps in place,
+        // 16 positions of a row per register (narrower rows would leave most lanes idle).
+        let direct = kernel == F32Kernel::Avx512 && [1, 2].contains(&w.strides.1) && w.out.1 >= 16;
         // The images, zero-padded, side by side: each panel's taps are then plain copies
-        // (or, direct, rows the tile reads in place; it loads 16 columns however few it
-        // keeps, so the last row's may run up to 15 floats past the image).
+        // (or, direct, rows the tile reads in place; it loads 16 positions' worth of columns,
+        // 32 at stride 2, however few it keeps, so the last row's may run up to 31 floats
+        // past the image).
         let mut padded = vec![0f32; n * w.c * plane + if direct { NR } else { 0 }];
         for (img, dst) in x
             .chunks_exact(w.hw.0 * w.hw.1)
@@ -269,7 +270,7 @@ impl F32Conv {
                     let chunk = |j: usize| {
                         let (oy, ox) = (j / per_row, j % per_row * 16);
                         (
-                            img * w.c * plane + oy * w.strides.0 * pw + ox,
+                            img * w.c * plane + oy * w.strides.0 * pw + ox * w.strides.1,
                             (img * self.o) * positions + oy * w.out.1 + ox,
                             16.min(w.out.1 - ox),
                         )
@@ -282,7 +283,7 @@ impl F32Conv {
                     };
                     for o0 in (0..self.o).step_by(8) {
                         // SAFETY: AVX-512 (`direct`); rows o0.. of the weight and bias exist;
-                        // every tap's 16 loads per chunk lie inside `padded` (its slack
+                        // every tap's 16 or 32 loads per chunk lie inside `padded` (its slack
                         // above); the chunks' positions of rows o0.. of image img's output
                         // are this unit's alone.
                         unsafe {
@@ -300,7 +301,7 @@ impl F32Conv {
                                 ldc: positions,
                                 cols: [first.2, second.2],
                             };
-                            conv_tile_rows(8.min(self.o - o0), &tile);
+                            conv_tile_rows(8.min(self.o - o0), w.strides.1, &tile);
                         }
                     }
                 }
@@ -506,48 +507,69 @@ struct ConvTile<'a> {
     cols: [usize; 2],
 }
 
-/// [`conv_tile`] for `rows` (1 to 8) output channels.
+/// [`conv_tile`] for `rows` (1 to 8) output channels and a `stride` of 1 or 2 along the
+/// width (another stride panics).
 ///
 /// # Safety
 /// As [`conv_tile`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn conv_tile_rows(rows: usize, t: &ConvTile) {
+unsafe fn conv_tile_rows(rows: usize, stride: usize, t: &ConvTile) {
     // SAFETY: forwarded to the caller.
     unsafe {
-        match rows {
-            8 => conv_tile::<8>(t),
-            7 => conv_tile::<7>(t),
-            6 => conv_tile::<6>(t),
-            5 => conv_tile::<5>(t),
-            4 => conv_tile::<4>(t),
-            3 => conv_tile::<3>(t),
-            2 => conv_tile::<2>(t),
-            _ => conv_tile::<1>(t),
+        match (rows, stride) {
+            (8, 1) => conv_tile::<8, 1>(t),
+            (7, 1) => conv_tile::<7, 1>(t),
+            (6, 1) => conv_tile::<6, 1>(t),
+            (5, 1) => conv_tile::<5, 1>(t),
+            (4, 1) => conv_tile::<4, 1>(t),
+            (3, 1) => conv_tile::<3, 1>(t),
+            (2, 1) => conv_tile::<2, 1>(t),
+            (_, 1) => conv_tile::<1, 1>(t),
+            (8, 2) => conv_tile::<8, 2>(t),
+            (7, 2) => conv_tile::<7, 2>(t),
+            (6, 2) => conv_tile::<6, 2>(t),
+            (5, 2) => conv_tile::<5, 2>(t),
+            (4, 2) => conv_tile::<4, 2>(t),
+            (3, 2) => conv_tile::<3, 2>(t),
+            (2, 2) => conv_tile::<2, 2>(t),
+            (_, 2) => conv_tile::<1, 2>(t),
+            _ => panic!("conv_tile takes strides 1 and 2, not {stride}"),
         }
     }
 }
 
-/// `R` output channels by two chunks of 16 positions, each tap's 16 inputs per chunk read in
-/// place from the padded image: [`crate::q4mm`]'s 16 FMA per tap, started from the bias, the
-/// `Relu` applied at the masked store.
+/// `R` output channels by two chunks of 16 positions `S` (1 or 2) columns apart, each tap's
+/// 16 inputs per chunk read in place from the padded image (at stride 2, the even ones of 32
+/// read): [`crate::q4mm`]'s 16 FMA per tap, started from the bias, the `Relu` applied at the
+/// masked store.
 ///
 /// # Safety
-/// AVX-512 F; `R` rows of `a` (`offsets.len()` each) and of `bias`; 16 floats readable at
-/// `origins[h] + offset` for every offset; `cols[h]` floats writable at `c[h] + r * ldc`,
+/// AVX-512 F; `R` rows of `a` (`offsets.len()` each) and of `bias`; `16 * S` floats readable
+/// at `origins[h] + offset` for every offset; `cols[h]` floats writable at `c[h] + r * ldc`,
 /// `r < R`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn conv_tile<const R: usize>(t: &ConvTile) {
+unsafe fn conv_tile<const R: usize, const S: usize>(t: &ConvTile) {
     use std::arch::x86_64::*;
+    // Lanes 0, 2, .. 30 of two registers side by side.
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    // SAFETY: 16 * S floats readable at p (the caller's).
+    let load = |p: *const f32| unsafe {
+        if S == 1 {
+            _mm512_loadu_ps(p)
+        } else {
+            _mm512_permutex2var_ps(_mm512_loadu_ps(p), evens, _mm512_loadu_ps(p.add(16)))
+        }
+    };
     let taps = t.offsets.len();
     // SAFETY: row r < R of the bias.
     let mut acc: [[__m512; 2]; R] =
         std::array::from_fn(|r| [_mm512_set1_ps(unsafe { *t.bias.add(r) }); 2]);
     for (kk, off) in t.offsets.iter().enumerate() {
-        // SAFETY: the caller's bounds: 16 floats at each origin + off, tap kk < taps of row r.
+        // SAFETY: the caller's bounds: 16 * S floats at each origin + off, tap kk < taps of
+        // row r.
         unsafe {
-            let b0 = _mm512_loadu_ps(t.origins[0].add(*off));
-            let b1 = _mm512_loadu_ps(t.origins[1].add(*off));
+            let (b0, b1) = (load(t.origins[0].add(*off)), load(t.origins[1].add(*off)));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*t.a.add(r * taps + kk));
                 acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
@@ -676,6 +698,77 @@ impl F32MaxPool {
             }
         }
     }
+}
+
+/// `max(x, 0)` on f32 in place, in pieces over the plan's threads: a `Relu` that tract
+/// 0.23.9's optimizer leaves on its generic broadcasting `Max` (~2.5 ns per element where
+/// its scalar kernel takes ~0.1), as it does behind a quantized convolution.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Relu;
+
+impl Op for Relu {
+    fn name(&self) -> StaticName {
+        "EdgevlmRelu".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Relu {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let mut x = args_1!(inputs).into_tensor();
+        {
+            let mut plain = x.try_as_plain_ram_mut()?;
+            crate::team::for_each_piece(plain.as_slice_mut::<f32>()?, |_, xs| {
+                xs.iter_mut().for_each(|x| *x = greater(*x, 0.0));
+            });
+        }
+        Ok(tvec!(x.into_tvalue()))
+    }
+}
+
+impl TypedOp for Relu {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(inputs[0].without_value()))
+    }
+
+    as_op!();
+}
+
+/// Replaces every f32 `max(x, 0)` still on tract's generic `Max` after its optimizer (one
+/// operand a single zero, the other the output's shape) by a [`Relu`]. Returns how many.
+pub fn own_relus(model: &mut TypedModel) -> TractResult<usize> {
+    let mut found = vec![];
+    for node in model.nodes() {
+        let Some(op) = node.op_as::<TypedBinOp>() else {
+            continue;
+        };
+        if !op.0.is::<Max>() || node.inputs.len() != 2 {
+            continue;
+        }
+        let out = &node.outputs[0].fact;
+        for (x, zero) in [(0, 1), (1, 0)] {
+            let (xf, zf) = (
+                model.outlet_fact(node.inputs[x])?,
+                model.outlet_fact(node.inputs[zero])?,
+            );
+            if xf.datum_type == f32::datum_type()
+                && xf.shape == out.shape
+                && zf.shape.volume().is_one()
+                && crate::patches::is_uniform(model, node.inputs[zero], 0.0)?
+            {
+                found.push((node.id, node.inputs[x]));
+                break;
+            }
+        }
+    }
+    for (id, x) in &found {
+        let patch = TypedModelPatch::replace_single_op(model, model.node(*id), &[*x], Relu)?;
+        patch.apply(model)?;
+    }
+    Ok(found.len())
 }
 
 /// Replaces every f32 NCHW 2-D convolution with a constant kernel and bias and one group by
@@ -874,107 +967,19 @@ mod tests {
         // the demo's 3x3 "same" layers, a strided one, output channels past a tile of 8,
         // positions not a multiple of 32, a 1x3, an asymmetric padding, dilations, rows 16
         // wide (two per register on AVX-512) and a last register half-empty.
+        #[rustfmt::skip]
         let cases = [
-            (
-                (3, 8),
-                (64, 64),
-                (3, 3),
-                (1, 1),
-                (1, 1),
-                ((1, 1), (1, 1)),
-                true,
-                1,
-            ),
-            (
-                (16, 32),
-                (32, 32),
-                (3, 3),
-                (2, 2),
-                (1, 1),
-                ((1, 1), (1, 1)),
-                true,
-                2,
-            ),
-            (
-                (5, 13),
-                (9, 11),
-                (3, 3),
-                (1, 1),
-                (1, 1),
-                ((1, 1), (1, 1)),
-                false,
-                3,
-            ),
-            (
-                (32, 32),
-                (8, 8),
-                (3, 3),
-                (1, 1),
-                (1, 1),
-                ((1, 1), (1, 1)),
-                true,
-                1,
-            ),
-            (
-                (7, 9),
-                (10, 7),
-                (1, 3),
-                (1, 1),
-                (1, 1),
-                ((0, 1), (0, 1)),
-                false,
-                2,
-            ),
-            (
-                (4, 6),
-                (12, 15),
-                (2, 3),
-                (3, 2),
-                (1, 1),
-                ((0, 2), (1, 0)),
-                true,
-                1,
-            ),
-            (
-                (3, 5),
-                (13, 13),
-                (3, 3),
-                (1, 1),
-                (2, 2),
-                ((2, 2), (2, 2)),
-                false,
-                1,
-            ),
-            (
-                (3, 5),
-                (20, 20),
-                (3, 3),
-                (1, 1),
-                (2, 2),
-                ((2, 2), (2, 2)),
-                true,
-                1,
-            ),
-            (
-                (4, 9),
-                (15, 16),
-                (3, 3),
-                (1, 1),
-                (1, 1),
-                ((1, 1), (1, 1)),
-                true,
-                2,
-            ),
-            (
-                (6, 10),
-                (15, 21),
-                (3, 3),
-                (2, 1),
-                (1, 1),
-                ((1, 1), (1, 1)),
-                false,
-                1,
-            ),
+            ((3, 8), (64, 64), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), true, 1),
+            ((16, 32), (32, 32), (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), true, 2),
+            ((5, 13), (9, 11), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), false, 3),
+            ((32, 32), (8, 8), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), true, 1),
+            ((7, 9), (10, 7), (1, 3), (1, 1), (1, 1), ((0, 1), (0, 1)), false, 2),
+            ((4, 6), (12, 15), (2, 3), (3, 2), (1, 1), ((0, 2), (1, 0)), true, 1),
+            ((3, 5), (13, 13), (3, 3), (1, 1), (2, 2), ((2, 2), (2, 2)), false, 1),
+            ((3, 5), (20, 20), (3, 3), (1, 1), (2, 2), ((2, 2), (2, 2)), true, 1),
+            ((4, 9), (15, 16), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), true, 2),
+            ((6, 10), (15, 21), (3, 3), (2, 1), (1, 1), ((1, 1), (1, 1)), false, 1),
+            ((3, 7), (9, 45), (3, 3), (1, 2), (1, 1), ((1, 1), (1, 1)), true, 2),
         ];
         for ((c, o), (h, w), k, s, d, pads, relu, n) in cases {
             let kernel =
@@ -1037,13 +1042,34 @@ mod tests {
     }
 
     #[test]
+    fn relus_equal_tracts_max_and_only_max_with_zero_is_taken() -> TractResult<()> {
+        let mut seed = 5;
+        let x = Tensor::from_shape(&[2, 3, 4, 5], &random(120, &mut seed))?;
+        for floor in [0f32, 0.25] {
+            let mut m = TypedModel::default();
+            let n = m.symbols.sym("n");
+            let src = m.add_source("x", f32::fact([n.to_dim(), 3.into(), 4.into(), 5.into()]))?;
+            let c = m.add_const("floor", tensor4(&[[[[floor]]]]))?;
+            let y = m.wire_node("relu", tract_onnx::tract_core::ops::math::max(), &[c, src])?[0];
+            m.select_output_outlets(&[y])?;
+            let mut ours = m.clone();
+            assert_eq!(own_relus(&mut ours)?, (floor == 0.0) as usize);
+            assert_eq!(run(&m, &x)?, run(&ours, &x)?);
+        }
+        Ok(())
+    }
+
+    #[test]
     fn max_pools_equal_tracts() -> TractResult<()> {
         let mut seed = 11;
+        #[rustfmt::skip]
         let cases = [
             ((8, 64, 64), (2, 2), (2, 2), ((0, 0), (0, 0)), 1),
             ((3, 9, 11), (3, 3), (2, 2), ((1, 1), (1, 1)), 2),
             ((2, 7, 8), (2, 3), (1, 3), ((1, 0), (0, 2)), 3),
             ((4, 5, 5), (5, 5), (1, 1), ((2, 2), (2, 2)), 1),
+            ((5, 12, 13), (3, 3), (3, 3), ((0, 0), (0, 0)), 2),
+            ((2, 8, 9), (4, 4), (4, 4), ((0, 0), (0, 0)), 1),
         ];
         for ((c, h, w), k, s, pads, n) in cases {
             let tract =

@@ -987,6 +987,13 @@ fn optimize(
              rayon pool, which then shares the cores with edgevlm's spinning workers)"
         ));
     }
+    let relus = crate::conv::own_relus(&mut typed).map_err(|e| ("replacing relus", e))?;
+    if relus > 0 {
+        notes.push(format!(
+            "relu: {relus} Relu(s) left on tract's generic broadcasting Max run in place \
+             (tract {TRACT_VERSION} lowers a Relu behind a quantized convolution no further)"
+        ));
+    }
     let broadcasts = crate::patches::faster_broadcast_binaries(&mut typed)
         .map_err(|e| ("replacing broadcast binaries", e))?;
     if broadcasts > 0 {
