@@ -859,6 +859,99 @@ fn f32_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Op
     }))
 }
 
+/// Rewrites every 8-bit NCHW 2-D convolution (ONNX `ConvInteger` as tract loads it: i32
+/// sums, one group, a constant kernel and kernel zero point, a single input zero point) left
+/// after [`crate::int8mm::patch_convs_as_products`] into `Cast(F32Conv(x - x0, w - w0) to
+/// i32)`, where the sums are exact in f32: every partial sum is an integer below 2^24 when
+/// `taps * 255 * max |w - w0| < 2^24` (3x3 over up to ~28 channels of a full-range kernel;
+/// more with a smaller one). Same integers as the convolution. tract 0.23.9 runs these as
+/// an `Im2col` and its int8 kernel plus zero-point corrections (~0.5 ms of the dynamic
+/// int8 fixture graphs' ~1.2). Runs where [`own_convs_and_pools`] does. Returns how many.
+pub fn integer_convs_in_f32(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::cast::cast;
+    use tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast;
+    if crate::q4mm::f32_kernel().is_none() {
+        return Ok(0);
+    }
+    let mut found = vec![];
+    for node in model.nodes() {
+        let Some(conv) = node.op_as::<Conv>() else {
+            continue;
+        };
+        if let Some(op) = integer_conv(model, node, conv)? {
+            found.push((node.id, op));
+        }
+    }
+    for (id, op) in &found {
+        let node = model.node(*id);
+        let name = |what: &str| format!("{}.edgevlm_{what}", node.name);
+        let mut patch = TypedModelPatch::new(format!("edgevlm integer conv {}", node.name));
+        let taps = patch.taps(model, &[node.inputs[0], node.inputs[3]])?;
+        let x = patch.wire_node(name("x_f32"), cast(f32::datum_type()), &[taps[0]])?[0];
+        let x0 = patch.wire_node(name("x0_f32"), cast(f32::datum_type()), &[taps[1]])?[0];
+        let centred = wire_with_rank_broadcast(
+            name("centred"),
+            &mut patch,
+            tract_onnx::tract_core::ops::math::sub(),
+            &[x, x0],
+        )?[0];
+        let sums = patch.wire_node(name("conv"), op.clone(), &[centred])?[0];
+        let out = patch.wire_node(&node.name, cast(i32::datum_type()), &[sums])?[0];
+        patch.shunt_outside(model, (*id).into(), out)?;
+        patch.apply(model)?;
+    }
+    Ok(found.len())
+}
+
+/// The [`F32Conv`] of `node`'s centred kernel if [`integer_convs_in_f32`] takes it.
+fn integer_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<F32Conv>> {
+    let facts = model.node_input_facts(node.id)?;
+    let eight_bits = [u8::datum_type(), i8::datum_type()];
+    if conv.q_params != Some(i32::datum_type())
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || !crate::patches::has_integer_q_inputs(model, node)?
+        || !eight_bits.contains(&facts[0].datum_type)
+        || !facts[3].shape.volume().is_one()
+    {
+        return Ok(None);
+    }
+    let (Some(window), Some(kernel), Some(w0)) = (
+        Window::of(&conv.pool_spec, facts[0]),
+        &facts[1].konst,
+        &facts[5].konst,
+    ) else {
+        return Ok(None);
+    };
+    let o = conv.output_channels();
+    let (kh, kw) = window.kernel;
+    if !eight_bits.contains(&kernel.datum_type())
+        || kernel.shape() != [o, window.c, kh, kw]
+        || ![1, o].contains(&w0.len())
+    {
+        return Ok(None);
+    }
+    let kernel = crate::values::<f32>(kernel)?;
+    let w0 = crate::values::<f32>(w0)?;
+    let per_channel = window.taps();
+    let centred: Vec<f32> = kernel
+        .iter()
+        .enumerate()
+        .map(|(i, w)| w - w0[i / per_channel % w0.len()])
+        .collect();
+    let widest = centred.iter().fold(0f32, |m, w| m.max(w.abs()));
+    if per_channel as f32 * 255.0 * widest >= (1u32 << 24) as f32 {
+        return Ok(None);
+    }
+    Ok(Some(F32Conv {
+        window,
+        o,
+        weight: Arc::new(Tensor::from_shape(&[o, per_channel], &centred)?),
+        bias: Arc::new(Tensor::zero::<f32>(&[o])?),
+        relu: false,
+    }))
+}
+
 /// The `max(x, 0)` node that is the only consumer of `id`'s output, if there is one and that
 /// output is not also a model output.
 fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
@@ -1036,6 +1129,84 @@ mod tests {
                     .fold(0f32, f32::max);
                 let case = format!("{c}->{o} {h}x{w} k{k:?} s{s:?} d{d:?} {pads:?}");
                 assert!(err < 1e-4, "case {case}: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A model of one tract 8-bit `Conv` (ONNX `ConvInteger`: u8 input with a run-time zero
+    /// point, u8 kernel with one zero point or one per output channel, i32 sums).
+    fn integer_conv_model(
+        spec: PoolSpec,
+        kernel: Tensor,
+        w0: Tensor,
+        (c, h, w): (usize, usize, usize),
+    ) -> TractResult<TypedModel> {
+        let mut m = TypedModel::default();
+        let n = m.symbols.sym("n");
+        let x = m.add_source(
+            "x",
+            u8::fact([n.to_dim(), c.to_dim(), h.to_dim(), w.to_dim()]),
+        )?;
+        let x0 = m.add_source("x0", i32::fact([0usize; 0]))?;
+        let mut inputs = vec![x, m.add_const("kernel", kernel)?];
+        inputs.push(m.add_const("bias", tensor0(0i32))?);
+        inputs.push(x0);
+        inputs.push(m.add_const("x_scale", tensor0(1f32))?);
+        inputs.push(m.add_const("w0", w0)?);
+        inputs.push(m.add_const("w_scale", tensor0(1f32))?);
+        inputs.push(m.add_const("y0", tensor0(0i32))?);
+        inputs.push(m.add_const("y_scale", tensor0(1f32))?);
+        let op = Conv {
+            pool_spec: spec,
+            kernel_fmt: KernelFormat::OIHW,
+            group: 1,
+            q_params: Some(i32::datum_type()),
+        };
+        let y = m.wire_node("conv", op, &inputs)?[0];
+        m.select_output_outlets(&[y])?;
+        Ok(m)
+    }
+
+    #[test]
+    fn integer_convolutions_give_tracts_integers() -> TractResult<()> {
+        if crate::q4mm::f32_kernel().is_none() {
+            eprintln!("no FMA tile on this CPU: nothing to compare");
+            return Ok(());
+        }
+        let mut seed = 3;
+        let mut bytes = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| (crate::int8mm::tests::lcg(&mut seed) >> 7) as u8)
+                .collect()
+        };
+        // (c, o), (h, w), strides, pads, channels sharing one kernel zero point; the last is
+        // too deep for exact f32 sums and stays on tract's path.
+        #[rustfmt::skip]
+        let cases = [
+            ((3, 16), (32, 32), (1, 1), ((1, 1), (1, 1)), false, true),
+            ((16, 32), (32, 32), (2, 2), ((1, 1), (1, 1)), true, true),
+            ((5, 7), (11, 9), (1, 2), ((0, 1), (2, 0)), true, true),
+            ((300, 4), (5, 5), (1, 1), ((1, 1), (1, 1)), false, false),
+        ];
+        for ((c, o), (h, w), s, pads, shared, taken) in cases {
+            let kernel = Tensor::from_shape(&[o, c, 3, 3], &bytes(o * c * 9))?;
+            let w0: Vec<i32> = bytes(if shared { 1 } else { o })
+                .into_iter()
+                .map(i32::from)
+                .collect();
+            let w0 = if shared { tensor0(w0[0]) } else { tensor1(&w0) };
+            let tract =
+                integer_conv_model(spec((c, o), (3, 3), s, (1, 1), pads), kernel, w0, (c, h, w))?
+                    .into_decluttered()?;
+            let mut ours = tract.clone();
+            assert_eq!(integer_convs_in_f32(&mut ours)?, taken as usize, "{c}->{o}");
+            for x0 in [0i32, 128, 255] {
+                let x = Tensor::from_shape(&[2, c, h, w], &bytes(2 * c * h * w))?;
+                let inputs = || tvec!(x.clone().into(), tensor0(x0).into());
+                let want = tract.clone().into_runnable()?.run(inputs())?.remove(0);
+                let got = ours.clone().into_runnable()?.run(inputs())?.remove(0);
+                assert_eq!(want, got, "case {c}->{o} {h}x{w} s{s:?} {pads:?}, x0 {x0}");
             }
         }
         Ok(())

@@ -927,6 +927,15 @@ fn optimize(
                  (tract {TRACT_VERSION} lowers them to Im2col and its own int8 kernel)"
             ));
         }
+        let int_convs = crate::conv::integer_convs_in_f32(&mut typed)
+            .map_err(|e| ("rewriting 8-bit convolutions", e))?;
+        if int_convs > 0 {
+            notes.push(format!(
+                "conv-integer: {int_convs} 8-bit convolution(s) run as exact f32 sums on \
+                 edgevlm's {kernel} convolution (tract {TRACT_VERSION} runs an Im2col, its \
+                 int8 kernel and zero-point corrections)"
+            ));
+        }
         let (kernel, own) = crate::int8mm::vnni_int8_products(&mut typed)
             .map_err(|e| ("packing int8 weights", e))?;
         let scaled =
