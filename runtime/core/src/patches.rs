@@ -1215,17 +1215,19 @@ fn product_behind(
 /// vision encoder), and in a decoder, whose sequence axis is symbolic, even the
 /// same-shape `gate * up` and the scaling of each int8 product by its scalar scale (16 of the
 /// 52 ms of a probe int8 prefill). This gives every f32 `Add` / `Mul` tract left generic, one
-/// of whose operands has the output's shape, a [`BlockBroadcast`]. Returns how many.
+/// of whose operands has the output's shape, a [`BlockBroadcast`], and every such `Sub` of a
+/// constant the `Add` of its negation. Returns how many.
 pub fn faster_broadcast_binaries(model: &mut TypedModel) -> TractResult<usize> {
     use tract_onnx::tract_core::ops::binary::TypedBinOp;
-    use tract_onnx::tract_core::ops::math::{Add, Mul};
+    use tract_onnx::tract_core::ops::math::{Add, Mul, Sub};
+    // (node, op, the negated constant a `Sub` becomes the `Add` of).
     let mut targets = vec![];
     for node in model.nodes() {
         let Some(op) = node.op_as::<TypedBinOp>() else {
             continue;
         };
-        let mul = op.0.is::<Mul>();
-        if !(mul || op.0.is::<Add>()) || node.inputs.len() != 2 {
+        let (mul, sub) = (op.0.is::<Mul>(), op.0.is::<Sub>());
+        if !(mul || sub || op.0.is::<Add>()) || node.inputs.len() != 2 {
             continue;
         }
         let facts = model.node_input_facts(node.id)?;
@@ -1236,7 +1238,17 @@ pub fn faster_broadcast_binaries(model: &mut TypedModel) -> TractResult<usize> {
         {
             continue;
         }
+        // `x - c` with a constant `c` is `x + (-c)`, exactly: IEEE subtraction is the addition
+        // of the negation (a dynamic quantization's centring on its zero point).
+        let negated = match (sub, &facts[1].konst) {
+            (false, _) => None,
+            (true, Some(c)) => Some(c.to_plain_array_view::<f32>()?.mapv(|v| -v)),
+            (true, None) => continue,
+        };
         for swapped in [false, true] {
+            if sub && swapped {
+                break;
+            }
             let (full, part) = (facts[swapped as usize], facts[1 - swapped as usize]);
             let padding = out.rank() - part.rank();
             let broadcasts = part
@@ -1245,14 +1257,25 @@ pub fn faster_broadcast_binaries(model: &mut TypedModel) -> TractResult<usize> {
                 .zip(out.iter().skip(padding))
                 .all(|(p, o)| p == o || p.is_one());
             if full.shape == *out && broadcasts {
-                targets.push((node.id, BlockBroadcast { mul, swapped }));
+                let op = BlockBroadcast { mul, swapped };
+                targets.push((node.id, op, negated.map(Tensor::from)));
                 break;
             }
         }
     }
-    for (id, op) in &targets {
-        let node = model.node(*id);
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op.clone())?;
+    for (id, op, negated) in targets.iter().cloned() {
+        let node = model.node(id);
+        let patch = match negated {
+            None => TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?,
+            Some(negated) => {
+                let mut patch = TypedModelPatch::new(format!("edgevlm sub {}", node.name));
+                let x = patch.tap_model(model, node.inputs[0])?;
+                let c = patch.add_const(format!("{}.negated", node.name), negated)?;
+                let y = patch.wire_node(&node.name, op, &[x, c])?[0];
+                patch.shunt_outside(model, id.into(), y)?;
+                patch
+            }
+        };
         patch.apply(model)?;
     }
     Ok(targets.len())
@@ -1346,6 +1369,52 @@ mod tests {
 
     /// Against ndarray's own broadcasting, for both ops, both input orders and a repeat in
     /// the middle, at the front and both.
+    /// `x - c` with a constant `c` becomes the `Add` of `-c`, bit for bit; `c - x` and the
+    /// difference of two run-time values stay on tract's op.
+    #[test]
+    fn subtractions_of_a_constant_run_as_additions() -> TractResult<()> {
+        use tract_onnx::tract_core::ops::math::sub;
+        let x = Tensor::from_shape(
+            &[2, 3, 5],
+            &(0..30).map(|i| i as f32 * 0.37 - 4.1).collect::<Vec<_>>(),
+        )?;
+        let c = tensor3(&[[[0.3f32, -1.7, 2.9, 0.0, 1e-3]]]);
+        for (first, counted) in [("x", 1), ("c", 0), ("y", 0)] {
+            let mut m = TypedModel::default();
+            let n = m.symbols.sym("n");
+            let fact = f32::fact([n.to_dim(), 3.into(), 5.into()]);
+            let xs = m.add_source("x", fact.clone())?;
+            let other = match first {
+                "y" => m.add_source("y", fact)?,
+                _ => m.add_const("c", c.clone())?,
+            };
+            let inputs = if first == "c" {
+                [other, xs]
+            } else {
+                [xs, other]
+            };
+            let y = m.wire_node("sub", sub(), &inputs)?[0];
+            m.select_output_outlets(&[y])?;
+            let mut ours = m.clone();
+            assert_eq!(
+                faster_broadcast_binaries(&mut ours)?,
+                counted,
+                "{first} first"
+            );
+            let feed = || -> TVec<TValue> {
+                let mut v = tvec!(x.clone().into_tvalue());
+                if first == "y" {
+                    v.push(x.clone().into_tvalue());
+                }
+                v
+            };
+            let want = m.into_runnable()?.run(feed())?;
+            let got = ours.into_runnable()?.run(feed())?;
+            assert_eq!(want, got, "{first} first");
+        }
+        Ok(())
+    }
+
     #[test]
     fn block_broadcast_equals_the_generic_broadcast() {
         let make = |shape: &[usize], seed: usize| {
