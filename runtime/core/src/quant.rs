@@ -113,7 +113,10 @@ impl LinearQuant {
         }
     }
 
-    /// Runs on a tensor (the op's whole work): in place for a float output.
+    /// Runs on a tensor (the op's whole work): in place for a float output. The loops are
+    /// compiled for AVX-512 or AVX2 where the CPU has them (16 or 8 lanes instead of SSE's
+    /// 4; the same operations in the same order, so the same values): a static QDQ export's
+    /// pair on the fixture graphs' 2 x 256 x 256 scores took 0.18 ms on SSE.
     pub fn run(&self, input: TValue) -> TractResult<Tensor> {
         let shape = input.shape().to_vec();
         match self.out {
@@ -122,17 +125,25 @@ impl LinearQuant {
                 let xs = plain.as_slice::<f32>()?;
                 if self.out == QuantOut::I8 {
                     let mut t = Tensor::zero::<i8>(&shape)?;
-                    self.quantize(xs, t.try_as_plain_ram_mut()?.as_slice_mut::<i8>()?);
+                    let mut ys = t.try_as_plain_ram_mut()?;
+                    let ys = ys.as_slice_mut::<i8>()?;
+                    wide(|| self.quantize(xs, ys));
                     Ok(t)
                 } else {
                     let mut t = Tensor::zero::<u8>(&shape)?;
-                    self.quantize(xs, t.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?);
+                    let mut ys = t.try_as_plain_ram_mut()?;
+                    let ys = ys.as_slice_mut::<u8>()?;
+                    wide(|| self.quantize(xs, ys));
                     Ok(t)
                 }
             }
             QuantOut::Float { .. } => {
                 let mut t = input.into_tensor();
-                self.requantize_in_place(t.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+                {
+                    let mut xs = t.try_as_plain_ram_mut()?;
+                    let xs = xs.as_slice_mut::<f32>()?;
+                    wide(|| self.requantize_in_place(xs));
+                }
                 Ok(t)
             }
         }
@@ -145,6 +156,33 @@ impl LinearQuant {
             QuantOut::Float { .. } => DatumType::F32,
         }
     }
+}
+
+/// `f()`, compiled into a function for AVX-512 F or AVX2 when this CPU has it, so its loops
+/// (inlined there) vectorize for it; else as it is.
+#[inline(always)]
+#[allow(unsafe_code)]
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if crate::int8mm::available() {
+            // SAFETY: the CPU has AVX-512 F (`available` checks it).
+            return unsafe { avx512(f) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
 }
 
 impl Op for LinearQuant {
@@ -462,8 +500,14 @@ mod tests {
                 range: (-128, 127),
                 out: QuantOut::I8,
             };
-            let mut got = vec![0i8; xs.len()];
-            op.quantize(&xs, &mut got);
+            // Through `run`, on the loops compiled for this CPU's widest vectors.
+            let got = op.run(tensor1(&xs).into_tvalue()).unwrap();
+            let got = got
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<i8>()
+                .unwrap()
+                .to_vec();
             let want: Vec<i8> = xs
                 .iter()
                 .map(|&x| quantize_linear_f32_i8(x, mult, zero))
@@ -477,8 +521,13 @@ mod tests {
                 range: (0, 255),
                 out: QuantOut::U8,
             };
-            let mut got = vec![0u8; xs.len()];
-            op.quantize(&xs, &mut got);
+            let got = op.run(tensor1(&xs).into_tvalue()).unwrap();
+            let got = got
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<u8>()
+                .unwrap()
+                .to_vec();
             let want: Vec<u8> = xs
                 .iter()
                 .map(|&x| quantize_linear_f32_u8(x, mult, zero))
