@@ -996,6 +996,13 @@ fn optimize(
              rayon pool, which then shares the cores with edgevlm's spinning workers)"
         ));
     }
+    let reduces = crate::conv::own_reduces(&mut typed).map_err(|e| ("replacing reduces", e))?;
+    if reduces > 0 {
+        notes.push(format!(
+            "reduce: {reduces} f32 sum(s) / maximum(s) over consecutive axes (global pools, \
+             means) vectorized (tract {TRACT_VERSION} folds them element by element)"
+        ));
+    }
     let relus = crate::conv::own_relus(&mut typed).map_err(|e| ("replacing relus", e))?;
     if relus > 0 {
         notes.push(format!(
