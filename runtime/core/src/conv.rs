@@ -1,18 +1,23 @@
-//! f32 2-D convolutions and max pools of small CNNs (the demo classifier, a detector's
-//! backbone) on edgevlm's kernels.
+//! The ops of small CNNs (the demo classifier, a detector's backbone) on edgevlm's kernels:
+//! f32 2-D convolutions, 8-bit ones whose sums are exact in f32, max pools, Relus and the
+//! sums / maximums of global pools.
 //!
-//! tract 0.23.9 lowers an f32 `Conv` to an `Im2col` (or, with every shape known, a lazy
-//! im2col) and its matrix kernel, and a `MaxPool` over a symbolic batch to a generic pool
-//! that rebuilds its geometry on every run. On the demo classifier (64x64 px, four 3x3
-//! convolutions, three 2x2 pools) that is 0.46 ms a frame where ONNX Runtime takes 0.12:
-//! `Im2col` 0.18 ms, `MaxPool` 0.15, the products 0.12.
+//! tract 0.23.9 lowers an f32 `Conv` to an `Im2col` of the whole image (or, with every shape
+//! known, a lazy im2col) and its matrix kernel, leaves a `MaxPool` over a symbolic batch on a
+//! generic pool that rebuilds its geometry on every run, and folds a `Reduce` element by
+//! element. On the demo classifier (64x64 px, four 3x3 convolutions, three 2x2 pools) that
+//! was 0.46 ms a frame where ONNX Runtime takes 0.12: `Im2col` 0.18 ms, `MaxPool` 0.15, the
+//! products 0.12.
 //!
-//! [`F32Conv`] computes the output's positions in panels of 32: it copies each panel's
-//! input taps (`[c * kh * kw, 32]`, from a zero-padded copy of the image, a row segment per
-//! tap) into an L1-sized buffer and multiplies the packed kernel by it on
-//! [`crate::q4mm`]'s FMA tile, straight into the NCHW output, then adds the bias and applies
-//! a following `Relu` there, while those rows are in L1. [`F32MaxPool`] resolves its
-//! geometry at load and takes the maximum row by row.
+//! [`F32Conv`] computes 8 output channels by 32 positions at a time, started from the bias,
+//! a following `Relu` applied at the store. On AVX-512 a convolution of stride 1 or 2 along
+//! the width reads each tap's 16 positions of an output row in place from a zero-padded copy
+//! of the image (`conv_tile`); elsewhere it copies the 32 positions' taps into an L1 panel
+//! and runs [`crate::q4mm`]'s FMA tile. [`integer_convs_in_f32`] puts a `ConvInteger` on it
+//! where that gives the same integers. [`F32MaxPool`] resolves its window at load,
+//! [`AxesReduce`] adds rows into an accumulator row, [`Relu`] takes the `max(x, 0)`s tract's
+//! optimizer leaves on its generic broadcast. `docs/tract-slow-paths.md`, section 30, has
+//! the measurements.
 
 // Elsewhere than x86_64 the convolution kernel is compiled out and the op never created
 // (the rewrite checks the CPU first), which leaves its plumbing unused there.
