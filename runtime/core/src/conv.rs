@@ -323,8 +323,8 @@ impl F32Conv {
                 let first = p * NR;
                 let cols = NR.min(positions - first);
                 let image = &padded[img * w.c * plane..][..w.c * plane];
-                // SAFETY: kernel runs on this CPU (the caller's).
-                unsafe { self.gather_on(kernel, image, first, cols, &mut segments, &mut panel) };
+                // Compiled for AVX-512 / AVX2: its copies then move 32 bytes at a time.
+                crate::quant::wide(|| self.gather(image, first, cols, &mut segments, &mut panel));
                 // SAFETY: columns first..first + cols of every channel of image img are
                 // this unit's alone; the output holds n * o * positions values.
                 let c = unsafe { (out_at as *mut f32).add(img * self.o * positions + first) };
@@ -363,50 +363,6 @@ impl F32Conv {
             }
         });
         Ok(())
-    }
-
-    /// [`F32Conv::gather`] compiled for `kernel`'s instruction set: its copies then move 32
-    /// bytes at a time instead of 16.
-    ///
-    /// # Safety
-    /// `kernel` runs on this CPU.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn gather_on(
-        &self,
-        kernel: F32Kernel,
-        image: &[f32],
-        first: usize,
-        cols: usize,
-        segments: &mut Vec<(usize, usize, usize)>,
-        panel: &mut [f32],
-    ) {
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(
-            op: &F32Conv,
-            image: &[f32],
-            (first, cols): (usize, usize),
-            segments: &mut Vec<(usize, usize, usize)>,
-            panel: &mut [f32],
-        ) {
-            op.gather(image, first, cols, segments, panel)
-        }
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(
-            op: &F32Conv,
-            image: &[f32],
-            (first, cols): (usize, usize),
-            segments: &mut Vec<(usize, usize, usize)>,
-            panel: &mut [f32],
-        ) {
-            op.gather(image, first, cols, segments, panel)
-        }
-        // SAFETY: the caller's: the CPU has what `kernel` needs (AVX2 under both).
-        unsafe {
-            match kernel {
-                F32Kernel::Avx512 => avx512(self, image, (first, cols), segments, panel),
-                F32Kernel::Avx2 => avx2(self, image, (first, cols), segments, panel),
-            }
-        }
     }
 
     /// Copies the taps of output positions `first..first + cols` of one zero-padded image
