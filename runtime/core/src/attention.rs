@@ -1011,6 +1011,7 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         weight_quant: Option<LinearQuant>,
     }
     let mut chains = vec![];
+    let mut flat = vec![];
     for node in model.nodes() {
         let Some(op) = node.op_as::<EinSum>() else {
             continue;
@@ -1019,6 +1020,7 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
             let [(inputs, output), _] = attention_einsums(l);
             einsum_fits(op, inputs, output)
         }) else {
+            flat.extend(flat_chain(model, node)?);
             continue;
         };
         let facts = model.node_input_facts(node.id)?;
@@ -1195,7 +1197,283 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         patch.shunt_outside(model, OutletId::new(chain.last, 0), out)?;
         patch.apply(model)?;
     }
-    Ok(chains.len())
+    let mut fused = chains.len();
+    for chain in &flat {
+        fused += fuse_flat(model, chain)? as usize;
+    }
+    Ok(fused)
+}
+
+/// An einsum's axes by where they appear, for operands `a`, `b` and output `o`: in all three
+/// (`batch`), in `a` and `o` only (`a_out`), in `b` and `o` only (`b_out`), in `a` and `b`
+/// only (`summed`); the first three in `o`'s order, `summed` in `a`'s.
+#[derive(Debug, PartialEq)]
+struct Roles {
+    a: String,
+    b: String,
+    o: String,
+    batch: String,
+    a_out: String,
+    b_out: String,
+    summed: String,
+}
+
+impl Roles {
+    /// `op`'s roles; `None` unless it is a plain two-operand einsum whose every axis appears
+    /// at most once per operand and in two or three of them (no sum over one operand's axis).
+    fn of(op: &EinSum) -> Option<Roles> {
+        let (inputs, outputs) = op.axes.to_strs();
+        if inputs.len() != 2 || outputs.len() != 1 || op.q_params.is_some() {
+            return None;
+        }
+        let (a, b, o) = (inputs[0].clone(), inputs[1].clone(), outputs[0].clone());
+        let once = |s: &str| s.chars().all(|c| s.matches(c).count() == 1);
+        if !(once(&a) && once(&b) && once(&o)) {
+            return None;
+        }
+        let pick = |from: &str, want: [bool; 3]| -> String {
+            from.chars()
+                .filter(|&c| [a.contains(c), b.contains(c), o.contains(c)] == want)
+                .collect()
+        };
+        let roles = Roles {
+            batch: pick(&o, [true, true, true]),
+            a_out: pick(&o, [true, false, true]),
+            b_out: pick(&o, [false, true, true]),
+            summed: pick(&a, [true, true, false]),
+            a: a.clone(),
+            b: b.clone(),
+            o: o.clone(),
+        };
+        let counted = roles.batch.len() * 3
+            + (roles.a_out.len() + roles.b_out.len() + roles.summed.len()) * 2;
+        (counted == a.len() + b.len() + o.len()).then_some(roles)
+    }
+}
+
+/// A single-head attention block [`fuse_flat`] replaces: the scores' and the values'
+/// einsums, what lies between them, and how to lay the operands out for [`FusedAttention`].
+struct FlatChain {
+    first: usize,
+    last: usize,
+    scale: f32,
+    score_quant: Option<LinearQuant>,
+    weight_quant: Option<LinearQuant>,
+    /// Batch items and query rows: the products of `q`'s leading batch and row axes.
+    batch: TDim,
+    rows: TDim,
+    /// Keys: the product of `k`'s key axes, which are also `v`'s.
+    keys: TDim,
+    /// The output's batch axes (before its rows and its width), and whether its width comes
+    /// last (else right after the batch axes).
+    out_batch: usize,
+    width_last: bool,
+}
+
+/// The product of `dims`.
+fn product(dims: &[TDim]) -> TDim {
+    dims.iter().product()
+}
+
+/// Is `node` an axis change that keeps its input's order in memory (a reshape, or a unit
+/// axis added or removed)?
+fn keeps_memory_order(node: &TypedNode) -> bool {
+    matches!(
+        node.op_as::<AxisOp>(),
+        Some(AxisOp::Reshape(..) | AxisOp::Add(_) | AxisOp::Rm(_))
+    )
+}
+
+/// [`fuse_attention`]'s form for attention over one head, or over heads that lead as batch
+/// axes: `q [batch.., rows.., d]`, `k [batch.., keys.., d]`, `v [batch.., keys.., e]`, scores
+/// `[batch.., rows.., keys..]` and an output `[batch.., rows.., e]` or `[batch.., e, rows..]`,
+/// with reshapes anywhere between the two einsums. That is a single-head block (a small
+/// classifier's, or a CNN's feature map attended as tokens) once tract's declutter has
+/// pushed the tokens' reshapes through it: the height and width of a feature map stay two
+/// axes in both products and are merged only for the softmax, and the output may come out
+/// transposed. Every reshape keeps the order in memory, so a row of the softmax is one query
+/// row's keys exactly when its length is the keys' product. An additive bias is not taken.
+fn flat_chain(model: &TypedModel, node: &TypedNode) -> TractResult<Option<FlatChain>> {
+    let Some(s) = node.op_as::<EinSum>().and_then(Roles::of) else {
+        return Ok(None);
+    };
+    let (nb, nr, nk) = (s.batch.len(), s.a_out.len(), s.b_out.len());
+    let scores_fit = s.summed.len() == 1
+        && nr > 0
+        && nk > 0
+        && s.a == format!("{}{}{}", s.batch, s.a_out, s.summed)
+        && s.b == format!("{}{}{}", s.batch, s.b_out, s.summed)
+        && s.o == format!("{}{}{}", s.batch, s.a_out, s.b_out);
+    if !scores_fit {
+        return Ok(None);
+    }
+    let (qf, kf) = (
+        model.outlet_fact(node.inputs[0])?,
+        model.outlet_fact(node.inputs[1])?,
+    );
+    if [qf, kf]
+        .iter()
+        .any(|f| f.datum_type != f32::datum_type() || f.konst.is_some())
+    {
+        return Ok(None);
+    }
+    let (q, k) = (qf.shape.to_tvec(), kf.shape.to_tvec());
+    if q[..nb] != k[..nb] || q.last() != k.last() {
+        return Ok(None);
+    }
+    let (batch, rows, keys) = (
+        product(&q[..nb]),
+        product(&q[nb..nb + nr]),
+        product(&k[nb..nb + nk]),
+    );
+    // The scores' optional quantize -> dequantize, then an optional scalar Mul, with reshapes
+    // anywhere.
+    let (mut at, mut scale, mut scaled, mut score_quant) = (node.id, 1.0, false, None);
+    let mut next = only_successor(model, OutletId::new(at, 0));
+    loop {
+        if let Some(n) = next.filter(|&n| keeps_memory_order(model.node(n))) {
+            at = n;
+        } else if let (false, None, Some((fq, dq))) =
+            (scaled, &score_quant, fake_quant(model, next)?)
+        {
+            (score_quant, at) = (Some(fq), dq);
+        } else if let (false, Some((x, n))) = (scaled, scale_step(model, at, next)?) {
+            (scale, scaled, at) = (x, true, n);
+        } else {
+            break;
+        }
+        next = only_successor(model, OutletId::new(at, 0));
+    }
+    let Some(sm) = next.map(|n| model.node(n)) else {
+        return Ok(None);
+    };
+    let input = model.outlet_fact(sm.inputs[0])?;
+    let is_softmax = sm.op_as::<Softmax>().is_some_and(|op| {
+        op.axes.as_slice() == [input.rank() - 1]
+            && op.kind == SoftmaxKind::Softmax
+            && op.quant_output_dt.is_none()
+    });
+    if !is_softmax || input.shape.last() != Some(&keys) {
+        return Ok(None);
+    }
+    // The weights' optional quantize -> dequantize, with reshapes anywhere.
+    let mut weights = OutletId::new(sm.id, 0);
+    let mut weight_quant = None;
+    loop {
+        let next = only_successor(model, weights);
+        if let Some(n) = next.filter(|&n| keeps_memory_order(model.node(n))) {
+            weights = OutletId::new(n, 0);
+        } else if let (None, Some((fq, dq))) = (&weight_quant, fake_quant(model, next)?) {
+            (weight_quant, weights) = (Some(fq), OutletId::new(dq, 0));
+        } else {
+            break;
+        }
+    }
+    let Some(pv) = only_successor(model, weights).map(|n| model.node(n)) else {
+        return Ok(None);
+    };
+    let Some(p) = pv.op_as::<EinSum>().and_then(Roles::of) else {
+        return Ok(None);
+    };
+    let (mb, mr) = (p.batch.len(), p.a_out.len());
+    let width_last = p.o == format!("{}{}{}", p.batch, p.a_out, p.b_out);
+    let values_fit = pv.inputs[0] == weights
+        && p.b_out.len() == 1
+        && mr > 0
+        && !p.summed.is_empty()
+        && p.a == format!("{}{}{}", p.batch, p.a_out, p.summed)
+        && p.b == format!("{}{}{}", p.batch, p.summed, p.b_out)
+        && (width_last || p.o == format!("{}{}{}", p.batch, p.b_out, p.a_out));
+    if !values_fit {
+        return Ok(None);
+    }
+    let (wf, vf) = (
+        model.outlet_fact(pv.inputs[0])?,
+        model.outlet_fact(pv.inputs[1])?,
+    );
+    if vf.datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    let (w, v) = (wf.shape.to_tvec(), vf.shape.to_tvec());
+    // The same batch items, rows and keys on both sides, in the same order in memory.
+    let same = w[..mb] == v[..mb]
+        && product(&w[..mb]) == batch
+        && product(&w[mb..mb + mr]) == rows
+        && product(&w[mb + mr..]) == keys
+        && product(&v[mb..v.len() - 1]) == keys;
+    Ok(same.then_some(FlatChain {
+        first: node.id,
+        last: pv.id,
+        scale,
+        score_quant,
+        weight_quant,
+        batch,
+        rows,
+        keys,
+        out_batch: mb,
+        width_last,
+    }))
+}
+
+/// Replaces `chain` by a [`FusedAttention`] in [`Layout::RowsMajor`] with one head, its
+/// operands reshaped to `[batch, rows or keys, 1, width]` and its output back to the
+/// block's. False (and the model unchanged) if the output would not come out the same shape.
+fn fuse_flat(model: &mut TypedModel, chain: &FlatChain) -> TractResult<bool> {
+    let first = model.node(chain.first);
+    let last = model.node(chain.last);
+    let name = format!("{}.edgevlm_attention", first.name);
+    let mut patch = TypedModelPatch::new(format!("edgevlm fused attention {}", first.name));
+    let wires = [first.inputs[0], first.inputs[1], last.inputs[1]];
+    let taps = patch.taps(model, &wires)?;
+    let mut operands = tvec![];
+    for (i, (tap, lead)) in taps
+        .iter()
+        .zip([&chain.rows, &chain.keys, &chain.keys])
+        .enumerate()
+    {
+        let shape = patch.outlet_fact(*tap)?.shape.to_tvec();
+        let from: TVec<TDim> = shape[..shape.len() - 1].into();
+        let to = tvec![chain.batch.clone(), lead.clone()];
+        let mut x = *tap;
+        if from != to {
+            let reshape = AxisOp::Reshape(0, from, to);
+            x = patch.wire_node(format!("{name}.in{i}"), reshape, &[x])?[0];
+        }
+        operands.push(patch.wire_node(format!("{name}.head{i}"), AxisOp::Add(2), &[x])?[0]);
+    }
+    let op = FusedAttention {
+        scale: chain.scale,
+        layout: Layout::RowsMajor,
+        score_quant: chain.score_quant.clone(),
+        weight_quant: chain.weight_quant.clone(),
+    };
+    let mut out = patch.wire_node(&name, op, &operands)?[0];
+    out = patch.wire_node(format!("{name}.unhead"), AxisOp::Rm(2), &[out])?[0];
+    let want = model
+        .outlet_fact(OutletId::new(chain.last, 0))?
+        .shape
+        .to_tvec();
+    let nb = chain.out_batch;
+    let lead: TVec<TDim> = if chain.width_last {
+        want[..want.len() - 1].into()
+    } else {
+        want[..nb].iter().chain(&want[nb + 1..]).cloned().collect()
+    };
+    let from = tvec![chain.batch.clone(), chain.rows.clone()];
+    if lead != from {
+        let reshape = AxisOp::Reshape(0, from, lead);
+        out = patch.wire_node(format!("{name}.out"), reshape, &[out])?[0];
+    }
+    if !chain.width_last {
+        let moved = AxisOp::Move(want.len() - 1, nb);
+        out = patch.wire_node(format!("{name}.width"), moved, &[out])?[0];
+    }
+    if patch.outlet_fact(out)?.shape.to_tvec() != want {
+        return Ok(false);
+    }
+    patch.shunt_outside(model, OutletId::new(chain.last, 0), out)?;
+    patch.apply(model)?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -1516,6 +1794,158 @@ mod tests {
         }
     }
 
+    /// Single-head attention blocks in the forms tract's declutter leaves them (see
+    /// [`flat_chain`]): a feature map's height and width as two axes in both products and
+    /// merged only for the softmax, the output transposed; the tokens as one axis, with a
+    /// static QDQ export's quantize -> dequantize pairs; no batch axis at all. Each fuses and
+    /// gives tract's results. Blocks it must not take stay as they are: the values' keys in
+    /// another order than the weights' (same shapes), an additive bias, a softmax over
+    /// another axis.
+    #[test]
+    fn single_head_blocks_in_tracts_folded_forms_fuse() {
+        use crate::quant::QuantOut;
+        if crate::q4mm::f32_kernel().is_none() {
+            eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
+            return;
+        }
+        let (batch, h, w, d, e) = (2usize, 5usize, 7usize, 16usize, 24usize);
+        let tokens = h * w;
+        let fill = |shape: &[usize], seed: usize| -> TValue {
+            let data = eighths(shape.iter().product(), seed);
+            tract_ndarray::ArrayD::from_shape_vec(shape, data)
+                .unwrap()
+                .into_tvalue()
+        };
+        let reshape = |at: usize, from: &[usize], to: &[usize]| {
+            let dims = |x: &[usize]| x.iter().map(|&n| n.to_dim()).collect();
+            AxisOp::Reshape(at, dims(from), dims(to))
+        };
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        enum Form {
+            /// `abmk,acnk->abmcn`, reshapes, softmax, reshape, `ambk,abkn->anm`.
+            Split,
+            /// The same with the values' two key axes swapped: not attention.
+            SplitSwappedKeys,
+            /// `amk,ank->amn`, quantize pairs, `amk,akn->anm`.
+            Quantized,
+            /// `mk,nk->mn`, `mk,kn->mn`.
+            NoBatch,
+            /// `amk,ank->amn` with a bias added to the scores.
+            Biased,
+            /// `amk,ank->amn`, a softmax over the rows.
+            RowsSoftmax,
+        }
+        for form in [
+            Form::Split,
+            Form::SplitSwappedKeys,
+            Form::Quantized,
+            Form::NoBatch,
+            Form::Biased,
+            Form::RowsSoftmax,
+        ] {
+            let (qs, ks, vs): (Vec<usize>, Vec<usize>, Vec<usize>) = match form {
+                Form::Split => (
+                    vec![batch, h, w, d],
+                    vec![batch, h, w, d],
+                    vec![batch, h, w, e],
+                ),
+                Form::SplitSwappedKeys => (
+                    vec![batch, h, w, d],
+                    vec![batch, h, w, d],
+                    vec![batch, w, h, e],
+                ),
+                Form::NoBatch => (vec![tokens, d], vec![tokens, d], vec![tokens, e]),
+                _ => (
+                    vec![batch, tokens, d],
+                    vec![batch, tokens, d],
+                    vec![batch, tokens, e],
+                ),
+            };
+            let inputs = tvec!(fill(&qs, 1), fill(&ks, 2), fill(&vs, 3));
+            let build = || -> TractResult<TypedModel> {
+                let mut m = TypedModel::default();
+                let q = m.add_source("q", f32::fact(&qs))?;
+                let k = m.add_source("k", f32::fact(&ks))?;
+                let v = m.add_source("v", f32::fact(&vs))?;
+                let einsum = |expr: &str| EinSum::new(expr.parse().unwrap(), f32::datum_type());
+                let (scores, pv) = match form {
+                    Form::Split => ("abmk,acnk->abmcn", "ambk,abkn->anm"),
+                    Form::SplitSwappedKeys => ("abmk,acnk->abmcn", "ambk,akbn->anm"),
+                    Form::Quantized => ("amk,ank->amn", "amk,akn->anm"),
+                    Form::NoBatch => ("mk,nk->mn", "mk,kn->mn"),
+                    _ => ("amk,ank->amn", "amk,akn->amn"),
+                };
+                let mut s = m.wire_node("scores", einsum(scores), &[q, k])?[0];
+                if form == Form::Quantized {
+                    s = m.wire_node("scores.q", quantize_linear_i8(2.0, 3), &[s])?[0];
+                    s = m.wire_node("scores.dq", DequantizeLinearF32::new(0.5, 3), &[s])?[0];
+                }
+                let scale = m.add_const("scale", tensor0(0.37f32))?;
+                s = wire_with_rank_broadcast("scaled", &mut m, mul(), &[s, scale])?[0];
+                if matches!(form, Form::Split | Form::SplitSwappedKeys) {
+                    s = m.wire_node("keys", reshape(3, &[h, w], &[tokens]), &[s])?[0];
+                    s = m.wire_node("rows", reshape(1, &[h, w], &[tokens]), &[s])?[0];
+                }
+                if form == Form::Biased {
+                    let bias = m.add_const("bias", Tensor::zero::<f32>(&[1, 1, tokens])?)?;
+                    s = wire_with_rank_broadcast("masked", &mut m, add(), &[s, bias])?[0];
+                }
+                let rank = m.outlet_fact(s)?.rank();
+                let axis = if form == Form::RowsSoftmax {
+                    rank - 2
+                } else {
+                    rank - 1
+                };
+                let softmax = Softmax::new(tvec![axis], None, SoftmaxKind::Softmax);
+                s = m.wire_node("softmax", softmax, &[s])?[0];
+                if form == Form::Quantized {
+                    s = m.wire_node("weights.q", quantize_linear_u8(255.0, 0), &[s])?[0];
+                    let dq = DequantizeLinearF32::new(1.0 / 255.0, 0);
+                    s = m.wire_node("weights.dq", dq, &[s])?[0];
+                }
+                if matches!(form, Form::Split | Form::SplitSwappedKeys) {
+                    let (a, b) = if form == Form::Split { (h, w) } else { (w, h) };
+                    s = m.wire_node("split", reshape(2, &[tokens], &[a, b]), &[s])?[0];
+                }
+                let out = m.wire_node("pv", einsum(pv), &[s, v])?[0];
+                m.select_output_outlets(&[out])?;
+                Ok(m)
+            };
+            let mut model = build().unwrap();
+            let takes = matches!(form, Form::Split | Form::Quantized | Form::NoBatch);
+            let fused = fuse_attention(&mut model).unwrap();
+            assert_eq!(fused, takes as usize, "{form:?}");
+            // Left as it was, the block needs no comparison (tract 0.23.9 cannot even run
+            // the swapped one: its codegen folds the keys with the weights' shape).
+            if takes {
+                let op = model
+                    .nodes()
+                    .iter()
+                    .find_map(|n| n.op_as::<FusedAttention>())
+                    .unwrap();
+                assert_eq!(op.scale, 0.37, "{form:?}");
+                let quantized = form == Form::Quantized;
+                assert_eq!(op.score_quant.is_some(), quantized, "{form:?}");
+                assert_eq!(op.weight_quant.is_some(), quantized, "{form:?}");
+                if let Some(fq) = &op.weight_quant {
+                    assert_eq!(
+                        fq.out,
+                        QuantOut::Float {
+                            scale: 1.0 / 255.0,
+                            zero: 0
+                        }
+                    );
+                }
+                let want = build().unwrap().into_runnable().unwrap();
+                let want = want.run(inputs.clone()).unwrap();
+                let got = model.into_runnable().unwrap().run(inputs.clone()).unwrap();
+                assert_eq!(got[0].shape(), want[0].shape(), "{form:?}");
+                let tol = if quantized { 1e-5 + 2.0 / 255.0 } else { 1e-5 };
+                assert_close(&got[0], &want[0], tol, &format!("{form:?}"));
+            }
+        }
+    }
+
     /// Every element of two f32 tensors of the same size within `tol`.
     fn assert_close(got: &TValue, want: &TValue, tol: f32, what: &str) {
         let (got, want) = (
@@ -1653,6 +2083,17 @@ mod tests {
         let [(si, so), _] = attention_einsums(Layout::RowsMajor);
         assert!(fits("abcd,aecd->acbe", si, so));
         assert!(!fits("abcd,aecd->abce", si, so));
+        // The flat form's roles: batch, first operand's, second's, summed.
+        let roles = |expr: &str| {
+            let r = Roles::of(&EinSum::new(expr.parse().unwrap(), f32::datum_type()))?;
+            Some([r.batch, r.a_out, r.b_out, r.summed])
+        };
+        assert_eq!(roles("abmk,acnk->abmcn").unwrap(), ["a", "bm", "cn", "k"]);
+        assert_eq!(roles("ambk,abkn->anm").unwrap(), ["a", "m", "n", "bk"]);
+        assert_eq!(roles("mk,nk->mn").unwrap(), ["", "m", "n", "k"]);
+        // An axis summed over one operand, or twice in one.
+        assert_eq!(roles("amk,ank->am"), None);
+        assert_eq!(roles("amm,anm->amn"), None);
     }
 
     /// Against the definition in f64 for row lengths around whole vectors (1, 7, 8, 9, 15,

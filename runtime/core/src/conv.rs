@@ -105,16 +105,17 @@ impl Window {
         )
     }
 
-    /// `f(images, n, output)` on the `n` images of `x`, an NCHW f32 input of the shape this
-    /// window was built for, and a zeroed `[n, channels, oh, ow]` output, which it returns.
-    fn eval(
+    /// `f(images, n, output)` on the `n` images of `x`, an NCHW input of `T`s of the shape
+    /// this window was built for, and a zeroed f32 `[n, channels, oh, ow]` output, which it
+    /// returns.
+    fn eval<T: Datum>(
         &self,
         op: &str,
         x: &TValue,
         channels: usize,
-        f: impl FnOnce(&[f32], usize, &mut [f32]) -> TractResult<()>,
+        f: impl FnOnce(&[T], usize, &mut [f32]) -> TractResult<()>,
     ) -> TractResult<TVec<TValue>> {
-        let x = x.to_plain_array_view::<f32>()?;
+        let x = x.to_plain_array_view::<T>()?;
         ensure!(
             x.shape()[1..] == [self.c, self.hw.0, self.hw.1],
             "{op} built for [n, {}, {}, {}], given {:?}",
@@ -146,8 +147,10 @@ impl Window {
     }
 }
 
-/// An f32 NCHW 2-D convolution with a constant kernel and bias, one group, on the FMA tile
-/// of [`crate::q4mm::f32_kernel`]: see the module's description.
+/// An NCHW 2-D convolution with a constant f32 kernel and bias, one group, on the FMA tile
+/// of [`crate::q4mm::f32_kernel`]: see the module's description. Its input is f32, or 8-bit
+/// (u8 or i8) with a second input, a zero point that is subtracted as the image is padded
+/// (what [`integer_convs_in_f32`] builds). The output is f32.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct F32Conv {
     /// The kernel's window over the input.
@@ -192,10 +195,58 @@ impl EvalOp for F32Conv {
         let Some(kernel) = crate::q4mm::f32_kernel() else {
             bail!("EdgevlmConv needs an FMA tile, which this CPU lacks");
         };
-        self.window
-            .eval("EdgevlmConv", &inputs[0], self.o, |x, n, out| {
-                self.run(kernel, x, n, out)
+        let (w, x) = (&self.window, &inputs[0]);
+        let name = "EdgevlmConv";
+        let dt = x.datum_type();
+        if dt == f32::datum_type() {
+            return w.eval(name, x, self.o, |x, n, out| {
+                self.run(kernel, Pixels::F32(x), n, out)
+            });
+        }
+        let x0 = inputs
+            .get(1)
+            .with_context(|| format!("{name}: an 8-bit input needs its zero point"))?
+            .cast_to_scalar::<f32>()?;
+        if dt == u8::datum_type() {
+            w.eval(name, x, self.o, |x, n, out| {
+                self.run(kernel, Pixels::U8(x, x0), n, out)
             })
+        } else if dt == i8::datum_type() {
+            w.eval(name, x, self.o, |x, n, out| {
+                self.run(kernel, Pixels::I8(x, x0), n, out)
+            })
+        } else {
+            bail!("{name}: input of {dt:?}")
+        }
+    }
+}
+
+/// A convolution's input images: f32, or 8-bit with the zero point to subtract.
+#[derive(Clone, Copy)]
+enum Pixels<'a> {
+    F32(&'a [f32]),
+    U8(&'a [u8], f32),
+    I8(&'a [i8], f32),
+}
+
+impl Pixels<'_> {
+    /// Values `at..at + dst.len()` into `dst`, less the zero point.
+    #[inline(always)]
+    fn copy(self, at: usize, dst: &mut [f32]) {
+        let len = dst.len();
+        match self {
+            Pixels::F32(x) => dst.copy_from_slice(&x[at..at + len]),
+            Pixels::U8(x, x0) => {
+                for (d, s) in dst.iter_mut().zip(&x[at..at + len]) {
+                    *d = *s as f32 - x0;
+                }
+            }
+            Pixels::I8(x, x0) => {
+                for (d, s) in dst.iter_mut().zip(&x[at..at + len]) {
+                    *d = *s as f32 - x0;
+                }
+            }
+        }
     }
 }
 
@@ -218,14 +269,14 @@ impl TypedOp for F32Conv {
 impl F32Conv {
     /// The convolution of the `n` images in `x` into `out` (`[n, o, oh, ow]`), on `kernel`.
     #[cfg(not(target_arch = "x86_64"))]
-    fn run(&self, kernel: F32Kernel, x: &[f32], n: usize, out: &mut [f32]) -> TractResult<()> {
+    fn run(&self, kernel: F32Kernel, x: Pixels, n: usize, out: &mut [f32]) -> TractResult<()> {
         let _ = (kernel, x, n, out);
         bail!("EdgevlmConv runs on x86_64 only (f32_kernel is none elsewhere)")
     }
 
     /// The convolution of the `n` images in `x` into `out` (`[n, o, oh, ow]`), on `kernel`.
     #[cfg(target_arch = "x86_64")]
-    fn run(&self, kernel: F32Kernel, x: &[f32], n: usize, out: &mut [f32]) -> TractResult<()> {
+    fn run(&self, kernel: F32Kernel, x: Pixels, n: usize, out: &mut [f32]) -> TractResult<()> {
         let w = &self.window;
         let (taps, positions) = (w.taps(), w.positions());
         let weight = self.weight.try_as_plain_ram()?.as_slice::<f32>()?;
@@ -240,15 +291,16 @@ impl F32Conv {
         // 32 at stride 2, however few it keeps, so the last row's may run up to 31 floats
         // past the image).
         let mut padded = vec![0f32; n * w.c * plane + if direct { NR } else { 0 }];
-        for (img, dst) in x
-            .chunks_exact(w.hw.0 * w.hw.1)
-            .zip(padded.chunks_exact_mut(plane))
-        {
-            for (row, src) in img.chunks_exact(w.hw.1).enumerate() {
-                let at = (row + w.before.0) * pw + w.before.1;
-                dst[at..at + w.hw.1].copy_from_slice(src);
+        // Compiled for AVX-512 / AVX2: an 8-bit input's conversions then take 16 / 8 values
+        // at a time.
+        crate::quant::wide(|| {
+            for (img, dst) in padded.chunks_exact_mut(plane).take(n * w.c).enumerate() {
+                for row in 0..w.hw.0 {
+                    let at = (row + w.before.0) * pw + w.before.1;
+                    x.copy((img * w.hw.0 + row) * w.hw.1, &mut dst[at..at + w.hw.1]);
+                }
             }
-        }
+        });
         let out_at = out.as_mut_ptr() as usize;
         let macs = n * self.o * taps * positions;
         let threads = crate::team::threads_for(macs, weight.len() * 4);
@@ -942,15 +994,17 @@ fn f32_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Op
 
 /// Rewrites every 8-bit NCHW 2-D convolution (ONNX `ConvInteger` as tract loads it: i32
 /// sums, one group, a constant kernel and kernel zero point, a single input zero point) left
-/// after [`crate::int8mm::patch_convs_as_products`] into `Cast(F32Conv(x - x0, w - w0) to
-/// i32)`, where the sums are exact in f32: every partial sum is an integer below 2^24 when
-/// `taps * 255 * max |w - w0| < 2^24` (3x3 over up to ~28 channels of a full-range kernel;
-/// more with a smaller one). Same integers as the convolution. tract 0.23.9 runs these as
-/// an `Im2col` and its int8 kernel plus zero-point corrections (~0.5 ms of the dynamic
-/// int8 fixture graphs' ~1.2). Runs where [`own_convs_and_pools`] does. Returns how many.
+/// after [`crate::int8mm::patch_convs_as_products`] into `Cast(F32Conv(x, x0) to i32)`, the
+/// [`F32Conv`] of the centred kernel `w - w0` over `x - x0`, where the sums are exact in
+/// f32: every partial sum is an integer below 2^24 when `taps * 255 * max |w - w0| < 2^24`
+/// (3x3 over up to ~28 channels of a full-range kernel; more with a smaller one). Same
+/// integers as the convolution. When its only consumer is the Cast to f32 of a dynamic
+/// int8 export, the two casts would give back the same floats and both are left out.
+/// tract 0.23.9 runs these as an `Im2col` and its int8 kernel plus zero-point corrections
+/// (~0.5 ms of the dynamic int8 fixture graphs' ~1.2). Runs where [`own_convs_and_pools`]
+/// does. Returns how many.
 pub fn integer_convs_in_f32(model: &mut TypedModel) -> TractResult<usize> {
     use tract_onnx::tract_core::ops::cast::cast;
-    use tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast;
     if crate::q4mm::f32_kernel().is_none() {
         return Ok(0);
     }
@@ -965,23 +1019,33 @@ pub fn integer_convs_in_f32(model: &mut TypedModel) -> TractResult<usize> {
     }
     for (id, op) in &found {
         let node = model.node(*id);
-        let name = |what: &str| format!("{}.edgevlm_{what}", node.name);
         let mut patch = TypedModelPatch::new(format!("edgevlm integer conv {}", node.name));
         let taps = patch.taps(model, &[node.inputs[0], node.inputs[3]])?;
-        let x = patch.wire_node(name("x_f32"), cast(f32::datum_type()), &[taps[0]])?[0];
-        let x0 = patch.wire_node(name("x0_f32"), cast(f32::datum_type()), &[taps[1]])?[0];
-        let centred = wire_with_rank_broadcast(
-            name("centred"),
-            &mut patch,
-            tract_onnx::tract_core::ops::math::sub(),
-            &[x, x0],
-        )?[0];
-        let sums = patch.wire_node(name("conv"), op.clone(), &[centred])?[0];
-        let out = patch.wire_node(&node.name, cast(i32::datum_type()), &[sums])?[0];
-        patch.shunt_outside(model, (*id).into(), out)?;
+        let sums = patch.wire_node(format!("{}.edgevlm_conv", node.name), op.clone(), &taps)?[0];
+        match cast_to_f32_after(model, *id) {
+            Some(to_f32) => patch.shunt_outside(model, to_f32.into(), sums)?,
+            None => {
+                let out = patch.wire_node(&node.name, cast(i32::datum_type()), &[sums])?[0];
+                patch.shunt_outside(model, (*id).into(), out)?;
+            }
+        }
         patch.apply(model)?;
     }
     Ok(found.len())
+}
+
+/// The Cast to f32 that is the only consumer of `id`'s output, if there is one and that
+/// output is not also a model output.
+fn cast_to_f32_after(model: &TypedModel, id: usize) -> Option<usize> {
+    use tract_onnx::tract_core::ops::cast::Cast;
+    let outlet = OutletId::new(id, 0);
+    let succ = model.outlet_successors(outlet);
+    let [only] = succ else { return None };
+    let to_f32 = model.node(only.node);
+    let is_cast = to_f32
+        .op_as::<Cast>()
+        .is_some_and(|c| c.to == f32::datum_type());
+    (is_cast && !model.output_outlets().ok()?.contains(&outlet)).then_some(to_f32.id)
 }
 
 /// The [`F32Conv`] of `node`'s centred kernel if [`integer_convs_in_f32`] takes it.
@@ -1057,6 +1121,7 @@ fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::ops::cast::Cast;
     use tract_onnx::tract_core::ops::cnn::PaddingSpec;
 
     fn random(len: usize, seed: &mut u64) -> Vec<f32> {
@@ -1199,7 +1264,7 @@ mod tests {
             let xs = crate::values::<f32>(&x)?;
             for kernel in crate::q4mm::tests::kernels_here() {
                 let mut out = vec![f32::NAN; want.len()];
-                op.run(kernel, &xs, n, &mut out)?;
+                op.run(kernel, Pixels::F32(&xs), n, &mut out)?;
                 outs.push(out);
             }
             for got in outs {
@@ -1215,19 +1280,22 @@ mod tests {
         Ok(())
     }
 
-    /// A model of one tract 8-bit `Conv` (ONNX `ConvInteger`: u8 input with a run-time zero
-    /// point, u8 kernel with one zero point or one per output channel, i32 sums).
+    /// A model of one tract 8-bit `Conv` (ONNX `ConvInteger`: a u8 or i8 input with a
+    /// run-time zero point, a u8 kernel with one zero point or one per output channel, i32
+    /// sums), its sums cast to f32 when `to_f32` (as a dynamic int8 export has them).
     fn integer_conv_model(
         spec: PoolSpec,
         kernel: Tensor,
         w0: Tensor,
-        (c, h, w): (usize, usize, usize),
+        (input, c, h, w): (DatumType, usize, usize, usize),
+        to_f32: bool,
     ) -> TractResult<TypedModel> {
+        use tract_onnx::tract_core::ops::cast::cast;
         let mut m = TypedModel::default();
         let n = m.symbols.sym("n");
         let x = m.add_source(
             "x",
-            u8::fact([n.to_dim(), c.to_dim(), h.to_dim(), w.to_dim()]),
+            input.fact([n.to_dim(), c.to_dim(), h.to_dim(), w.to_dim()]),
         )?;
         let x0 = m.add_source("x0", i32::fact([0usize; 0]))?;
         let mut inputs = vec![x, m.add_const("kernel", kernel)?];
@@ -1244,7 +1312,10 @@ mod tests {
             group: 1,
             q_params: Some(i32::datum_type()),
         };
-        let y = m.wire_node("conv", op, &inputs)?[0];
+        let mut y = m.wire_node("conv", op, &inputs)?[0];
+        if to_f32 {
+            y = m.wire_node("to_f32", cast(f32::datum_type()), &[y])?[0];
+        }
         m.select_output_outlets(&[y])?;
         Ok(m)
     }
@@ -1261,33 +1332,64 @@ mod tests {
                 .map(|_| (crate::int8mm::tests::lcg(&mut seed) >> 7) as u8)
                 .collect()
         };
-        // (c, o), (h, w), strides, pads, channels sharing one kernel zero point; the last is
-        // too deep for exact f32 sums and stays on tract's path.
+        // (c, o), (h, w), strides, pads, channels sharing one kernel zero point, signed
+        // input, sums cast to f32; the last is too deep for exact f32 sums and stays on
+        // tract's path.
         #[rustfmt::skip]
         let cases = [
-            ((3, 16), (32, 32), (1, 1), ((1, 1), (1, 1)), false, true),
-            ((16, 32), (32, 32), (2, 2), ((1, 1), (1, 1)), true, true),
-            ((5, 7), (11, 9), (1, 2), ((0, 1), (2, 0)), true, true),
-            ((300, 4), (5, 5), (1, 1), ((1, 1), (1, 1)), false, false),
+            ((3, 16), (32, 32), (1, 1), ((1, 1), (1, 1)), false, false, false, true),
+            ((16, 32), (32, 32), (2, 2), ((1, 1), (1, 1)), true, false, true, true),
+            ((5, 7), (11, 9), (1, 2), ((0, 1), (2, 0)), true, true, false, true),
+            ((4, 9), (17, 20), (1, 1), ((1, 1), (1, 1)), false, true, true, true),
+            ((300, 4), (5, 5), (1, 1), ((1, 1), (1, 1)), false, false, false, false),
         ];
-        for ((c, o), (h, w), s, pads, shared, taken) in cases {
+        for ((c, o), (h, w), s, pads, shared, signed, to_f32, taken) in cases {
             let kernel = Tensor::from_shape(&[o, c, 3, 3], &bytes(o * c * 9))?;
             let w0: Vec<i32> = bytes(if shared { 1 } else { o })
                 .into_iter()
                 .map(i32::from)
                 .collect();
             let w0 = if shared { tensor0(w0[0]) } else { tensor1(&w0) };
-            let tract =
-                integer_conv_model(spec((c, o), (3, 3), s, (1, 1), pads), kernel, w0, (c, h, w))?
-                    .into_decluttered()?;
+            let input = if signed {
+                i8::datum_type()
+            } else {
+                u8::datum_type()
+            };
+            let spec = spec((c, o), (3, 3), s, (1, 1), pads);
+            let tract = integer_conv_model(spec, kernel, w0, (input, c, h, w), to_f32)?
+                .into_decluttered()?;
             let mut ours = tract.clone();
             assert_eq!(integer_convs_in_f32(&mut ours)?, taken as usize, "{c}->{o}");
-            for x0 in [0i32, 128, 255] {
-                let x = Tensor::from_shape(&[2, c, h, w], &bytes(2 * c * h * w))?;
+            let x0s = if signed {
+                [-128, 0, 127]
+            } else {
+                [0i32, 128, 255]
+            };
+            for x0 in x0s {
+                let (shape, data) = ([2, c, h, w], bytes(2 * c * h * w));
+                let x = if signed {
+                    let data: Vec<i8> = data.iter().map(|&b| b as i8).collect();
+                    Tensor::from_shape(&shape, &data)?
+                } else {
+                    Tensor::from_shape(&shape, &data)?
+                };
                 let inputs = || tvec!(x.clone().into(), tensor0(x0).into());
                 let want = tract.clone().into_runnable()?.run(inputs())?.remove(0);
                 let got = ours.clone().into_runnable()?.run(inputs())?.remove(0);
-                assert_eq!(want, got, "case {c}->{o} {h}x{w} s{s:?} {pads:?}, x0 {x0}");
+                let case = format!("case {c}->{o} {h}x{w} s{s:?} {pads:?} {input:?}, x0 {x0}");
+                assert_eq!(want, got, "{case}");
+                // Integers, not only equal ones.
+                let expect = if to_f32 {
+                    f32::datum_type()
+                } else {
+                    i32::datum_type()
+                };
+                assert_eq!(got.datum_type(), expect, "{case}");
+            }
+            if taken {
+                // Both casts left out when the sums are cast to f32.
+                let casts = ours.nodes().iter().filter(|n| n.op_is::<Cast>()).count();
+                assert_eq!(casts, !to_f32 as usize, "{c}->{o}: casts");
             }
         }
         Ok(())
