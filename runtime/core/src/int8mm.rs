@@ -1079,22 +1079,13 @@ impl EvalOp for VnniMatMul {
         let plain = act.try_as_plain_ram()?;
         // A row stride in whole 4-byte steps, zeros past k, signed bytes made unsigned.
         let lda = k.next_multiple_of(4);
-        let copy = |src: &mut dyn Iterator<Item = u8>| {
-            let mut buf = vec![0u8; m * lda];
-            for row in buf.chunks_exact_mut(lda) {
-                for d in &mut row[..k] {
-                    *d = src.next().unwrap_or(0);
-                }
-            }
-            buf
-        };
         let padded;
         let (a, lda) = if self.act_signed {
             let s = plain.as_slice::<i8>()?;
-            padded = copy(&mut s.iter().map(|&x| (x as u8) ^ 0x80));
+            padded = padded_rows(s, k, lda, |x| (x as u8) ^ 0x80);
             (&padded[..], lda)
         } else if k % 4 != 0 {
-            padded = copy(&mut plain.as_slice::<u8>()?.iter().copied());
+            padded = padded_rows(plain.as_slice::<u8>()?, k, lda, |x| x);
             (&padded[..], lda)
         } else {
             (plain.as_slice::<u8>()?, k)
@@ -1129,6 +1120,16 @@ impl EvalOp for VnniMatMul {
         };
         Ok(tvec!(out.into_tvalue()))
     }
+}
+
+/// The rows of `k` values in `src` as bytes `f(x)`, each row padded with zeros to `lda`.
+fn padded_rows<T: Copy>(src: &[T], k: usize, lda: usize, f: impl Fn(T) -> u8) -> Vec<u8> {
+    let rows = src.len() / k.max(1);
+    let mut buf = vec![0u8; rows * lda];
+    for (row, x) in buf.chunks_exact_mut(lda).zip(src.chunks_exact(k.max(1))) {
+        row.iter_mut().zip(x).for_each(|(d, &x)| *d = f(x));
+    }
+    buf
 }
 
 impl TypedOp for VnniMatMul {
