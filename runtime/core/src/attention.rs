@@ -374,9 +374,13 @@ impl Job<'_> {
                 }
                 for r in 0..rb {
                     let row = &mut s[r * np..r * np + keys];
+                    // The quantize -> dequantize passes compiled for AVX-512 / AVX2 (the
+                    // crate's baseline is SSE2): same operations, same values.
                     if let Some(fq) = self.score_quant {
-                        fq.requantize_in_place(row);
-                        row.iter_mut().for_each(|x| *x *= self.scale);
+                        crate::quant::wide(|| {
+                            fq.requantize_in_place(row);
+                            row.iter_mut().for_each(|x| *x *= self.scale);
+                        });
                     }
                     if let Some(bias) = self.bias {
                         // Local row `i` is query head `g * per_group + i / rows`'s row `i % rows`.
@@ -397,7 +401,7 @@ impl Job<'_> {
                     // SAFETY: as above.
                     unsafe { softmax_row(kernel, row) };
                     if let Some(fq) = self.weight_quant {
-                        fq.requantize_in_place(row);
+                        crate::quant::wide(|| fq.requantize_in_place(row));
                     }
                 }
                 // SAFETY: as above.
