@@ -54,6 +54,9 @@ pub struct FusedAttention {
     /// A static QDQ export's quantize -> dequantize of the raw scores, before `scale` (a
     /// [`LinearQuant`] with a float output).
     pub score_quant: Option<LinearQuant>,
+    /// A static QDQ export's quantize -> dequantize of the scaled scores, after `scale` and
+    /// before the bias (an export that quantizes the scale's Mul too).
+    pub scaled_quant: Option<LinearQuant>,
     /// A static QDQ export's quantize -> dequantize of the softmax's weights, before the
     /// product with `v`.
     pub weight_quant: Option<LinearQuant>,
@@ -82,8 +85,8 @@ impl Op for FusedAttention {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "scale={} layout={:?} score_quant={:?} weight_quant={:?}",
-            self.scale, self.layout, self.score_quant, self.weight_quant
+            "scale={} layout={:?} score_quant={:?} scaled_quant={:?} weight_quant={:?}",
+            self.scale, self.layout, self.score_quant, self.scaled_quant, self.weight_quant
         )])
     }
 
@@ -220,6 +223,7 @@ impl FusedAttention {
             layout: self.layout,
             scale: self.scale,
             score_quant: self.score_quant.as_ref(),
+            scaled_quant: self.scaled_quant.as_ref(),
             weight_quant: self.weight_quant.as_ref(),
             kernel,
         };
@@ -259,6 +263,7 @@ struct Job<'a> {
     layout: Layout,
     scale: f32,
     score_quant: Option<&'a LinearQuant>,
+    scaled_quant: Option<&'a LinearQuant>,
     weight_quant: Option<&'a LinearQuant>,
     /// The kernels, which run on this CPU.
     kernel: F32Kernel,
@@ -381,6 +386,9 @@ impl Job<'_> {
                             fq.requantize_in_place(row);
                             row.iter_mut().for_each(|x| *x *= self.scale);
                         });
+                    }
+                    if let Some(fq) = self.scaled_quant {
+                        crate::quant::wide(|| fq.requantize_in_place(row));
                     }
                     if let Some(bias) = self.bias {
                         // Local row `i` is query head `g * per_group + i / rows`'s row `i % rows`.
@@ -889,14 +897,21 @@ fn scalar_const(model: &TypedModel, outlet: OutletId) -> TractResult<Option<f32>
 }
 
 /// Is `node` a static per-tensor quantize whose only consumer is a dequantize (a static QDQ
-/// export's fake quantization)? The pair as one op, and the dequantize's node.
+/// export's fake quantization), or such a pair already made one op (by
+/// [`crate::quant::fold_float_dequants`])? The pair as one op, and its last node.
 fn fake_quant(
     model: &TypedModel,
     node: Option<usize>,
 ) -> TractResult<Option<(LinearQuant, usize)>> {
-    match node {
-        Some(n) => crate::quant::quantize_pair(model, model.node(n)),
-        None => Ok(None),
+    let Some(n) = node.map(|n| model.node(n)) else {
+        return Ok(None);
+    };
+    match n.op_as::<LinearQuant>() {
+        Some(op) if matches!(op.out, crate::quant::QuantOut::Float { .. }) => {
+            Ok(Some((op.clone(), n.id)))
+        }
+        Some(_) => Ok(None),
+        None => crate::quant::quantize_pair(model, n),
     }
 }
 
@@ -1012,6 +1027,7 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         bias: Option<OutletId>,
         layout: Layout,
         score_quant: Option<LinearQuant>,
+        scaled_quant: Option<LinearQuant>,
         weight_quant: Option<LinearQuant>,
     }
     let mut chains = vec![];
@@ -1038,14 +1054,22 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
         let mut scale = 1.0;
         let mut bias = None;
         let mut next = only_successor(model, OutletId::new(at, 0));
-        // An optional quantize -> dequantize, an optional scalar Mul, then an optional Add,
-        // in that order; for the grouped layout the merge of the heads, [x, g, p, r, k] ->
-        // [x, h, r, k], before the Add, anywhere among the others (a model read back from
-        // the load cache has the Mul pushed before it).
+        // An optional quantize -> dequantize, an optional scalar Mul, another optional
+        // quantize -> dequantize, then an optional Add, in that order; for the grouped layout
+        // the merge of the heads, [x, g, p, r, k] -> [x, h, r, k], before the Add, anywhere
+        // among the others (a model read back from the load cache has the Mul pushed before
+        // it).
         let mut scaled = false;
         let mut merge: Option<HeadsReshape> = None;
-        let mut score_quant = None;
+        let (mut score_quant, mut scaled_quant) = (None, None);
         loop {
+            if scaled && scaled_quant.is_none() {
+                if let Some((fq, dq)) = fake_quant(model, next)? {
+                    (scaled_quant, at) = (Some(fq), dq);
+                    next = only_successor(model, OutletId::new(at, 0));
+                    continue;
+                }
+            }
             if !scaled && score_quant.is_none() {
                 if let Some((fq, dq)) = fake_quant(model, next)? {
                     (score_quant, at) = (Some(fq), dq);
@@ -1177,6 +1201,7 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
                 bias,
                 layout,
                 score_quant,
+                scaled_quant,
                 weight_quant,
             });
         }
@@ -1194,6 +1219,7 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
                 scale: chain.scale,
                 layout: chain.layout,
                 score_quant: chain.score_quant.clone(),
+                scaled_quant: chain.scaled_quant.clone(),
                 weight_quant: chain.weight_quant.clone(),
             },
             &taps,
@@ -1262,6 +1288,7 @@ struct FlatChain {
     last: usize,
     scale: f32,
     score_quant: Option<LinearQuant>,
+    scaled_quant: Option<LinearQuant>,
     weight_quant: Option<LinearQuant>,
     /// Batch items and query rows: the products of `q`'s leading batch and row axes.
     batch: TDim,
@@ -1330,9 +1357,10 @@ fn flat_chain(model: &TypedModel, node: &TypedNode) -> TractResult<Option<FlatCh
         product(&q[nb..nb + nr]),
         product(&k[nb..nb + nk]),
     );
-    // The scores' optional quantize -> dequantize, then an optional scalar Mul, with reshapes
-    // anywhere.
-    let (mut at, mut scale, mut scaled, mut score_quant) = (node.id, 1.0, false, None);
+    // The scores' optional quantize -> dequantize, an optional scalar Mul, then another
+    // optional quantize -> dequantize, with reshapes anywhere.
+    let (mut at, mut scale, mut scaled) = (node.id, 1.0, false);
+    let (mut score_quant, mut scaled_quant) = (None, None);
     let mut next = only_successor(model, OutletId::new(at, 0));
     loop {
         if let Some(n) = next.filter(|&n| keeps_memory_order(model.node(n))) {
@@ -1341,6 +1369,10 @@ fn flat_chain(model: &TypedModel, node: &TypedNode) -> TractResult<Option<FlatCh
             (scaled, &score_quant, fake_quant(model, next)?)
         {
             (score_quant, at) = (Some(fq), dq);
+        } else if let (true, None, Some((fq, dq))) =
+            (scaled, &scaled_quant, fake_quant(model, next)?)
+        {
+            (scaled_quant, at) = (Some(fq), dq);
         } else if let (false, Some((x, n))) = (scaled, scale_step(model, at, next)?) {
             (scale, scaled, at) = (x, true, n);
         } else {
@@ -1410,6 +1442,7 @@ fn flat_chain(model: &TypedModel, node: &TypedNode) -> TractResult<Option<FlatCh
         last: pv.id,
         scale,
         score_quant,
+        scaled_quant,
         weight_quant,
         batch,
         rows,
@@ -1449,6 +1482,7 @@ fn fuse_flat(model: &mut TypedModel, chain: &FlatChain) -> TractResult<bool> {
         scale: chain.scale,
         layout: Layout::RowsMajor,
         score_quant: chain.score_quant.clone(),
+        scaled_quant: chain.scaled_quant.clone(),
         weight_quant: chain.weight_quant.clone(),
     };
     let mut out = patch.wire_node(&name, op, &operands)?[0];
@@ -1646,6 +1680,7 @@ mod tests {
                         scale,
                         layout,
                         score_quant: score_quant.clone(),
+                        scaled_quant: None,
                         weight_quant: weight_quant.clone(),
                     }
                     .run(kernel, inputs.clone())
@@ -1830,7 +1865,8 @@ mod tests {
             Split,
             /// The same with the values' two key axes swapped: not attention.
             SplitSwappedKeys,
-            /// `amk,ank->amn`, quantize pairs, `amk,akn->anm`.
+            /// `amk,ank->amn`, quantize pairs before and after the scale (the second with
+            /// the float dequantize `rewrite_qdq_softmax` writes), `amk,akn->anm`.
             Quantized,
             /// `mk,nk->mn`, `mk,kn->mn`.
             NoBatch,
@@ -1886,6 +1922,16 @@ mod tests {
                 }
                 let scale = m.add_const("scale", tensor0(0.37f32))?;
                 s = wire_with_rank_broadcast("scaled", &mut m, mul(), &[s, scale])?[0];
+                if form == Form::Quantized {
+                    use tract_onnx::tract_core::ops::cast::cast;
+                    use tract_onnx::tract_core::ops::math::sub;
+                    s = m.wire_node("scaled.q", quantize_linear_i8(4.0, -2), &[s])?[0];
+                    s = m.wire_node("scaled.x", cast(f32::datum_type()), &[s])?[0];
+                    let zero = m.add_const("scaled.zero", tensor0(-2f32))?;
+                    s = wire_with_rank_broadcast("scaled.centred", &mut m, sub(), &[s, zero])?[0];
+                    let step = m.add_const("scaled.step", tensor0(0.25f32))?;
+                    s = wire_with_rank_broadcast("scaled.dq", &mut m, mul(), &[s, step])?[0];
+                }
                 if matches!(form, Form::Split | Form::SplitSwappedKeys) {
                     s = m.wire_node("keys", reshape(3, &[h, w], &[tokens]), &[s])?[0];
                     s = m.wire_node("rows", reshape(1, &[h, w], &[tokens]), &[s])?[0];
@@ -1917,6 +1963,8 @@ mod tests {
             };
             let mut model = build().unwrap();
             let takes = matches!(form, Form::Split | Form::Quantized | Form::NoBatch);
+            let float_dqs = crate::quant::fold_float_dequants(&mut model).unwrap();
+            assert_eq!(float_dqs, (form == Form::Quantized) as usize, "{form:?}");
             let fused = fuse_attention(&mut model).unwrap();
             assert_eq!(fused, takes as usize, "{form:?}");
             // Left as it was, the block needs no comparison (tract 0.23.9 cannot even run
@@ -1931,6 +1979,16 @@ mod tests {
                 let quantized = form == Form::Quantized;
                 assert_eq!(op.score_quant.is_some(), quantized, "{form:?}");
                 assert_eq!(op.weight_quant.is_some(), quantized, "{form:?}");
+                if let Some(fq) = &op.scaled_quant {
+                    assert_eq!(
+                        fq.out,
+                        QuantOut::Float {
+                            scale: 0.25,
+                            zero: -2
+                        }
+                    );
+                }
+                assert_eq!(op.scaled_quant.is_some(), quantized, "{form:?}");
                 if let Some(fq) = &op.weight_quant {
                     assert_eq!(
                         fq.out,

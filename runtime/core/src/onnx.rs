@@ -882,6 +882,16 @@ fn optimize(
     if !decluttered {
         typed.declutter().map_err(|e| ("optimizing", e))?;
     }
+    // Before the attention's fusion, which takes the pairs this makes; on every CPU.
+    let float_dqs = crate::quant::fold_float_dequants(&mut typed)
+        .map_err(|e| ("folding float dequantizes", e))?;
+    if float_dqs > 0 {
+        notes.push(format!(
+            "qdq-float: {float_dqs} quantize(s) and the float dequantize written for the \
+             softmax after them run as one pass (tract {TRACT_VERSION} would cast, subtract \
+             and multiply in three)"
+        ));
+    }
     if options.avx512_kernels {
         // Both ops below are only built where there is an f32 kernel.
         let kernel = crate::q4mm::f32_kernel().map_or("", |k| k.name());
