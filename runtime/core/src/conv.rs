@@ -34,6 +34,12 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use crate::q4mm::{F32Kernel, NR};
 
+/// From this many multiply-adds a convolution splits over the plan's threads (~6 µs on one
+/// core): its units are independent rows of output positions that share the weight from
+/// L1 / L2, so it gains from a second core far below [`crate::team`]'s threshold for
+/// products, whose weights stream from memory.
+const SPLIT_MACS: usize = 1 << 19;
+
 /// Where a 2-D window (a convolution's kernel or a pool's) reads an NCHW image of known
 /// channels, height and width: resolved once at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -303,7 +309,11 @@ impl F32Conv {
         });
         let out_at = out.as_mut_ptr() as usize;
         let macs = n * self.o * taps * positions;
-        let threads = crate::team::threads_for(macs, weight.len() * 4);
+        let threads = if macs >= SPLIT_MACS {
+            crate::team::threads()
+        } else {
+            1
+        };
         if direct {
             // Where tap (ci, ky, kx) of an output position is, from the position's tap (0, 0, 0).
             let mut offsets = Vec::with_capacity(taps);
@@ -1255,17 +1265,23 @@ mod tests {
             let want = crate::values::<f32>(&want)?;
             let mut outs = vec![crate::values::<f32>(&got)?];
             // Every kernel this CPU runs, not only its best: an AVX-512 host checks the AVX2
-            // path (panels of copied taps) for the convolutions it reads in place.
+            // path (panels of copied taps) for the convolutions it reads in place; on one
+            // thread and split over two (the first two cases are large enough to split).
             let op = ours
                 .nodes()
                 .iter()
                 .find_map(|n| n.op_as::<F32Conv>())
                 .unwrap();
             let xs = crate::values::<f32>(&x)?;
-            for kernel in crate::q4mm::tests::kernels_here() {
-                let mut out = vec![f32::NAN; want.len()];
-                op.run(kernel, Pixels::F32(&xs), n, &mut out)?;
-                outs.push(out);
+            for threads in [1, 2] {
+                for kernel in crate::q4mm::tests::kernels_here() {
+                    let mut out = vec![f32::NAN; want.len()];
+                    tract_linalg::multithread::multithread_tract_scope(
+                        crate::int8mm::tests::executor(threads),
+                        || op.run(kernel, Pixels::F32(&xs), n, &mut out),
+                    )?;
+                    outs.push(out);
+                }
             }
             for got in outs {
                 let err = want
