@@ -1173,18 +1173,49 @@ impl ProductLayout {
 }
 
 /// The axis moves (from, to), in turn, that take axes labelled `from` into the order `to`
-/// (the same letters).
+/// (the same letters): as few as there can be, each a copy of the tensor. The longest run
+/// of axes already in `to`'s relative order stays; every other axis moves once, next to
+/// the axis before it in `to` (`[b, c, h, w] -> [b, h, w, c]` is one move, not two).
 fn moves(from: &str, to: &str) -> Vec<(usize, usize)> {
+    let target: Vec<char> = to.chars().collect();
     let mut order: Vec<char> = from.chars().collect();
-    let mut moves = vec![];
-    for (at, c) in to.chars().enumerate() {
-        let from = order.iter().position(|x| *x == c).unwrap();
-        if from != at {
-            moves.push((from, at));
-            let moved = order.remove(from);
-            order.insert(at, moved);
+    let ranks: Vec<usize> = order
+        .iter()
+        .map(|c| target.iter().position(|t| t == c).unwrap())
+        .collect();
+    // The longest increasing run of ranks (the first, on a tie), by predecessor links.
+    let n = ranks.len();
+    let (mut len, mut prev) = (vec![1usize; n], vec![None; n]);
+    for i in 0..n {
+        for j in 0..i {
+            if ranks[j] < ranks[i] && len[j] + 1 > len[i] {
+                (len[i], prev[i]) = (len[j] + 1, Some(j));
+            }
         }
     }
+    let mut placed = vec![false; target.len()];
+    let mut kept = (0..n).rev().max_by_key(|&i| len[i]);
+    while let Some(i) = kept {
+        placed[ranks[i]] = true;
+        kept = prev[i];
+    }
+    let mut moves = vec![];
+    for (r, &c) in target.iter().enumerate() {
+        if placed[r] {
+            continue;
+        }
+        let from = order.iter().position(|&x| x == c).unwrap();
+        order.remove(from);
+        let at = (0..r).rev().find(|&q| placed[q]).map_or(0, |q| {
+            order.iter().position(|&x| x == target[q]).unwrap() + 1
+        });
+        order.insert(at, c);
+        if from != at {
+            moves.push((from, at));
+        }
+        placed[r] = true;
+    }
+    debug_assert_eq!(order, target);
     moves
 }
 
@@ -1628,6 +1659,46 @@ pub(crate) mod tests {
             vec![AxisOp::Move(3, 2)]
         );
         assert!(merged.activation_moves().is_empty());
+        // A feature map's channels contracted: one move, not one per axis it passes.
+        assert_eq!(
+            layout("achw", "cn", "ahwn").unwrap().activation_moves(),
+            vec![AxisOp::Move(1, 3)]
+        );
+        // Every order of four axes reached, in as few moves as there can be (four axes
+        // minus the longest run already in order).
+        let letters = ['a', 'b', 'c', 'd'];
+        for p in 0..24usize {
+            let mut rest = letters.to_vec();
+            let mut to = String::new();
+            let mut q = p;
+            for radix in (1..=4).rev() {
+                to.push(rest.remove(q % radix));
+                q /= radix;
+            }
+            let mut order: Vec<char> = letters.to_vec();
+            let ms = moves("abcd", &to);
+            for &(from, at) in &ms {
+                let c = order.remove(from);
+                order.insert(at, c);
+            }
+            assert_eq!(order.iter().collect::<String>(), to);
+            let ranks: Vec<usize> = letters.iter().map(|c| to.find(*c).unwrap()).collect();
+            let longest = (1..=4)
+                .rev()
+                .find(|&k| {
+                    (0..1usize << 4).any(|set| {
+                        set.count_ones() as usize == k && {
+                            let picked: Vec<usize> = (0..4)
+                                .filter(|i| set >> i & 1 == 1)
+                                .map(|i| ranks[i])
+                                .collect();
+                            picked.windows(2).all(|w| w[0] < w[1])
+                        }
+                    })
+                })
+                .unwrap();
+            assert_eq!(ms.len(), 4 - longest, "abcd -> {to}: {ms:?}");
+        }
         // Not the kernel's shape: n not last, a batch axis on the weight, a diagonal.
         assert_eq!(layout("amk", "kn", "anm"), None);
         assert_eq!(layout("abmk", "bkn", "abmn"), None);
