@@ -1048,14 +1048,9 @@ pub fn integer_convs_in_f32(model: &mut TypedModel) -> TractResult<usize> {
 /// output is not also a model output.
 fn cast_to_f32_after(model: &TypedModel, id: usize) -> Option<usize> {
     use tract_onnx::tract_core::ops::cast::Cast;
-    let outlet = OutletId::new(id, 0);
-    let succ = model.outlet_successors(outlet);
-    let [only] = succ else { return None };
-    let to_f32 = model.node(only.node);
-    let is_cast = to_f32
-        .op_as::<Cast>()
-        .is_some_and(|c| c.to == f32::datum_type());
-    (is_cast && !model.output_outlets().ok()?.contains(&outlet)).then_some(to_f32.id)
+    let to_f32 = crate::patches::sole_consumer(model, OutletId::new(id, 0))?;
+    let is_cast = to_f32.op_as::<Cast>().map(|c| c.to) == Some(f32::datum_type());
+    is_cast.then_some(to_f32.id)
 }
 
 /// The [`F32Conv`] of `node`'s centred kernel if [`integer_convs_in_f32`] takes it.
@@ -1111,18 +1106,16 @@ fn integer_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResul
 /// output is not also a model output.
 fn relu_after(model: &TypedModel, id: usize) -> TractResult<Option<usize>> {
     let outlet = OutletId::new(id, 0);
-    let succ = model.outlet_successors(outlet);
-    if succ.len() != 1 || model.output_outlets()?.contains(&outlet) {
+    let Some(next) = crate::patches::sole_consumer(model, outlet) else {
         return Ok(None);
-    }
-    let next = model.node(succ[0].node);
+    };
     let Some(op) = next.op_as::<TypedBinOp>() else {
         return Ok(None);
     };
     if !op.0.is::<Max>() || next.inputs.len() != 2 {
         return Ok(None);
     }
-    let other = next.inputs[1 - succ[0].slot];
+    let other = next.inputs[(next.inputs[0] == outlet) as usize];
     let same_shape =
         model.outlet_fact(OutletId::new(next.id, 0))?.shape == model.outlet_fact(outlet)?.shape;
     Ok((same_shape && crate::patches::is_uniform(model, other, 0.0)?).then_some(next.id))

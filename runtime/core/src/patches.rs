@@ -395,6 +395,14 @@ pub(crate) fn has_integer_q_inputs(model: &TypedModel, node: &TypedNode) -> Trac
         && is_uniform(model, node.inputs[8], 1.0)?)
 }
 
+/// The only consumer of `outlet`, if it has exactly one and `outlet` is no model output (a
+/// rewrite may then fold the two).
+pub(crate) fn sole_consumer(model: &TypedModel, outlet: OutletId) -> Option<&TypedNode> {
+    let succ = model.outlet_successors(outlet);
+    let outputs = model.output_outlets().ok()?;
+    (succ.len() == 1 && !outputs.contains(&outlet)).then(|| model.node(succ[0].node))
+}
+
 /// Is `outlet` a constant whose every value is `value`?
 pub(crate) fn is_uniform(model: &TypedModel, outlet: OutletId, value: f32) -> TractResult<bool> {
     let fact = model.outlet_fact(outlet)?;

@@ -328,14 +328,11 @@ fn pair_after(
     let Some(mut op) = quantize_of(model, node)? else {
         return Ok(None);
     };
-    let outputs = model.output_outlets()?;
     let mut at = node;
     for hop in 0..=hops {
-        let succ = &at.outputs[0].successors;
-        if succ.len() != 1 || outputs.contains(&OutletId::new(at.id, 0)) {
+        let Some(next) = crate::patches::sole_consumer(model, OutletId::new(at.id, 0)) else {
             return Ok(None);
-        }
-        let next = model.node(succ[0].node);
+        };
         if hop < hops {
             if next.outputs.len() != 1 {
                 return Ok(None);
@@ -370,13 +367,7 @@ fn float_dequant(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(Qu
     use tract_onnx::tract_core::ops::binary::TypedBinOp;
     use tract_onnx::tract_core::ops::cast::Cast;
     use tract_onnx::tract_core::ops::math::{Mul, Sub};
-    let outputs = model.output_outlets()?;
-    // The only consumer of `n`'s output, which is no model output.
-    let next = |n: &TypedNode| {
-        let succ = &n.outputs[0].successors;
-        (succ.len() == 1 && !outputs.contains(&OutletId::new(n.id, 0)))
-            .then(|| model.node(succ[0].node))
-    };
+    let next = |n: &TypedNode| crate::patches::sole_consumer(model, OutletId::new(n.id, 0));
     // The scalar constant `n` combines its input `from` with, as (value, constant second).
     let scalar = |n: &TypedNode, from: usize| -> TractResult<Option<(f32, bool)>> {
         if n.inputs.len() != 2 {
